@@ -1,0 +1,1 @@
+//! baton (placeholder while the acceptor is written)

@@ -1,0 +1,146 @@
+//! `baton-echo`: the smallest baton worker, and the protocol's living example.
+//!
+//! It takes its channel from the acceptor that spawned it (or registers with
+//! `--register PATH`), and echoes every byte of every connection back to the
+//! client, one thread per connection. When a client closes, the worker
+//! reports the connection DONE. On DRAIN, or when the acceptor goes away, it
+//! stops taking connections, lets the open ones finish, and exits 0.
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use baton_sdk::{Connection, DoneSender, Event, Worker};
+
+const USAGE: &str = "\
+baton-echo: echoes every byte a client sends back to it
+
+Usage: baton-echo [--register PATH] [--capacity N]
+
+Started by `baton ... -- baton-echo`, it takes its channel from the
+acceptor. With --register PATH it connects to the acceptor's worker socket
+instead and joins the pool. --capacity N caps its concurrent connections
+(0, the default, leaves the limit to the acceptor's --worker-connections).";
+
+struct Args {
+    register: Option<PathBuf>,
+    capacity: u32,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = Args {
+        register: None,
+        capacity: 0,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--register" => {
+                args.register = Some(it.next().ok_or("--register needs a PATH")?.into());
+            }
+            "--capacity" => {
+                let v = it.next().ok_or("--capacity needs a number")?;
+                args.capacity = v
+                    .parse()
+                    .map_err(|_| format!("--capacity: {v:?} is not a number"))?;
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(format!("unknown argument {other:?}\n\n{USAGE}")),
+        }
+    }
+    Ok(args)
+}
+
+/// Counts open connections so that the worker can wait for them on exit.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    zero: Condvar,
+}
+
+fn echo(mut stream: TcpStream) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        stream.write_all(&buf[..n])?;
+    }
+}
+
+fn serve(conn: Connection, done: DoneSender, inflight: Arc<InFlight>) {
+    let id = conn.id;
+    if let Err(e) = echo(conn.stream) {
+        eprintln!("baton-echo[{}]: connection {id}: {e}", std::process::id());
+    }
+    // The stream is closed by now: only then is the connection done.
+    if let Err(e) = done.done(id) {
+        eprintln!(
+            "baton-echo[{}]: cannot report connection {id} done: {e}",
+            std::process::id()
+        );
+    }
+    let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
+    *n -= 1;
+    if *n == 0 {
+        inflight.zero.notify_all();
+    }
+}
+
+fn run(args: Args) -> Result<(), baton_sdk::Error> {
+    let mut worker = match &args.register {
+        Some(path) => Worker::register(path, args.capacity)?,
+        None => Worker::from_env(args.capacity)?,
+    };
+    let inflight = Arc::new(InFlight::default());
+    static SERVED: AtomicUsize = AtomicUsize::new(0);
+    loop {
+        match worker.recv()? {
+            Event::Conn(conn) => {
+                SERVED.fetch_add(1, Ordering::Relaxed);
+                *inflight.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let done = worker.done_sender();
+                let inflight = inflight.clone();
+                std::thread::spawn(move || serve(conn, done, inflight));
+            }
+            Event::Drain | Event::Closed => break,
+        }
+    }
+    // Finish what we have, then exit.
+    let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
+    while *n > 0 {
+        n = inflight.zero.wait(n).unwrap_or_else(|p| p.into_inner());
+    }
+    eprintln!(
+        "baton-echo[{}]: worker {} exiting after {} connections",
+        std::process::id(),
+        worker.id(),
+        SERVED.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("baton-echo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton-echo[{}]: {e}", std::process::id());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,40 @@
+//! # baton-sdk: the worker side of baton
+//!
+//! baton's acceptor accepts TCP connections and hands each one, as a file
+//! descriptor, to a worker process over an `AF_UNIX` `SOCK_SEQPACKET`
+//! channel. This crate is what a worker links to speak that protocol; the
+//! acceptor links it too, so both sides encode and decode with one code.
+//!
+//! * [`proto`]: the wire format, documented in one table, and its codec.
+//! * [`channel`]: a SEQPACKET socket that sends and receives those messages
+//!   with their fds (`MSG_CMSG_CLOEXEC`, truncation refused).
+//! * [`worker`]: the receive loop a worker uses: hello, receive, ACK before
+//!   the application sees a connection, DONE when it is closed.
+//!
+//! The smallest complete worker:
+//!
+//! ```no_run
+//! use baton_sdk::{Event, Worker};
+//! use std::io::Write;
+//! let mut w = Worker::from_env(0)?;
+//! loop {
+//!     match w.recv()? {
+//!         Event::Conn(mut c) => {
+//!             c.stream.set_nonblocking(false)?;
+//!             let _ = c.stream.write_all(b"hello\n");
+//!             drop(c.stream);
+//!             w.done(c.id)?;
+//!         }
+//!         Event::Drain | Event::Closed => break,
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod channel;
+pub mod proto;
+pub mod worker;
+
+pub use channel::{Channel, Received, RecvError};
+pub use proto::{ConnInfo, Msg, ProtoError};
+pub use worker::{Connection, DoneSender, Error, Event, Worker};
