@@ -1,1 +1,71 @@
-//! baton (placeholder while the acceptor is written)
+//! # baton: a connection-handoff load balancer for Linux
+//!
+//! One small **acceptor** process (this crate) watches TCP listeners with
+//! epoll (mio), accepts each connection, and hands the connected socket to
+//! one of a pool of **worker** processes over an `AF_UNIX` `SOCK_SEQPACKET`
+//! channel with `SCM_RIGHTS`. After the handoff the acceptor is out of the
+//! data path: the worker talks to the client directly on the same socket.
+//! The acceptor never reads a byte from a client.
+//!
+//! ```text
+//!             TCP clients
+//!                 |
+//!         +---------------+   mio loop: listeners, worker channels,
+//!         |   acceptor    |   signalfd (TERM, INT, CHLD)
+//!         +---------------+
+//!          |      |      |    one SEQPACKET channel per worker;
+//!       worker  worker  worker   each CONN message carries one fd
+//! ```
+//!
+//! Where to read, in order:
+//!
+//! * [`baton_sdk::proto`]: the handoff protocol, its wire format in one
+//!   table. The worker library (`workers/sdk`) owns it; this crate uses the
+//!   same codec.
+//! * [`acceptor`]: the event loop, its event sources and timers, how
+//!   connections move from listener to worker and back after a crash.
+//! * [`pool`]: per-worker accounting (in flight, unacknowledged) and the
+//!   balancing policy.
+//! * [`supervisor`]: spawning workers, reaping them, restart backoff and
+//!   crash-loop detection.
+//! * [`config`], [`cli`], [`listener`], [`logging`]: the edges.
+//!
+//! Workers live under `workers/`: `baton-echo` (the smallest one, the
+//! protocol's living example) and `baton-static` (HTTP static files).
+
+pub mod acceptor;
+pub mod cli;
+pub mod config;
+pub mod listener;
+pub mod logging;
+pub mod pool;
+pub mod supervisor;
+
+use std::io;
+use std::net::SocketAddr;
+
+/// A configuration the acceptor refuses to start with.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {addr}: {why}")]
+    Listen { addr: String, why: String },
+    #[error("worker command: {0}")]
+    Command(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Why the acceptor stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("epoll failed: {0}")]
+    Poll(io::Error),
+    #[error("cannot set up signal handling: {0}")]
+    Signals(io::Error),
+    #[error("cannot spawn worker {program}: {source}")]
+    Spawn { program: String, source: io::Error },
+    #[error("no worker left: every worker crash-looped and none will be restarted (see the log above for their exit status)")]
+    NoWorkers,
+}

@@ -1,1 +1,33 @@
-fn main(){}
+//! The `baton` binary: parse the command line, set up logs, run the
+//! acceptor. All the logic lives in the library (`src/lib.rs`).
+
+use std::process::ExitCode;
+
+use baton::acceptor::{Acceptor, Outcome};
+use baton::cli::Cli;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match cli.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("baton: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = baton::logging::init(cfg.log_format, &cfg.log_level) {
+        eprintln!("baton: error: {e}");
+        return ExitCode::from(2);
+    }
+    let result = Acceptor::new(cfg).and_then(|a| a.run());
+    match result {
+        Ok(Outcome::Graceful) => ExitCode::SUCCESS,
+        Ok(Outcome::Forced) => ExitCode::from(1),
+        Err(e) => {
+            tracing::error!(error = %e, "baton stopped");
+            eprintln!("baton: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,211 @@
+//! Command line of the `baton` binary, and its translation into a validated
+//! [`Config`](crate::config::Config).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+use crate::config::{Balance, Config, ListenAddr, LogFormat, WorkerCommand};
+use crate::ConfigError;
+
+/// baton: a connection-handoff load balancer.
+///
+/// One acceptor process accepts TCP connections and hands each one, as a
+/// file descriptor over a Unix socket, to one of a pool of worker processes,
+/// which serve the client directly. The acceptor never reads a byte from a
+/// client.
+///
+/// With no arguments, baton serves its embedded demo site on
+/// 127.0.0.1:8080 with one `baton-static` worker per CPU.
+#[derive(Debug, Parser)]
+#[command(
+    name = "baton",
+    version,
+    after_help = "EXAMPLES:\n  \
+        baton                                          demo site on 127.0.0.1:8080\n  \
+        baton --root ./public                          serve a directory\n  \
+        baton --listen 127.0.0.1:9000 --workers 4 -- baton-echo\n  \
+        baton --listen [::]:80 --listen 0.0.0.0:80 -- baton-static --root /srv/www\n\n\
+        SIGNALS: SIGTERM/SIGINT stop gracefully (a second one stops at once).\n\
+        LOGS: RUST_LOG (e.g. RUST_LOG=debug) overrides --log-level."
+)]
+pub struct Cli {
+    /// Address to accept connections on (repeatable): 127.0.0.1:8080,
+    /// [::1]:8080, or :8080 for every IPv4 address. Port 0 picks a free port
+    /// (the log says which). Default: 127.0.0.1:8080.
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<String>,
+
+    /// Listen backlog: how many connections the kernel holds for us while
+    /// every worker is busy.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub backlog: i32,
+
+    /// Number of worker processes to spawn. Default: one per CPU.
+    #[arg(long, short = 'w', value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Most connections one worker holds at once; when every worker is at
+    /// this limit the acceptor stops accepting until one finishes.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub worker_connections: u32,
+
+    /// How to choose a worker for each connection.
+    #[arg(long, value_enum, default_value_t = BalanceArg::LeastConn)]
+    pub balance: BalanceArg,
+
+    /// Serve this directory with baton-static (when no worker command follows `--`).
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// On SIGTERM/SIGINT, how long workers may take to finish their
+    /// connections before they are killed (e.g. 10s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// A spawned worker must say HELLO within this time, or it is killed.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub hello_timeout: Duration,
+
+    /// A worker must acknowledge a connection within this time, or it is
+    /// considered hung: it is disconnected (and killed if spawned) and its
+    /// unacknowledged connections go to another worker.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub ack_timeout: Duration,
+
+    /// A spawned worker that exits this many times in a row, each time
+    /// within --restart-window of its start, is not restarted again.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub max_restarts: u32,
+
+    /// A worker that ran at least this long before exiting resets its
+    /// crash count.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub restart_window: Duration,
+
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
+    pub log_format: LogFormatArg,
+
+    /// Log level (error, warn, info, debug, trace) or a tracing filter.
+    #[arg(long, value_name = "FILTER", default_value = "info")]
+    pub log_level: String,
+
+    /// The worker command and its arguments. Default: `baton-static --demo`
+    /// (or `baton-static --root DIR` with --root), found beside this binary.
+    #[arg(last = true, value_name = "WORKER COMMAND")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BalanceArg {
+    /// The worker with the fewest connections in flight.
+    #[value(name = "least-conn")]
+    LeastConn,
+    /// Each worker in turn (skipping full ones).
+    #[value(name = "round-robin")]
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 10s or 500ms: {e}"))
+}
+
+/// Where the bundled workers live: beside the running `baton` binary.
+fn sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+impl Cli {
+    /// Validates the command line and builds the acceptor's configuration.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = if self.listen.is_empty() {
+            vec![ListenAddr::parse("127.0.0.1:8080")?]
+        } else {
+            self.listen
+                .iter()
+                .map(|s| ListenAddr::parse(s))
+                .collect::<Result<_, _>>()?
+        };
+        if self.backlog < 1 {
+            return Err(ConfigError::Invalid(format!(
+                "--backlog must be at least 1, got {}",
+                self.backlog
+            )));
+        }
+        let workers = match self.workers {
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "--workers must be at least 1".to_string(),
+                ))
+            }
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if self.worker_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "--worker-connections must be at least 1".to_string(),
+            ));
+        }
+        let command = match (self.command.split_first(), &self.root) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "--root selects the bundled baton-static worker; it cannot be combined with a worker command after `--` (pass --root to that command instead)".to_string(),
+                ))
+            }
+            (Some((program, args)), None) => WorkerCommand {
+                program: program.into(),
+                args: args.to_vec(),
+            },
+            (None, Some(root)) => {
+                if !root.is_dir() {
+                    return Err(ConfigError::Invalid(format!(
+                        "--root {}: not a directory",
+                        root.display()
+                    )));
+                }
+                WorkerCommand {
+                    program: sibling("baton-static"),
+                    args: vec!["--root".into(), root.into()],
+                }
+            }
+            (None, None) => WorkerCommand {
+                program: sibling("baton-static"),
+                args: vec!["--demo".into()],
+            },
+        };
+        command.check()?;
+        Ok(Config {
+            listen,
+            backlog: self.backlog,
+            workers,
+            worker_connections: self.worker_connections,
+            balance: match self.balance {
+                BalanceArg::LeastConn => Balance::LeastConn,
+                BalanceArg::RoundRobin => Balance::RoundRobin,
+            },
+            command,
+            shutdown_timeout: self.shutdown_timeout,
+            hello_timeout: self.hello_timeout,
+            ack_timeout: self.ack_timeout,
+            max_restarts: self.max_restarts,
+            restart_window: self.restart_window,
+            log_format: match self.log_format {
+                LogFormatArg::Text => LogFormat::Text,
+                LogFormatArg::Json => LogFormat::Json,
+            },
+            log_level: self.log_level,
+        })
+    }
+}

@@ -1,0 +1,159 @@
+//! The acceptor's validated configuration. Everything here has been checked;
+//! the event loop never second-guesses it.
+
+use std::ffi::OsString;
+use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ConfigError;
+
+/// How the acceptor picks a worker for a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// Fewest connections in flight; ties go round the pool.
+    LeastConn,
+    /// Each worker in turn, skipping full ones.
+    RoundRobin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One listening address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl ListenAddr {
+    /// Parses `HOST:PORT`, `[V6]:PORT` or `:PORT` (every IPv4 address).
+    /// A host name is resolved once, here, and must give one address.
+    pub fn parse(s: &str) -> Result<ListenAddr, ConfigError> {
+        let bad = |why: String| ConfigError::Listen {
+            addr: s.to_string(),
+            why,
+        };
+        if let Some(port) = s.strip_prefix(':') {
+            let port: u16 = port
+                .parse()
+                .map_err(|_| bad(format!("{port:?} is not a port number")))?;
+            return Ok(ListenAddr(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))));
+        }
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(ListenAddr(a));
+        }
+        if !s.contains(':') {
+            return Err(bad("expected HOST:PORT, [IPV6]:PORT or :PORT".to_string()));
+        }
+        let mut addrs = s
+            .to_socket_addrs()
+            .map_err(|e| bad(format!("cannot resolve: {e}")))?;
+        match (addrs.next(), addrs.next()) {
+            (Some(a), None) => Ok(ListenAddr(a)),
+            (Some(a), Some(b)) => Err(bad(format!(
+                "resolves to several addresses ({a}, {b}, ...): give one --listen per address"
+            ))),
+            (None, _) => Err(bad("resolves to no address".to_string())),
+        }
+    }
+}
+
+/// The program every worker of the pool runs.
+#[derive(Debug, Clone)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl WorkerCommand {
+    /// Checks that the program exists and is executable, so that a typo is
+    /// a clear error at start-up instead of a crash loop.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let found = if self.program.components().count() > 1 {
+            Some(self.program.clone())
+        } else {
+            std::env::var_os("PATH").and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|d| d.join(&self.program))
+                    .find(|p| is_executable(p))
+            })
+        };
+        match found {
+            Some(p) if is_executable(&p) => Ok(()),
+            Some(p) if p.exists() => Err(ConfigError::Command(format!(
+                "{} is not an executable file",
+                p.display()
+            ))),
+            _ => Err(ConfigError::Command(format!(
+                "{} not found{}",
+                self.program.display(),
+                if self.program.components().count() > 1 {
+                    " (build the workers with `cargo build --workspace --release`)"
+                } else {
+                    " in PATH"
+                }
+            ))),
+        }
+    }
+}
+
+fn is_executable(p: &Path) -> bool {
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Everything the acceptor needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: Vec<ListenAddr>,
+    pub backlog: i32,
+    pub workers: usize,
+    pub worker_connections: u32,
+    pub balance: Balance,
+    pub command: WorkerCommand,
+    pub shutdown_timeout: Duration,
+    pub hello_timeout: Duration,
+    pub ack_timeout: Duration,
+    pub max_restarts: u32,
+    pub restart_window: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!(
+            ListenAddr::parse("127.0.0.1:80").unwrap().0,
+            "127.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(
+            ListenAddr::parse("[::1]:0").unwrap().0,
+            "[::1]:0".parse().unwrap()
+        );
+        assert_eq!(
+            ListenAddr::parse(":8080").unwrap().0,
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert!(ListenAddr::parse("8080").is_err());
+        assert!(ListenAddr::parse(":http").is_err());
+        assert!(ListenAddr::parse("127.0.0.1:99999").is_err());
+    }
+
+    #[test]
+    fn missing_command_is_a_clear_error() {
+        let c = WorkerCommand {
+            program: "/nonexistent/worker".into(),
+            args: vec![],
+        };
+        let e = c.check().unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/worker not found"), "{e}");
+    }
+}

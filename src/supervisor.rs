@@ -1,0 +1,195 @@
+//! Spawning worker processes and deciding when to restart them.
+//!
+//! Each spawned worker lives in a [`Slot`]. A slot outlives its process:
+//! when the process exits, the slot remembers how often it failed recently
+//! and when to try again (exponential backoff), and gives up on a worker
+//! that crash-loops. Exits are observed through SIGCHLD (a signalfd in the
+//! event loop) followed by `waitpid(-1, WNOHANG)` until nothing is left, so
+//! every child is reaped, including ones the pool no longer knows.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
+use baton_sdk::Channel;
+use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::config::WorkerCommand;
+
+/// First restart delay; doubles with each consecutive failure.
+pub const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// One spawned worker position in the pool.
+#[derive(Debug)]
+pub struct Slot {
+    /// The pid of the running process, until it is reaped.
+    pub pid: Option<i32>,
+    /// The worker id of the current (or last) process.
+    pub worker_id: u32,
+    /// Pool key of its channel while connected.
+    pub worker: Option<usize>,
+    pub started: Instant,
+    /// Consecutive exits that came sooner than the restart window.
+    pub failures: u32,
+    pub restarts: u32,
+    pub restart_at: Option<Instant>,
+    /// Crash-looped: no more restarts.
+    pub given_up: bool,
+}
+
+/// What to do after a worker's process exited.
+#[derive(Debug, PartialEq, Eq)]
+pub enum After {
+    Restart(Duration),
+    GiveUp,
+}
+
+impl Slot {
+    /// Applies the restart policy to an exit of this slot's process.
+    pub fn exited(&mut self, now: Instant, window: Duration, max_restarts: u32) -> After {
+        if now.duration_since(self.started) >= window {
+            self.failures = 0;
+        }
+        self.failures += 1;
+        if self.failures > max_restarts {
+            self.given_up = true;
+            self.restart_at = None;
+            return After::GiveUp;
+        }
+        let delay = BACKOFF_START
+            .saturating_mul(1 << (self.failures - 1).min(16))
+            .min(BACKOFF_MAX);
+        self.restart_at = Some(now + delay);
+        After::Restart(delay)
+    }
+}
+
+/// A worker process just spawned, and the acceptor's end of its channel.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub chan: Channel,
+}
+
+/// Spawns one worker running `cmd`, with its end of a fresh channel
+/// inherited as the fd named in `BATON_CHANNEL_FD`.
+///
+/// The child's end is made inheritable only for the duration of the spawn;
+/// the acceptor is single-threaded, so no other spawn can inherit it. Every
+/// other fd of the acceptor is close-on-exec. std's `Command` resets the
+/// signal mask in the child, so the worker does not inherit the signals the
+/// acceptor blocks for its signalfd.
+pub fn spawn(cmd: &WorkerCommand, worker_id: u32) -> io::Result<Spawned> {
+    let (ours, theirs) = Channel::pair()?;
+    let theirs: OwnedFd = theirs.into();
+    let raw = theirs.as_raw_fd();
+    fcntl(raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    let child = Command::new(&cmd.program)
+        .args(&cmd.args)
+        .env(CHANNEL_FD_ENV, raw.to_string())
+        .env(WORKER_ID_ENV, worker_id.to_string())
+        .stdin(Stdio::null())
+        .spawn();
+    // Closing our copy of their end either way: EOF on `ours` then means
+    // the worker is gone.
+    drop(theirs);
+    let child = child?;
+    // The Child handle is dropped without waiting: the event loop reaps
+    // every child with waitpid(-1) on SIGCHLD.
+    Ok(Spawned {
+        pid: child.id() as i32,
+        chan: ours,
+    })
+}
+
+/// How a reaped process ended, for the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exit {
+    pub pid: i32,
+    pub code: Option<i32>,
+    pub signal: Option<String>,
+}
+
+impl Exit {
+    pub fn success(&self) -> bool {
+        self.code == Some(0)
+    }
+    pub fn describe(&self) -> String {
+        match (&self.code, &self.signal) {
+            (Some(c), _) => format!("exit code {c}"),
+            (None, Some(s)) => format!("killed by {s}"),
+            (None, None) => "unknown".to_string(),
+        }
+    }
+}
+
+/// Reaps every child that has exited, without blocking.
+pub fn reap() -> Vec<Exit> {
+    let mut out = Vec::new();
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => out.push(Exit {
+                pid: pid.as_raw(),
+                code: Some(code),
+                signal: None,
+            }),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => out.push(Exit {
+                pid: pid.as_raw(),
+                code: None,
+                signal: Some(sig.as_str().to_string()),
+            }),
+            Ok(WaitStatus::StillAlive) => break,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            // ECHILD: no children left.
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(started: Instant) -> Slot {
+        Slot {
+            pid: None,
+            worker_id: 1,
+            worker: None,
+            started,
+            failures: 0,
+            restarts: 0,
+            restart_at: None,
+            given_up: false,
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_then_gives_up() {
+        let now = Instant::now();
+        let mut s = slot(now);
+        let window = Duration::from_secs(10);
+        assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START));
+        assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START * 2));
+        assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START * 4));
+        assert_eq!(s.exited(now, window, 3), After::GiveUp);
+        assert!(s.given_up);
+    }
+
+    #[test]
+    fn a_long_run_resets_the_count() {
+        let start = Instant::now();
+        let mut s = slot(start);
+        let window = Duration::from_secs(1);
+        s.failures = 3;
+        let later = start + Duration::from_secs(5);
+        assert_eq!(s.exited(later, window, 3), After::Restart(BACKOFF_START));
+    }
+}

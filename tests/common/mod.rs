@@ -1,0 +1,205 @@
+//! Shared harness of the integration tests: starts a real `baton` with real
+//! workers on loopback and follows its JSON log, so that tests synchronise on
+//! what the acceptor says it did, never on sleeps.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// Path of a binary built by this workspace (same profile as the tests).
+pub fn bin(name: &str) -> PathBuf {
+    // CARGO_BIN_EXE_* is only set for this package's own binaries; the
+    // workers live in sibling packages built into the same target dir.
+    let mut p = PathBuf::from(env!("CARGO_BIN_EXE_baton"));
+    p.pop();
+    p.push(name);
+    assert!(
+        p.exists(),
+        "{} is not built: run `cargo build --workspace` (the test command does)",
+        p.display()
+    );
+    p
+}
+
+/// One JSON log line of the acceptor.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub raw: String,
+    pub json: serde_json::Value,
+}
+
+impl LogLine {
+    pub fn message(&self) -> &str {
+        self.json["fields"]["message"].as_str().unwrap_or("")
+    }
+    pub fn field(&self, name: &str) -> Option<String> {
+        let v = &self.json["fields"][name];
+        match v {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(s.clone()),
+            other => Some(other.to_string()),
+        }
+    }
+}
+
+/// A running acceptor whose stderr (JSON logs) is followed line by line.
+pub struct Baton {
+    pub child: Child,
+    lines: Receiver<LogLine>,
+    /// Every line seen so far, for assertions and for failure messages.
+    pub seen: Vec<LogLine>,
+    pub addrs: Vec<SocketAddr>,
+}
+
+impl Baton {
+    /// Starts `baton --log-format json ARGS`, waits for every listener's
+    /// "listening" line and for `workers` "worker ready" lines.
+    pub fn start(args: &[&str], workers: usize) -> Baton {
+        Baton::start_with(Command::new(bin("baton")), args, workers)
+    }
+
+    pub fn start_with(mut cmd: Command, args: &[&str], workers: usize) -> Baton {
+        cmd.arg("--log-format")
+            .arg("json")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn baton");
+        let stderr = child.stderr.take().expect("stderr piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                let json = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+                if json.is_null() {
+                    // A worker's own stderr line; keep it visible in test output.
+                    eprintln!("[worker] {line}");
+                }
+                if tx.send(LogLine { raw: line, json }).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut b = Baton {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+            addrs: Vec::new(),
+        };
+        let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
+        for _ in 0..listeners {
+            let l = b.wait_for("listening", Duration::from_secs(20));
+            let addr = l.field("addr").expect("listening line has addr");
+            b.addrs.push(addr.parse().expect("addr parses"));
+        }
+        for _ in 0..workers {
+            b.wait_for("worker ready", Duration::from_secs(20));
+        }
+        b
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// Waits for the next log line whose message is `message`.
+    pub fn wait_for(&mut self, message: &str, timeout: Duration) -> LogLine {
+        self.wait_until(timeout, |l| l.message() == message)
+            .unwrap_or_else(|| panic!("no {message:?} log line within {timeout:?}"))
+    }
+
+    /// Waits for the next log line satisfying `pred`; None on timeout or exit.
+    pub fn wait_until(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&LogLine) -> bool,
+    ) -> Option<LogLine> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return Some(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => {
+                    return None
+                }
+            }
+        }
+    }
+
+    /// Collects every line logged until the process exits (or `timeout`).
+    pub fn drain_logs(&mut self, timeout: Duration) {
+        let _ = self.wait_until(timeout, |_| false);
+    }
+
+    /// All lines seen so far with this message.
+    pub fn count(&self, message: &str) -> usize {
+        self.seen.iter().filter(|l| l.message() == message).count()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
+    }
+
+    /// Waits for the acceptor to exit, up to `timeout`; kills it if it hangs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                self.drain_logs(Duration::from_secs(2));
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("baton did not exit within {timeout:?}");
+            }
+            // Poll the child's state; the log reader thread keeps collecting.
+            let _ = self.wait_until(Duration::from_millis(20), |_| false);
+        }
+    }
+
+    /// Pids of the live workers, read from the acceptor's children.
+    pub fn worker_pids(&self) -> Vec<i32> {
+        let path = format!("/proc/{}/task/{}/children", self.pid(), self.pid());
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pids = self.worker_pids();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            for p in pids {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+/// Whether the tests run as root (for the sandbox tests).
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
