@@ -45,6 +45,8 @@ const WORKER_BASE: usize = 1 << 20;
 
 /// How long accepting pauses after EMFILE/ENFILE before it is retried.
 const EMFILE_RETRY: Duration = Duration::from_millis(100);
+/// EMFILE is logged at most this often.
+const EMFILE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// Counters for logs (and, later, metrics).
 #[derive(Debug, Default, Clone, Copy)]
@@ -84,8 +86,10 @@ pub struct Acceptor {
     next_worker_id: u32,
     /// Accepting is paused after EMFILE until this instant.
     emfile_until: Option<Instant>,
-    /// An EMFILE episode is under way (logged once when it starts).
-    emfile_episode: bool,
+    /// When EMFILE was last logged, and how many pauses since: the warning
+    /// is repeated at most once a minute, never per connection.
+    emfile_logged: Option<Instant>,
+    emfile_unlogged: u64,
     /// Shutdown deadline, once a stop signal arrived.
     shutdown: Option<Instant>,
     drain_sent: bool,
@@ -141,7 +145,8 @@ impl Acceptor {
             next_conn_id: 1,
             next_worker_id: 1,
             emfile_until: None,
-            emfile_episode: false,
+            emfile_logged: None,
+            emfile_unlogged: 0,
             shutdown: None,
             drain_sent: false,
             paused_for_capacity: false,
@@ -321,12 +326,6 @@ impl Acceptor {
     }
 
     fn begin_shutdown(&mut self, sig: Signal) {
-        info!(
-            signal = sig.as_str(),
-            timeout_ms = self.cfg.shutdown_timeout.as_millis() as u64,
-            workers = self.pool.workers.len(),
-            "shutting down: no new connections; workers finish what they have"
-        );
         self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
         for l in self.listeners.drain(..) {
             let mut sock = l.sock;
@@ -338,6 +337,12 @@ impl Acceptor {
         for (_, s) in self.slots.iter_mut() {
             s.restart_at = None;
         }
+        info!(
+            signal = sig.as_str(),
+            timeout_ms = self.cfg.shutdown_timeout.as_millis() as u64,
+            workers = self.pool.workers.len(),
+            "shutting down: no new connections; workers finish what they have"
+        );
     }
 
     /// Sends DRAIN to every worker (once the pending queue is empty, so
@@ -394,12 +399,7 @@ impl Acceptor {
                         "closing connections no worker could take before shutdown"
                     );
                 }
-                info!(
-                    accepted = self.stats.accepted,
-                    handed_off = self.stats.handed_off,
-                    redispatched = self.stats.redispatched,
-                    "stopped"
-                );
+                self.log_stopped();
                 return Ok(Some(Outcome::Graceful));
             }
             if Instant::now() >= deadline {
@@ -412,12 +412,7 @@ impl Acceptor {
                 for key in keys {
                     self.close_worker(key, "shutdown timeout", false);
                 }
-                info!(
-                    accepted = self.stats.accepted,
-                    handed_off = self.stats.handed_off,
-                    redispatched = self.stats.redispatched,
-                    "stopped"
-                );
+                self.log_stopped();
                 return Ok(Some(Outcome::Graceful));
             }
             return Ok(None);
@@ -430,6 +425,18 @@ impl Acceptor {
             return Err(Error::NoWorkers);
         }
         Ok(None)
+    }
+
+    fn log_stopped(&self) {
+        let s = self.stats;
+        info!(
+            accepted = s.accepted,
+            handed_off = s.handed_off,
+            redispatched = s.redispatched,
+            capacity_pauses = s.capacity_pauses,
+            emfile_pauses = s.emfile_pauses,
+            "stopped"
+        );
     }
 
     // ---- workers --------------------------------------------------------
@@ -453,6 +460,11 @@ impl Acceptor {
                 Err(e) if e.would_block() => return,
                 Err(RecvError::Proto(p)) => {
                     self.close_worker(key, &format!("protocol violation: {p}"), true);
+                    return;
+                }
+                Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    // The worker exited with messages of ours unread.
+                    self.close_worker(key, "channel closed", false);
                     return;
                 }
                 Err(RecvError::Io(e)) => {
@@ -493,6 +505,11 @@ impl Acceptor {
                     if !w.ack(id) {
                         return Err(format!("ACK for connection {id}, which it does not hold unacknowledged"));
                     }
+                }
+                // Our copies of those fds are closed now: if accepting was
+                // paused for want of fds, try again at once.
+                if self.emfile_until.is_some() {
+                    self.emfile_until = Some(Instant::now());
                 }
                 Ok(())
             }
@@ -535,12 +552,15 @@ impl Acceptor {
         if orderly || (n == 0 && lost == 0 && !kill_it && self.shutdown.is_some()) {
             info!(worker = w.id, pid = w.pid, reason, handled = w.handled, "worker disconnected");
         } else {
+            // `lost`: connections the worker had acknowledged and not
+            // finished; they were its to serve and went down with it.
             warn!(
                 worker = w.id,
                 pid = w.pid,
                 reason,
                 handled = w.handled,
                 redispatched = n,
+                lost,
                 "worker disconnected"
             );
         }
@@ -699,10 +719,6 @@ impl Acceptor {
                 let l = &self.listeners[i];
                 match l.sock.accept() {
                     Ok((stream, peer)) => {
-                        if self.emfile_episode {
-                            self.emfile_episode = false;
-                            info!("accepting again after running out of file descriptors");
-                        }
                         let local = if l.addr.ip().is_unspecified() {
                             stream.local_addr().unwrap_or(l.addr)
                         } else {
@@ -732,15 +748,22 @@ impl Acceptor {
                     Err(e) => match e.raw_os_error() {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
                             self.stats.emfile_pauses += 1;
-                            if !self.emfile_episode {
-                                self.emfile_episode = true;
+                            self.emfile_unlogged += 1;
+                            let now = Instant::now();
+                            if self
+                                .emfile_logged
+                                .is_none_or(|t| now.duration_since(t) >= EMFILE_LOG_EVERY)
+                            {
                                 warn!(
                                     error = %e,
                                     retry_ms = EMFILE_RETRY.as_millis() as u64,
+                                    pauses = self.emfile_unlogged,
                                     "accept: out of file descriptors; pausing accepting and retrying (clients wait in the backlog)"
                                 );
+                                self.emfile_logged = Some(now);
+                                self.emfile_unlogged = 0;
                             }
-                            self.emfile_until = Some(Instant::now() + EMFILE_RETRY);
+                            self.emfile_until = Some(now + EMFILE_RETRY);
                             return false;
                         }
                         // The client gave up between SYN and accept, or a

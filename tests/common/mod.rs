@@ -141,6 +141,19 @@ impl Baton {
         }
     }
 
+    /// The first line seen so far, or logged within `timeout`, satisfying
+    /// `pred`: for events that may already have been read past.
+    pub fn find(
+        &mut self,
+        timeout: Duration,
+        mut pred: impl FnMut(&LogLine) -> bool,
+    ) -> Option<LogLine> {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return Some(l.clone());
+        }
+        self.wait_until(timeout, pred)
+    }
+
     /// Collects every line logged until the process exits (or `timeout`).
     pub fn drain_logs(&mut self, timeout: Duration) {
         let _ = self.wait_until(timeout, |_| false);

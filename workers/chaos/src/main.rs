@@ -1,1 +1,163 @@
-fn main(){}
+//! `baton-chaos`: a worker that breaks the protocol on purpose, for tests.
+//!
+//! Usage: `baton-chaos --mode MODE [--bad-workers 1,2] [--count N]`
+//!
+//! Workers whose id (`BATON_WORKER_ID`) is listed in `--bad-workers`
+//! (default: every worker) misbehave as MODE says; the others exec
+//! `baton-echo` from the same directory and behave. Restarted workers get
+//! new ids, so a listed worker that is killed comes back well-behaved.
+//!
+//! Modes:
+//! * `die-before-ack`: takes `--count` connections without acknowledging
+//!   any, then exits with status 3;
+//! * `garbage`: after its first connection, sends bytes that are no message;
+//! * `extra-fd`: after its first connection, ACKs it with an fd attached;
+//! * `hang`: says HELLO, then never reads its channel again;
+//! * `no-hello`: never says HELLO;
+//! * `crash`: exits with status 1 at once.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+
+use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
+use baton_sdk::{Channel, Msg};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+/// One stderr line in one write(2), so that it never splits an acceptor line.
+fn say(msg: &str) {
+    use std::io::Write;
+    let line = format!("baton-chaos[{}]: {msg}\n", std::process::id());
+    let _ = io::stderr().write_all(line.as_bytes());
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+fn channel() -> io::Result<Channel> {
+    let fd: RawFd = std::env::var(CHANNEL_FD_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("BATON_CHANNEL_FD not set"))?;
+    // SAFETY: the acceptor passed this fd for our exclusive use.
+    let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
+    chan.set_nonblocking(false)?;
+    Ok(chan)
+}
+
+fn hello(chan: &Channel) -> io::Result<()> {
+    chan.send(
+        &Msg::Hello {
+            pid: std::process::id(),
+            capacity: 0,
+        },
+        None,
+    )?;
+    match chan.recv() {
+        Ok(Some(r)) if matches!(r.msg, Msg::Welcome { .. }) => Ok(()),
+        other => Err(io::Error::other(format!("no WELCOME: {other:?}"))),
+    }
+}
+
+/// Receives one CONN and keeps its fd (never acknowledged).
+fn take_conn(chan: &Channel, keep: &mut Vec<OwnedFd>) -> io::Result<u64> {
+    loop {
+        match chan.recv() {
+            Ok(Some(r)) => {
+                if let (Msg::Conn(info), Some(fd)) = (r.msg, r.fd) {
+                    keep.push(fd);
+                    return Ok(info.id);
+                }
+            }
+            Ok(None) => return Err(io::Error::other("acceptor closed the channel")),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+}
+
+fn misbehave(mode: &str, count: usize) -> io::Result<()> {
+    if mode == "crash" {
+        std::process::exit(1);
+    }
+    let chan = channel()?;
+    if mode == "no-hello" {
+        loop {
+            std::thread::park();
+        }
+    }
+    hello(&chan)?;
+    let mut keep = Vec::new();
+    match mode {
+        "die-before-ack" => {
+            for _ in 0..count {
+                take_conn(&chan, &mut keep)?;
+            }
+            say(&format!(
+                "took {} connections, dying without ACK",
+                keep.len()
+            ));
+            std::process::exit(3);
+        }
+        "garbage" => {
+            take_conn(&chan, &mut keep)?;
+            nix::sys::socket::send(
+                chan.as_raw_fd(),
+                b"\xde\xad\xbe\xef garbage",
+                MsgFlags::empty(),
+            )?;
+        }
+        "extra-fd" => {
+            let id = take_conn(&chan, &mut keep)?;
+            let mut buf = [0u8; baton_sdk::proto::MAX_MSG];
+            let n = baton_sdk::proto::encode(&Msg::Ack(vec![id]), &mut buf);
+            let fds = [keep[0].as_raw_fd()];
+            sendmsg::<()>(
+                chan.as_raw_fd(),
+                &[io::IoSlice::new(&buf[..n])],
+                &[ControlMessage::ScmRights(&fds)],
+                MsgFlags::empty(),
+                None,
+            )?;
+        }
+        "hang" => {}
+        other => return Err(io::Error::other(format!("unknown --mode {other}"))),
+    }
+    // Stay alive holding everything until the acceptor kills us.
+    loop {
+        std::thread::park();
+    }
+}
+
+fn main() -> ExitCode {
+    let mode = arg("--mode").unwrap_or_else(|| "die-before-ack".to_string());
+    let count: usize = arg("--count").and_then(|c| c.parse().ok()).unwrap_or(1);
+    let me: u32 = std::env::var(WORKER_ID_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let bad = match arg("--bad-workers") {
+        Some(list) => list.split(',').any(|s| s.trim().parse() == Ok(me)),
+        None => true,
+    };
+    if !bad {
+        let echo = std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("baton-echo")))
+            .unwrap_or_else(|| "baton-echo".into());
+        let e = std::process::Command::new(&echo).exec();
+        say(&format!("cannot exec {}: {e}", echo.display()));
+        return ExitCode::FAILURE;
+    }
+    match misbehave(&mode, count) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            say(&e.to_string());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! stops taking connections, lets the open ones finish, and exits 0.
 
 use std::io::{self, Read, Write};
+use std::fmt::Arguments;
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -57,6 +58,13 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
+/// Writes one log line to stderr in a single write(2), so that it never
+/// interleaves with the acceptor's lines on a shared stderr.
+fn log(args: Arguments<'_>) {
+    let line = format!("baton-echo[{}]: {args}\n", std::process::id());
+    let _ = io::stderr().write_all(line.as_bytes());
+}
+
 /// Counts open connections so that the worker can wait for them on exit.
 #[derive(Default)]
 struct InFlight {
@@ -79,14 +87,11 @@ fn echo(mut stream: TcpStream) -> io::Result<()> {
 fn serve(conn: Connection, done: DoneSender, inflight: Arc<InFlight>) {
     let id = conn.id;
     if let Err(e) = echo(conn.stream) {
-        eprintln!("baton-echo[{}]: connection {id}: {e}", std::process::id());
+        log(format_args!("connection {id}: {e}"));
     }
     // The stream is closed by now: only then is the connection done.
     if let Err(e) = done.done(id) {
-        eprintln!(
-            "baton-echo[{}]: cannot report connection {id} done: {e}",
-            std::process::id()
-        );
+        log(format_args!("cannot report connection {id} done: {e}"));
     }
     let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
     *n -= 1;
@@ -119,12 +124,11 @@ fn run(args: Args) -> Result<(), baton_sdk::Error> {
     while *n > 0 {
         n = inflight.zero.wait(n).unwrap_or_else(|p| p.into_inner());
     }
-    eprintln!(
-        "baton-echo[{}]: worker {} exiting after {} connections",
-        std::process::id(),
+    log(format_args!(
+        "worker {} exiting after {} connections",
         worker.id(),
         SERVED.load(Ordering::Relaxed)
-    );
+    ));
     Ok(())
 }
 
@@ -139,7 +143,7 @@ fn main() -> ExitCode {
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("baton-echo[{}]: {e}", std::process::id());
+            log(format_args!("{e}"));
             ExitCode::FAILURE
         }
     }
