@@ -103,14 +103,11 @@ impl Acceptor {
         let poll = Poll::new().map_err(Error::Poll)?;
         let mut listeners = Vec::new();
         for (i, l) in cfg.listen.iter().enumerate() {
-            let sock = listener::bind(l.0, cfg.backlog).map_err(|source| Error::Bind {
-                addr: l.0,
-                source,
-            })?;
-            let addr = sock.local_addr().map_err(|source| Error::Bind {
-                addr: l.0,
-                source,
-            })?;
+            let sock = listener::bind(l.0, cfg.backlog)
+                .map_err(|source| Error::Bind { addr: l.0, source })?;
+            let addr = sock
+                .local_addr()
+                .map_err(|source| Error::Bind { addr: l.0, source })?;
             info!(addr = %addr, listener = i, "listening");
             listeners.push(Listener {
                 sock,
@@ -487,13 +484,23 @@ impl Acceptor {
                     capacity.min(max_cap)
                 };
                 if w.pid.is_some_and(|p| p != pid as i32) {
-                    debug!(worker = w.id, spawned = w.pid, announced = pid, "worker announced another pid");
+                    debug!(
+                        worker = w.id,
+                        spawned = w.pid,
+                        announced = pid,
+                        "worker announced another pid"
+                    );
                 }
                 w.chan
                     .send(&Msg::Welcome { worker_id: w.id }, None)
                     .map_err(|e| format!("WELCOME could not be sent: {e}"))?;
                 w.state = State::Ready;
-                info!(worker = w.id, pid = pid, capacity = w.capacity, "worker ready");
+                info!(
+                    worker = w.id,
+                    pid = pid,
+                    capacity = w.capacity,
+                    "worker ready"
+                );
                 if drain_now {
                     self.drain_worker(key);
                 }
@@ -503,7 +510,9 @@ impl Acceptor {
             (_, Msg::Ack(ids)) => {
                 for id in ids {
                     if !w.ack(id) {
-                        return Err(format!("ACK for connection {id}, which it does not hold unacknowledged"));
+                        return Err(format!(
+                            "ACK for connection {id}, which it does not hold unacknowledged"
+                        ));
                     }
                 }
                 // Our copies of those fds are closed now: if accepting was
@@ -550,7 +559,13 @@ impl Acceptor {
         self.stats.redispatched += n as u64;
         let orderly = w.state == State::Draining && reason == "channel closed";
         if orderly || (n == 0 && lost == 0 && !kill_it && self.shutdown.is_some()) {
-            info!(worker = w.id, pid = w.pid, reason, handled = w.handled, "worker disconnected");
+            info!(
+                worker = w.id,
+                pid = w.pid,
+                reason,
+                handled = w.handled,
+                "worker disconnected"
+            );
         } else {
             // `lost`: connections the worker had acknowledged and not
             // finished; they were its to serve and went down with it.
@@ -686,9 +701,8 @@ impl Acceptor {
             }
             return;
         }
-        let mut accepting = self.emfile_until.is_none()
-            && self.pending.is_empty()
-            && self.pool.has_capacity();
+        let mut accepting =
+            self.emfile_until.is_none() && self.pending.is_empty() && self.pool.has_capacity();
         if accepting {
             self.set_listening(true);
             accepting = self.accept_all();
@@ -701,7 +715,10 @@ impl Acceptor {
             self.paused_for_capacity = full;
             if full {
                 self.stats.capacity_pauses += 1;
-                debug!(pending = self.pending.len(), "every worker is full: accepting paused");
+                debug!(
+                    pending = self.pending.len(),
+                    "every worker is full: accepting paused"
+                );
             } else {
                 debug!("capacity freed: accepting resumed");
             }

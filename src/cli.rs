@@ -116,7 +116,8 @@ pub enum LogFormatArg {
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 10s or 500ms: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 10s or 500ms: {e}"))
 }
 
 /// Where the bundled workers live: beside the running `baton` binary.

@@ -122,8 +122,16 @@ fn hundreds_of_concurrent_clients_are_echoed_and_spread_over_every_worker() {
             .count();
         assert_eq!(ok, n, "{balance}: every client gets its own bytes back");
         let handled = stop(&mut b);
-        assert_eq!(handled.len(), 4, "{balance}: four workers reported: {handled:?}");
-        assert_eq!(handled.iter().sum::<u64>(), n as u64, "{balance}: {handled:?}");
+        assert_eq!(
+            handled.len(),
+            4,
+            "{balance}: four workers reported: {handled:?}"
+        );
+        assert_eq!(
+            handled.iter().sum::<u64>(),
+            n as u64,
+            "{balance}: {handled:?}"
+        );
         assert!(
             handled.iter().all(|&h| h >= 30),
             "{balance}: connections spread over all workers: {handled:?}"
@@ -145,14 +153,25 @@ fn a_worker_that_dies_before_acking_loses_no_client() {
         })
         .expect("worker 1 disconnected");
     // It took 3 and more were queued on its channel: all come back.
-    let redispatched: u64 = gone.field("redispatched").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let redispatched: u64 = gone
+        .field("redispatched")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(redispatched >= 3, "{}", gone.raw);
     assert_eq!(gone.field("lost").as_deref(), Some("0"), "{}", gone.raw);
     b.wait_until(Duration::from_secs(10), |l| l.message() == "worker ready")
         .expect("a replacement worker comes up");
     stop(&mut b);
-    let stopped = b.seen.iter().rev().find(|l| l.message() == "stopped").expect("stopped line");
-    assert_eq!(stopped.field("redispatched"), Some(redispatched.to_string()));
+    let stopped = b
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.message() == "stopped")
+        .expect("stopped line");
+    assert_eq!(
+        stopped.field("redispatched"),
+        Some(redispatched.to_string())
+    );
 }
 
 #[test]
@@ -227,7 +246,11 @@ fn misbehaving_worker_is_disconnected(mode: &str, reason: &str, extra: &[&str]) 
         "{mode}: {}",
         gone.raw
     );
-    assert_eq!(b.child.try_wait().expect("try_wait"), None, "{mode}: acceptor alive");
+    assert_eq!(
+        b.child.try_wait().expect("try_wait"),
+        None,
+        "{mode}: acceptor alive"
+    );
     stop(&mut b);
 }
 
@@ -251,9 +274,17 @@ fn a_worker_that_never_says_hello_is_killed() {
     let cmd = chaos_cmd("no-hello", &["--bad-workers", "1"]);
     let mut b = Baton::start(&echo_args("2", &["--hello-timeout", "300ms"], &cmd), 1);
     let gone = b
-        .wait_until(Duration::from_secs(10), |l| l.message() == "worker disconnected")
+        .wait_until(Duration::from_secs(10), |l| {
+            l.message() == "worker disconnected"
+        })
         .expect("the silent worker is disconnected");
-    assert!(gone.field("reason").unwrap_or_default().contains("no HELLO"), "{}", gone.raw);
+    assert!(
+        gone.field("reason")
+            .unwrap_or_default()
+            .contains("no HELLO"),
+        "{}",
+        gone.raw
+    );
     b.wait_for("worker ready", Duration::from_secs(10));
     let (ok, errors) = echo_many(b.addr(), 20);
     assert_eq!(ok, 20, "{errors:?}");
@@ -263,10 +294,7 @@ fn a_worker_that_never_says_hello_is_killed() {
 #[test]
 fn a_crash_looping_worker_is_given_up_with_a_clear_error() {
     let cmd = chaos_cmd("crash", &[]);
-    let mut b = Baton::start(
-        &echo_args("1", &["--max-restarts", "3"], &cmd),
-        0,
-    );
+    let mut b = Baton::start(&echo_args("1", &["--max-restarts", "3"], &cmd), 0);
     let st = b.wait_exit(Duration::from_secs(30));
     assert_eq!(st.code(), Some(1), "exits non-zero when no worker is left");
     let delays: Vec<u64> = b
@@ -305,13 +333,18 @@ fn with_every_worker_full_clients_wait_in_the_backlog_until_capacity_frees() {
     let mut buf = [0u8; 8];
     let e = third.read(&mut buf).expect_err("no answer while full");
     assert!(
-        matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
+        matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
         "{e}"
     );
     // One slot frees: the third client is served.
     drop(held.remove(0));
     third.set_read_timeout(Some(IO_TIMEOUT)).expect("timeout");
-    third.read_exact(&mut buf).expect("served once capacity frees");
+    third
+        .read_exact(&mut buf)
+        .expect("served once capacity frees");
     assert_eq!(&buf, b"waiting\n");
     drop(third);
     drop(held);
@@ -335,7 +368,10 @@ fn sigterm_lets_in_flight_connections_finish_and_exits_0_without_zombies() {
         })
         .collect();
     b.signal(Signal::SIGTERM);
-    b.wait_for("shutting down: no new connections; workers finish what they have", Duration::from_secs(10));
+    b.wait_for(
+        "shutting down: no new connections; workers finish what they have",
+        Duration::from_secs(10),
+    );
     // New clients are refused now...
     assert!(TcpStream::connect(addr).is_err(), "listener closed");
     // ...while the open ones finish their conversation.
@@ -377,7 +413,10 @@ fn a_second_signal_stops_at_once() {
         s
     };
     b.signal(Signal::SIGTERM);
-    b.wait_for("shutting down: no new connections; workers finish what they have", Duration::from_secs(10));
+    b.wait_for(
+        "shutting down: no new connections; workers finish what they have",
+        Duration::from_secs(10),
+    );
     b.signal(Signal::SIGINT);
     let st = b.wait_exit(Duration::from_secs(10));
     assert_eq!(st.code(), Some(1), "forced stop");
@@ -389,7 +428,9 @@ fn out_of_file_descriptors_the_acceptor_pauses_and_recovers() {
     let cmd = echo_cmd();
     let mut b = Baton::start(&echo_args("2", &[], &cmd), 2);
     let pid = b.pid();
-    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("fd dir").count() as u64;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("fd dir")
+        .count() as u64;
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -412,10 +453,21 @@ fn out_of_file_descriptors_the_acceptor_pauses_and_recovers() {
         .iter()
         .filter(|l| l.message().contains("out of file descriptors"))
         .count();
-    let stopped = b.seen.iter().rev().find(|l| l.message() == "stopped").expect("stopped");
-    let pauses: u64 = stopped.field("emfile_pauses").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stopped = b
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.message() == "stopped")
+        .expect("stopped");
+    let pauses: u64 = stopped
+        .field("emfile_pauses")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     assert!(pauses >= 1, "EMFILE was hit: {}", stopped.raw);
-    assert_eq!(warnings, 1, "logged once, not per connection ({pauses} pauses)");
+    assert_eq!(
+        warnings, 1,
+        "logged once, not per connection ({pauses} pauses)"
+    );
 }
 
 #[test]
@@ -425,7 +477,10 @@ fn bad_command_lines_fail_with_a_clear_message() {
             .args(args)
             .output()
             .expect("run baton");
-        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
     let (code, err) = run(&["--listen", "nonsense", "--", "/bin/true"]);
     assert_eq!(code, Some(2));
@@ -446,10 +501,20 @@ fn bad_command_lines_fail_with_a_clear_message() {
             .arg("--help")
             .output()
             .expect("run");
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     assert_eq!(code, Some(0));
-    for opt in ["--listen", "--workers", "--worker-connections", "--balance", "--shutdown-timeout", "--log-format"] {
+    for opt in [
+        "--listen",
+        "--workers",
+        "--worker-connections",
+        "--balance",
+        "--shutdown-timeout",
+        "--log-format",
+    ] {
         assert!(out.contains(opt), "--help explains {opt}");
     }
 }

@@ -6,8 +6,8 @@
 //! reports the connection DONE. On DRAIN, or when the acceptor goes away, it
 //! stops taking connections, lets the open ones finish, and exits 0.
 
-use std::io::{self, Read, Write};
 use std::fmt::Arguments;
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -107,17 +107,13 @@ fn run(args: Args) -> Result<(), baton_sdk::Error> {
     };
     let inflight = Arc::new(InFlight::default());
     static SERVED: AtomicUsize = AtomicUsize::new(0);
-    loop {
-        match worker.recv()? {
-            Event::Conn(conn) => {
-                SERVED.fetch_add(1, Ordering::Relaxed);
-                *inflight.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-                let done = worker.done_sender();
-                let inflight = inflight.clone();
-                std::thread::spawn(move || serve(conn, done, inflight));
-            }
-            Event::Drain | Event::Closed => break,
-        }
+    // Connections until DRAIN or the acceptor goes away.
+    while let Event::Conn(conn) = worker.recv()? {
+        SERVED.fetch_add(1, Ordering::Relaxed);
+        *inflight.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        let done = worker.done_sender();
+        let inflight = inflight.clone();
+        std::thread::spawn(move || serve(conn, done, inflight));
     }
     // Finish what we have, then exit.
     let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());

@@ -73,8 +73,9 @@ impl Channel {
     /// Wraps an fd that must be a connected `AF_UNIX` `SOCK_SEQPACKET`
     /// socket; anything else is refused with `InvalidInput`.
     pub fn from_fd(fd: OwnedFd) -> io::Result<Channel> {
-        let ty = socket::getsockopt(&fd, socket::sockopt::SockType)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("not a socket: {e}")))?;
+        let ty = socket::getsockopt(&fd, socket::sockopt::SockType).map_err(|e| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("not a socket: {e}"))
+        })?;
         if ty != SockType::SeqPacket {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

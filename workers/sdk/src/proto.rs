@@ -431,7 +431,10 @@ mod tests {
             decode(&buf[..n - 1], 0),
             Err(ProtoError::Length { .. })
         ));
-        assert!(matches!(decode(&buf[..n], 1), Err(ProtoError::FdCount { .. })));
+        assert!(matches!(
+            decode(&buf[..n], 1),
+            Err(ProtoError::FdCount { .. })
+        ));
         let mut bad = buf;
         bad[0] = 2;
         assert_eq!(decode(&bad[..n], 0), Err(ProtoError::Version(2)));
@@ -447,12 +450,18 @@ mod tests {
         let mut bad = buf;
         bad[4] = 0;
         bad[5] = 0;
-        assert!(matches!(decode(&bad[..n], 0), Err(ProtoError::Count { .. })));
+        assert!(matches!(
+            decode(&bad[..n], 0),
+            Err(ProtoError::Count { .. })
+        ));
         // A CONN without its fd.
         let n = encode(&Msg::Drain, &mut buf);
         assert_eq!(decode(&buf[..n], 0), Ok(Msg::Drain));
         buf[1] = Kind::Conn as u8;
-        assert!(matches!(decode(&buf[..n], 0), Err(ProtoError::FdCount { .. })));
+        assert!(matches!(
+            decode(&buf[..n], 0),
+            Err(ProtoError::FdCount { .. })
+        ));
     }
 
     #[test]

@@ -27,7 +27,9 @@ use crate::proto::{Msg, ProtoError, CHANNEL_FD_ENV, MAX_IDS};
 /// Errors of the worker library.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{CHANNEL_FD_ENV} is not set: this worker must be started by baton, or use --register PATH")]
+    #[error(
+        "{CHANNEL_FD_ENV} is not set: this worker must be started by baton, or use --register PATH"
+    )]
     NoChannel,
     #[error("{CHANNEL_FD_ENV}={0:?} is not a file descriptor number")]
     BadChannelVar(String),
