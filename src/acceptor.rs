@@ -198,9 +198,7 @@ impl Acceptor {
                     Token(t) if t >= WORKER_BASE => {
                         let key = t - WORKER_BASE;
                         if ev.is_writable() {
-                            if let Some(w) = self.pool.workers.get_mut(key) {
-                                w.blocked = false;
-                            }
+                            self.set_blocked(key, false);
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.on_worker_readable(key);
@@ -226,7 +224,7 @@ impl Acceptor {
         self.poll.registry().register(
             &mut SourceFd(&sp.chan.as_raw_fd()),
             Token(WORKER_BASE + wkey),
-            Interest::READABLE | Interest::WRITABLE,
+            Interest::READABLE,
         )?;
         let w = crate::pool::Worker::new(id, sp.chan, Some(key), Some(sp.pid));
         self.pool.workers.insert(w);
@@ -356,8 +354,15 @@ impl Acceptor {
         let Some(w) = self.pool.workers.get_mut(key) else {
             return;
         };
-        if w.state == State::Draining {
-            return;
+        match w.state {
+            State::Draining => return,
+            // It has no connection and has not said HELLO: DRAIN would be
+            // out of order, so it is simply stopped.
+            State::Starting => {
+                self.close_worker(key, "stopped before its HELLO", true);
+                return;
+            }
+            State::Ready => {}
         }
         w.state = State::Draining;
         let id = w.id;
@@ -677,12 +682,38 @@ impl Acceptor {
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Its queue is full: skip it until it is writable again.
-                    w.blocked = true;
+                    self.set_blocked(key, true);
                 }
                 Err(e) => {
                     self.close_worker(key, &format!("CONN could not be sent: {e}"), true);
                 }
             }
+        }
+    }
+
+    /// Marks a worker whose channel send buffer is full (or no longer). Only
+    /// a blocked channel is watched for writability: a writable event for
+    /// every message a worker reads would be wasted wake-ups.
+    fn set_blocked(&mut self, key: usize, blocked: bool) {
+        let Some(w) = self.pool.workers.get_mut(key) else {
+            return;
+        };
+        if w.blocked == blocked {
+            return;
+        }
+        w.blocked = blocked;
+        let interest = if blocked {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if let Err(e) = self.poll.registry().reregister(
+            &mut SourceFd(&w.chan.as_raw_fd()),
+            Token(WORKER_BASE + key),
+            interest,
+        ) {
+            let id = w.id;
+            error!(worker = id, error = %e, "epoll_ctl on a worker channel failed");
         }
     }
 
