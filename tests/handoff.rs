@@ -187,7 +187,7 @@ fn kill_9_under_load_restarts_the_worker_and_loses_only_what_it_had_acked() {
         .map(|c| {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
-                let mut failed = 0;
+                let mut failed = Vec::new();
                 for i in 0..per_client {
                     if i == per_client / 3 {
                         barrier.wait();
@@ -195,7 +195,8 @@ fn kill_9_under_load_restarts_the_worker_and_loses_only_what_it_had_acked() {
                     let p = payload(c * 1000 + i);
                     match echo_once(addr, &p) {
                         Ok(back) if back == p => {}
-                        _ => failed += 1,
+                        Ok(back) => failed.push(format!("wrong echo {back:?}")),
+                        Err(e) => failed.push(e.to_string()),
                     }
                 }
                 failed
@@ -204,7 +205,11 @@ fn kill_9_under_load_restarts_the_worker_and_loses_only_what_it_had_acked() {
         .collect();
     barrier.wait();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim), Signal::SIGKILL).expect("kill -9");
-    let failed: usize = handles.into_iter().map(|h| h.join().expect("client")).sum();
+    let failures: Vec<String> = handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("client"))
+        .collect();
+    let failed = failures.len();
     let exited = b
         .find(Duration::from_secs(10), |l| {
             l.message() == "worker exited" && l.field("pid") == Some(victim.to_string())
@@ -221,7 +226,7 @@ fn kill_9_under_load_restarts_the_worker_and_loses_only_what_it_had_acked() {
     let lost: usize = gone.field("lost").and_then(|v| v.parse().ok()).unwrap_or(0);
     assert!(
         failed <= lost,
-        "{failed} clients failed, but the killed worker had only {lost} acknowledged connections: {}",
+        "{failed} clients failed ({failures:?}), but the killed worker had only {lost} acknowledged connections: {}",
         gone.raw
     );
     // And the pool serves again at full strength.

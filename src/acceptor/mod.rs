@@ -555,8 +555,8 @@ impl Acceptor {
             .poll
             .registry()
             .deregister(&mut SourceFd(&w.chan.as_raw_fd()));
+        let lost = w.in_flight.values().filter(|h| h.is_none()).count();
         let unacked = w.take_unacked();
-        let lost = w.in_flight.len();
         let n = unacked.len();
         for h in unacked.into_iter().rev() {
             self.pending.push_front(h);
