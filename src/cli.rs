@@ -23,15 +23,79 @@ use crate::ConfigError;
 #[command(
     name = "baton",
     version,
+    args_conflicts_with_subcommands = true,
     after_help = "EXAMPLES:\n  \
         baton                                          demo site on 127.0.0.1:8080\n  \
         baton --root ./public                          serve a directory\n  \
         baton --listen 127.0.0.1:9000 --workers 4 -- baton-echo\n  \
         baton --listen [::]:80 --listen 0.0.0.0:80 -- baton-static --root /srv/www\n\n\
-        SIGNALS: SIGTERM/SIGINT stop gracefully (a second one stops at once).\n\
+        SIGNALS: SIGTERM/SIGINT stop gracefully (a second one stops at once);\n\
+        SIGTTIN adds a worker, SIGTTOU drains and removes one.\n\
         LOGS: RUST_LOG (e.g. RUST_LOG=debug) overrides --log-level."
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub sub: Option<Sub>,
+
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// Subcommands; without one, baton runs the acceptor.
+#[derive(Debug, clap::Subcommand)]
+pub enum Sub {
+    /// Talk to a running baton through its control socket.
+    Ctl(CtlArgs),
+}
+
+/// `baton ctl`: one request to a running acceptor.
+#[derive(Debug, clap::Args)]
+pub struct CtlArgs {
+    /// The acceptor's control socket.
+    #[arg(long, value_name = "PATH", global = true, default_value_os_t = crate::control::default_path())]
+    pub control: PathBuf,
+
+    /// Print the reply as JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub verb: CtlVerb,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum CtlVerb {
+    /// One row per worker: id, pid, user, state, in-flight, handled, restarts, memory, age.
+    Workers,
+    /// Totals: workers, connections, uptime.
+    Status,
+    /// Counters in the Prometheus text format.
+    Metrics,
+    /// Spawn N more workers from the pool's command.
+    Add {
+        /// How many.
+        #[arg(default_value_t = 1)]
+        count: u32,
+    },
+    /// Stop giving workers connections, let them finish, then stop them.
+    Remove {
+        /// The worker id (see `baton ctl workers`).
+        #[arg(required_unless_present = "count", conflicts_with = "count")]
+        id: Option<u32>,
+        /// Remove this many workers, newest first, instead of one by id.
+        #[arg(long, value_name = "N")]
+        count: Option<u32>,
+        /// How long a draining worker may take before it is stopped.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        drain_timeout: Option<Duration>,
+    },
+    /// Rolling restart: each worker is replaced, a new one ready before the old one drains.
+    Restart,
+}
+
+/// Options of the acceptor itself.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
     /// Address to accept connections on (repeatable): 127.0.0.1:8080,
     /// [::1]:8080, or :8080 for every IPv4 address. Port 0 picks a free port
     /// (the log says which). Default: 127.0.0.1:8080.
@@ -85,6 +149,37 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub restart_window: Duration,
 
+    /// Control socket for `baton ctl` (mode 0600, peers checked with
+    /// SO_PEERCRED). Default: /run/baton.sock as root, else
+    /// $XDG_RUNTIME_DIR/baton.sock.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// Do not open a control socket.
+    #[arg(long, conflicts_with = "control")]
+    pub no_control: bool,
+
+    /// Also serve the control socket to this uid (repeatable); root and
+    /// baton's own uid always are.
+    #[arg(long, value_name = "UID")]
+    pub control_allow_uid: Vec<u32>,
+
+    /// Listen for workers that register themselves (SOCK_SEQPACKET): any
+    /// allowed process that connects and says HELLO joins the pool. baton
+    /// never restarts such a worker.
+    #[arg(long, value_name = "PATH")]
+    pub worker_socket: Option<PathBuf>,
+
+    /// Also accept registering workers from this uid (repeatable); root and
+    /// baton's own uid always are.
+    #[arg(long, value_name = "UID")]
+    pub worker_allow_uid: Vec<u32>,
+
+    /// How long a worker being removed may take to finish its connections
+    /// (`baton ctl remove`, SIGTTOU, rolling restart) before it is stopped.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
     /// Log format: human-readable text, or one JSON object per line.
     #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
     pub log_format: LogFormatArg,
@@ -128,7 +223,7 @@ fn sibling(name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-impl Cli {
+impl RunArgs {
     /// Validates the command line and builds the acceptor's configuration.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = if self.listen.is_empty() {
@@ -146,9 +241,9 @@ impl Cli {
             )));
         }
         let workers = match self.workers {
-            Some(0) => {
+            Some(0) if self.worker_socket.is_none() => {
                 return Err(ConfigError::Invalid(
-                    "--workers must be at least 1".to_string(),
+                    "--workers must be at least 1 (0 only with --worker-socket)".to_string(),
                 ))
             }
             Some(n) => n,
@@ -202,6 +297,15 @@ impl Cli {
             ack_timeout: self.ack_timeout,
             max_restarts: self.max_restarts,
             restart_window: self.restart_window,
+            control: if self.no_control {
+                None
+            } else {
+                Some(self.control.unwrap_or_else(crate::control::default_path))
+            },
+            control_allow_uid: self.control_allow_uid,
+            worker_socket: self.worker_socket,
+            worker_allow_uid: self.worker_allow_uid,
+            drain_timeout: self.drain_timeout,
             log_format: match self.log_format {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,

@@ -120,6 +120,14 @@ pub struct Config {
     pub ack_timeout: Duration,
     pub max_restarts: u32,
     pub restart_window: Duration,
+    /// Control socket path; None when disabled.
+    pub control: Option<PathBuf>,
+    pub control_allow_uid: Vec<u32>,
+    /// Socket for workers that register themselves.
+    pub worker_socket: Option<PathBuf>,
+    pub worker_allow_uid: Vec<u32>,
+    /// Default drain timeout of a removed worker.
+    pub drain_timeout: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
 }

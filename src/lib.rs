@@ -36,10 +36,13 @@
 pub mod acceptor;
 pub mod cli;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod listener;
 pub mod logging;
 pub mod pool;
 pub mod supervisor;
+pub mod unix;
 
 use std::io;
 use std::net::SocketAddr;
@@ -66,6 +69,12 @@ pub enum Error {
     Signals(io::Error),
     #[error("cannot spawn worker {program}: {source}")]
     Spawn { program: String, source: io::Error },
+    #[error("cannot open the {what} {path}: {source}")]
+    UnixSocket {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
     #[error("no worker left: every worker crash-looped and none will be restarted (see the log above for their exit status)")]
     NoWorkers,
 }

@@ -1,15 +1,32 @@
 //! The `baton` binary: parse the command line, set up logs, run the
-//! acceptor. All the logic lives in the library (`src/lib.rs`).
+//! acceptor (or a subcommand). All the logic lives in the library
+//! (`src/lib.rs`).
 
 use std::process::ExitCode;
 
 use baton::acceptor::{Acceptor, Outcome};
-use baton::cli::Cli;
+use baton::cli::{Cli, RunArgs, Sub};
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match cli.into_config() {
+    match cli.sub {
+        Some(Sub::Ctl(args)) => match baton::ctl::run(&args) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("baton ctl: error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        None => run(cli.run),
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    let cfg = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baton: error: {e}");

@@ -58,6 +58,8 @@ pub struct Worker {
     pub blocked: bool,
     pub handled: u64,
     pub connected: Instant,
+    /// While draining for removal: when it is stopped regardless.
+    pub drain_deadline: Option<Instant>,
 }
 
 impl Worker {
@@ -74,6 +76,7 @@ impl Worker {
             blocked: false,
             handled: 0,
             connected: Instant::now(),
+            drain_deadline: None,
         }
     }
 

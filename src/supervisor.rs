@@ -41,6 +41,8 @@ pub struct Slot {
     pub restart_at: Option<Instant>,
     /// Crash-looped: no more restarts.
     pub given_up: bool,
+    /// Being removed: its worker drains and is not restarted.
+    pub retired: bool,
 }
 
 /// What to do after a worker's process exited.
@@ -168,6 +170,7 @@ mod tests {
             restarts: 0,
             restart_at: None,
             given_up: false,
+            retired: false,
         }
     }
 

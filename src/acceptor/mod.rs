@@ -4,12 +4,15 @@
 //!
 //! | token                  | source                         | on readiness                          |
 //! |------------------------|--------------------------------|---------------------------------------|
-//! | [`SIGNALS`]            | signalfd (TERM, INT, CHLD)     | shut down, or reap and restart        |
+//! | [`SIGNALS`]            | signalfd (TERM, INT, CHLD, TTIN, TTOU) | shut down, reap and restart, add or remove a worker |
+//! | [`CONTROL`]            | control socket (stream)        | accept `baton ctl` clients (SO_PEERCRED checked) |
+//! | [`WORKER_SOCKET`]      | worker socket (SEQPACKET)      | accept self-registering workers        |
 //! | `LISTENER_BASE + i`    | listener `i`                   | accept until EAGAIN, hand off         |
+//! | `CTL_BASE + key`       | a control client               | JSON request lines → replies ([`ops`]) |
 //! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE; EOF = worker gone |
 //!
-//! Timers (restart backoff, EMFILE retry, HELLO and ACK timeouts, shutdown
-//! deadline) are deadlines kept in the state below; the poll timeout is the
+//! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
+//! idle control clients, shutdown deadline) are deadlines kept in the state below; the poll timeout is the
 //! nearest one, so nothing spins.
 //!
 //! After every batch of events, [`Acceptor::pump`] moves connections along:
@@ -37,10 +40,17 @@ use tracing::{debug, error, info, warn};
 use crate::config::Config;
 use crate::pool::{Held, Pool, State};
 use crate::supervisor::{self, After, Slot};
+use crate::unix::UnixListener;
 use crate::{listener, Error};
 
+mod ops;
+use ops::CtlClient;
+
 const SIGNALS: Token = Token(0);
-const LISTENER_BASE: usize = 1;
+const CONTROL: Token = Token(1);
+const WORKER_SOCKET: Token = Token(2);
+const LISTENER_BASE: usize = 16;
+const CTL_BASE: usize = 1 << 19;
 const WORKER_BASE: usize = 1 << 20;
 
 /// How long accepting pauses after EMFILE/ENFILE before it is retried.
@@ -95,6 +105,17 @@ pub struct Acceptor {
     drain_sent: bool,
     paused_for_capacity: bool,
     stats: Stats,
+    /// Self-registering workers connect here.
+    worker_listener: Option<UnixListener>,
+    /// `baton ctl` connects here.
+    control: Option<UnixListener>,
+    ctl: Slab<CtlClient>,
+    /// Rolling restart: slots still to replace, and the (old, new) pair
+    /// under way (the old one drains once the new one is ready).
+    rolling: VecDeque<usize>,
+    rolling_current: Option<(usize, usize)>,
+    started: Instant,
+    own_uid: u32,
 }
 
 impl Acceptor {
@@ -115,9 +136,66 @@ impl Acceptor {
                 registered: false,
             });
         }
+        let worker_listener = match &cfg.worker_socket {
+            Some(path) => {
+                // Other uids must be able to connect() to be checked at all.
+                let mode = if cfg.worker_allow_uid.is_empty() {
+                    0o600
+                } else {
+                    0o666
+                };
+                let l = UnixListener::bind(path, nix::sys::socket::SockType::SeqPacket, mode)
+                    .map_err(|source| Error::UnixSocket {
+                        what: "worker socket",
+                        path: path.clone(),
+                        source,
+                    })?;
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&l.fd.as_raw_fd()),
+                        WORKER_SOCKET,
+                        Interest::READABLE,
+                    )
+                    .map_err(Error::Poll)?;
+                info!(path = %path.display(), "worker socket listening");
+                Some(l)
+            }
+            None => None,
+        };
+        let control = match &cfg.control {
+            Some(path) => {
+                let mode = if cfg.control_allow_uid.is_empty() {
+                    0o600
+                } else {
+                    0o666
+                };
+                let l = UnixListener::bind(path, nix::sys::socket::SockType::Stream, mode)
+                    .map_err(|source| Error::UnixSocket {
+                        what: "control socket",
+                        path: path.clone(),
+                        source,
+                    })?;
+                poll.registry()
+                    .register(
+                        &mut SourceFd(&l.fd.as_raw_fd()),
+                        CONTROL,
+                        Interest::READABLE,
+                    )
+                    .map_err(Error::Poll)?;
+                info!(path = %path.display(), "control socket listening");
+                Some(l)
+            }
+            None => None,
+        };
         // Block the signals we handle so that they queue on the signalfd.
         let mut mask = SigSet::empty();
-        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD] {
+        for s in [
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGCHLD,
+            Signal::SIGTTIN,
+            Signal::SIGTTOU,
+        ] {
             mask.add(s);
         }
         mask.thread_block().map_err(|e| Error::Signals(e.into()))?;
@@ -148,6 +226,13 @@ impl Acceptor {
             drain_sent: false,
             paused_for_capacity: false,
             stats: Stats::default(),
+            worker_listener,
+            control,
+            ctl: Slab::new(),
+            rolling: VecDeque::new(),
+            rolling_current: None,
+            started: Instant::now(),
+            own_uid: nix::unistd::geteuid().as_raw(),
         })
     }
 
@@ -159,19 +244,9 @@ impl Acceptor {
     /// Spawns the pool and runs until shutdown.
     pub fn run(mut self) -> Result<Outcome, Error> {
         for _ in 0..self.cfg.workers {
-            let key = self.slots.insert(Slot {
-                pid: None,
-                worker_id: 0,
-                worker: None,
-                started: Instant::now(),
-                failures: 0,
-                restarts: 0,
-                restart_at: None,
-                given_up: false,
-            });
             // A worker that cannot even be spawned at start-up is a
             // configuration error, not something to retry.
-            self.spawn_slot(key).map_err(|source| Error::Spawn {
+            self.add_slot().map_err(|source| Error::Spawn {
                 program: self.cfg.command.program.display().to_string(),
                 source,
             })?;
@@ -195,6 +270,11 @@ impl Acceptor {
                             return Ok(outcome);
                         }
                     }
+                    CONTROL => self.on_control_accept(),
+                    WORKER_SOCKET => self.on_worker_socket_accept(),
+                    Token(t) if (CTL_BASE..WORKER_BASE).contains(&t) => {
+                        self.on_ctl_event(t - CTL_BASE, ev.is_readable(), ev.is_writable());
+                    }
                     Token(t) if t >= WORKER_BASE => {
                         let key = t - WORKER_BASE;
                         if ev.is_writable() {
@@ -209,11 +289,32 @@ impl Acceptor {
                 }
             }
             self.on_timers(Instant::now());
+            self.step_rolling();
             self.pump();
             if let Some(outcome) = self.check_finished()? {
                 return Ok(outcome);
             }
         }
+    }
+
+    /// A new slot in the pool, with its worker spawned; returns its key.
+    fn add_slot(&mut self) -> io::Result<usize> {
+        let key = self.slots.insert(Slot {
+            pid: None,
+            worker_id: 0,
+            worker: None,
+            started: Instant::now(),
+            failures: 0,
+            restarts: 0,
+            restart_at: None,
+            given_up: false,
+            retired: false,
+        });
+        if let Err(e) = self.spawn_slot(key) {
+            self.slots.remove(key);
+            return Err(e);
+        }
+        Ok(key)
     }
 
     fn spawn_slot(&mut self, key: usize) -> io::Result<()> {
@@ -247,6 +348,18 @@ impl Acceptor {
                     let sig = Signal::try_from(info.ssi_signo as i32).ok();
                     match sig {
                         Some(Signal::SIGCHLD) => self.on_child_exits(),
+                        Some(Signal::SIGTTIN) if self.shutdown.is_none() => {
+                            info!("SIGTTIN: adding a worker");
+                            if let Err(e) = self.add_workers(1) {
+                                error!(error = %e, "SIGTTIN: cannot add a worker");
+                            }
+                        }
+                        Some(Signal::SIGTTOU) if self.shutdown.is_none() => {
+                            info!("SIGTTOU: removing a worker");
+                            if let Err(e) = self.remove_workers(None, Some(1), None) {
+                                warn!(error = %e, "SIGTTOU: cannot remove a worker");
+                            }
+                        }
                         Some(s @ (Signal::SIGTERM | Signal::SIGINT)) => {
                             if self.shutdown.is_some() {
                                 warn!(signal = s.as_str(), "second signal: stopping at once");
@@ -287,8 +400,11 @@ impl Acceptor {
             if let Some(wkey) = slot.worker {
                 self.close_worker(wkey, "its process exited", false);
             }
-            if self.shutdown.is_some() {
+            if self.shutdown.is_some() || self.slots[key].retired {
                 info!(worker = worker_id, pid = exit.pid, status = %exit.describe(), "worker exited");
+                if self.shutdown.is_none() {
+                    self.slots.remove(key);
+                }
                 continue;
             }
             if exit.success() {
@@ -332,6 +448,15 @@ impl Acceptor {
         for (_, s) in self.slots.iter_mut() {
             s.restart_at = None;
         }
+        if let Some(l) = self.worker_listener.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&l.fd.as_raw_fd()));
+            // Dropped: the socket file is removed.
+        }
+        self.rolling.clear();
+        self.rolling_current = None;
         info!(
             signal = sig.as_str(),
             timeout_ms = self.cfg.shutdown_timeout.as_millis() as u64,
@@ -423,7 +548,7 @@ impl Acceptor {
             .slots
             .iter()
             .any(|(_, s)| s.pid.is_some() || !s.given_up);
-        if self.pool.workers.is_empty() && !restartable {
+        if self.pool.workers.is_empty() && !restartable && self.worker_listener.is_none() {
             return Err(Error::NoWorkers);
         }
         Ok(None)
@@ -607,6 +732,9 @@ impl Acceptor {
         };
         consider(self.emfile_until);
         consider(self.shutdown);
+        for (_, c) in self.ctl.iter() {
+            consider(Some(c.deadline));
+        }
         for (_, s) in self.slots.iter() {
             if s.pid.is_none() && !s.given_up {
                 consider(s.restart_at);
@@ -618,6 +746,7 @@ impl Acceptor {
                 consider(Some(w.connected + hello));
             }
             consider(w.oldest_unacked().map(|t| t + ack));
+            consider(w.drain_deadline);
         }
         next
     }
@@ -636,7 +765,24 @@ impl Acceptor {
                     key,
                     format!("did not acknowledge a connection within {ack:?}"),
                 ));
+            } else if w.drain_deadline.is_some_and(|t| t <= now) {
+                overdue.push((
+                    key,
+                    format!(
+                        "drain timeout: {} connections still open",
+                        w.in_flight.len()
+                    ),
+                ));
             }
+        }
+        let idle: Vec<usize> = self
+            .ctl
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in idle {
+            self.close_ctl(key, "idle timeout");
         }
         for (key, why) in overdue {
             self.close_worker(key, &format!("unresponsive: {why}"), true);

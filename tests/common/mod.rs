@@ -53,6 +53,10 @@ pub struct Baton {
     /// Every line seen so far, for assertions and for failure messages.
     pub seen: Vec<LogLine>,
     pub addrs: Vec<SocketAddr>,
+    /// Its control socket (unless the test passed its own).
+    pub control: PathBuf,
+    /// A scratch directory removed with the Baton.
+    pub dir: PathBuf,
 }
 
 impl Baton {
@@ -63,9 +67,18 @@ impl Baton {
     }
 
     pub fn start_with(mut cmd: Command, args: &[&str], workers: usize) -> Baton {
-        cmd.arg("--log-format")
-            .arg("json")
-            .args(args)
+        // Every acceptor gets its own control socket, so tests run in
+        // parallel without fighting over the default path.
+        let dir = tempdir("baton-test");
+        let control = dir.join("control.sock");
+        cmd.arg("--log-format").arg("json");
+        if !args
+            .iter()
+            .any(|a| *a == "--control" || *a == "--no-control")
+        {
+            cmd.arg("--control").arg(&control);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -91,6 +104,8 @@ impl Baton {
             lines: rx,
             seen: Vec::new(),
             addrs: Vec::new(),
+            control,
+            dir,
         };
         let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
         for _ in 0..listeners {
@@ -185,6 +200,32 @@ impl Baton {
         }
     }
 
+    /// Runs `baton ctl --control <this baton's socket> ARGS`; returns the
+    /// exit status, stdout and stderr.
+    pub fn ctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("baton"))
+            .arg("ctl")
+            .arg("--control")
+            .arg(&self.control)
+            .args(args)
+            .output()
+            .expect("run baton ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// `baton ctl --json ARGS`, parsed; panics with stderr on failure.
+    pub fn ctl_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--json"];
+        a.extend_from_slice(args);
+        let (ok, out, err) = self.ctl(&a);
+        assert!(ok, "baton ctl {args:?} failed: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out}"))
+    }
+
     /// Pids of the live workers, read from the acceptor's children.
     pub fn worker_pids(&self) -> Vec<i32> {
         let path = format!("/proc/{}/task/{}/children", self.pid(), self.pid());
@@ -196,8 +237,23 @@ impl Baton {
     }
 }
 
+/// A fresh, empty directory under the system temp dir.
+pub fn tempdir(prefix: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("create temp dir");
+    d
+}
+
 impl Drop for Baton {
     fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
         if let Ok(None) = self.child.try_wait() {
             let pids = self.worker_pids();
             let _ = self.child.kill();

@@ -1,0 +1,630 @@
+//! Runtime operations of the acceptor: the control socket (`baton ctl`),
+//! workers that register themselves, adding, removing (with drain) and
+//! rolling-restarting workers, and the numbers behind `status` and
+//! `metrics`.
+
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use baton_sdk::Channel;
+use mio::unix::SourceFd;
+use mio::{Interest, Token};
+use serde_json::json;
+use tracing::{debug, error, info, warn};
+
+use super::{Acceptor, CTL_BASE, WORKER_BASE};
+use crate::control::{self, Reply, Request, WorkerRow, IDLE_TIMEOUT, MAX_LINE};
+use crate::pool::{State, Worker};
+use crate::unix::{uid_allowed, Peer};
+
+/// One connected `baton ctl` client.
+pub struct CtlClient {
+    stream: UnixStream,
+    peer: Peer,
+    buf: Vec<u8>,
+    out: Vec<u8>,
+    /// Closed when this passes without a complete request.
+    pub deadline: Instant,
+    /// Close once `out` is flushed.
+    closing: bool,
+}
+
+impl Acceptor {
+    // ---- control socket ------------------------------------------------
+
+    pub(super) fn on_control_accept(&mut self) {
+        loop {
+            let Some(l) = &self.control else { return };
+            let (fd, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "control socket: accept failed");
+                    return;
+                }
+            };
+            let mut stream = UnixStream::from(fd);
+            if !uid_allowed(peer.uid, self.own_uid, &self.cfg.control_allow_uid) {
+                warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "control socket: refused a client whose uid is not allowed"
+                );
+                let _ =
+                    stream.write_all(&Reply::err("permission denied: uid not allowed").to_line());
+                continue;
+            }
+            let key = self.ctl.vacant_key();
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&stream.as_raw_fd()),
+                Token(CTL_BASE + key),
+                Interest::READABLE,
+            ) {
+                error!(error = %e, "control socket: cannot watch a client");
+                continue;
+            }
+            debug!(uid = peer.uid, pid = peer.pid, "control client connected");
+            self.ctl.insert(CtlClient {
+                stream,
+                peer,
+                buf: Vec::new(),
+                out: Vec::new(),
+                deadline: Instant::now() + IDLE_TIMEOUT,
+                closing: false,
+            });
+        }
+    }
+
+    pub(super) fn close_ctl(&mut self, key: usize, why: &str) {
+        if !self.ctl.contains(key) {
+            return;
+        }
+        let c = self.ctl.remove(key);
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&c.stream.as_raw_fd()));
+        debug!(
+            uid = c.peer.uid,
+            pid = c.peer.pid,
+            why,
+            "control client closed"
+        );
+    }
+
+    pub(super) fn on_ctl_event(&mut self, key: usize, readable: bool, writable: bool) {
+        if readable {
+            self.ctl_read(key);
+        }
+        if writable || readable {
+            self.ctl_flush(key);
+        }
+    }
+
+    fn ctl_read(&mut self, key: usize) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            let Some(c) = self.ctl.get_mut(key) else {
+                return;
+            };
+            if c.closing {
+                return;
+            }
+            match c.stream.read(&mut chunk) {
+                Ok(0) => {
+                    self.close_ctl(key, "client closed");
+                    return;
+                }
+                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.close_ctl(key, &format!("read error: {e}"));
+                    return;
+                }
+            }
+            // Answer every complete line, then police the remainder's size.
+            while let Some(c) = self.ctl.get_mut(key) {
+                let Some(nl) = c.buf.iter().position(|b| *b == b'\n') else {
+                    if c.buf.len() > MAX_LINE {
+                        warn!(
+                            uid = c.peer.uid,
+                            pid = c.peer.pid,
+                            "control client sent an oversized request"
+                        );
+                        c.out.extend(
+                            Reply::err(format!("request longer than {MAX_LINE} bytes")).to_line(),
+                        );
+                        c.closing = true;
+                        c.buf.clear();
+                    }
+                    break;
+                };
+                let line: Vec<u8> = c.buf.drain(..=nl).collect();
+                let peer = c.peer;
+                c.deadline = Instant::now() + IDLE_TIMEOUT;
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                let reply = match control::parse_request(line) {
+                    Ok(req) => {
+                        info!(uid = peer.uid, pid = peer.pid, request = ?req, "control request");
+                        self.handle_request(req)
+                    }
+                    Err(e) => {
+                        warn!(uid = peer.uid, pid = peer.pid, error = %e, "control: bad request");
+                        Reply::err(e)
+                    }
+                };
+                if let Some(c) = self.ctl.get_mut(key) {
+                    c.out.extend(reply.to_line());
+                }
+            }
+        }
+    }
+
+    fn ctl_flush(&mut self, key: usize) {
+        let Some(c) = self.ctl.get_mut(key) else {
+            return;
+        };
+        while !c.out.is_empty() {
+            match c.stream.write(&c.out) {
+                Ok(n) => {
+                    c.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.close_ctl(key, &format!("write error: {e}"));
+                    return;
+                }
+            }
+        }
+        let (pending, closing, fd) = (!c.out.is_empty(), c.closing, c.stream.as_raw_fd());
+        if closing && !pending {
+            self.close_ctl(key, "closed after an error reply");
+            return;
+        }
+        let interest = if pending {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        let _ =
+            self.poll
+                .registry()
+                .reregister(&mut SourceFd(&fd), Token(CTL_BASE + key), interest);
+    }
+
+    fn handle_request(&mut self, req: Request) -> Reply {
+        if self.shutdown.is_some()
+            && matches!(
+                req,
+                Request::Add { .. } | Request::Remove { .. } | Request::Restart {}
+            )
+        {
+            return Reply::err("baton is shutting down");
+        }
+        match req {
+            Request::Workers {} => Reply::ok(json!(self.worker_rows())),
+            Request::Status {} => Reply::ok(self.status()),
+            Request::Metrics {} => Reply::ok(json!(self.metrics())),
+            Request::Add { count } => {
+                if count == 0 || count > 1024 {
+                    return Reply::err("add: count must be between 1 and 1024");
+                }
+                match self.add_workers(count) {
+                    Ok(ids) => Reply::ok(json!({ "added": ids })),
+                    Err(e) => Reply::err(e),
+                }
+            }
+            Request::Remove {
+                id,
+                count,
+                drain_timeout_ms,
+            } => {
+                match self.remove_workers(id, count, drain_timeout_ms.map(Duration::from_millis)) {
+                    Ok(ids) => Reply::ok(json!({ "draining": ids })),
+                    Err(e) => Reply::err(e),
+                }
+            }
+            Request::Restart {} => {
+                if self.rolling_current.is_some() || !self.rolling.is_empty() {
+                    return Reply::err("a rolling restart is already under way");
+                }
+                self.rolling = self
+                    .slots
+                    .iter()
+                    .filter(|(_, s)| !s.retired)
+                    .map(|(k, _)| k)
+                    .collect();
+                let n = self.rolling.len();
+                info!(workers = n, "rolling restart started");
+                Reply::ok(json!({ "replacing": n }))
+            }
+        }
+    }
+
+    // ---- adding and removing workers -------------------------------------
+
+    /// Spawns `count` workers from the pool's command; returns their ids.
+    pub(super) fn add_workers(&mut self, count: u32) -> Result<Vec<u32>, String> {
+        let mut ids = Vec::new();
+        for _ in 0..count {
+            match self.add_slot() {
+                Ok(key) => ids.push(self.slots[key].worker_id),
+                Err(e) => {
+                    return Err(format!(
+                        "spawned {} of {count}: cannot spawn {}: {e}",
+                        ids.len(),
+                        self.cfg.command.program.display()
+                    ))
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Drains worker `id`, or the `count` newest workers; returns the ids.
+    pub(super) fn remove_workers(
+        &mut self,
+        id: Option<u32>,
+        count: Option<u32>,
+        timeout: Option<Duration>,
+    ) -> Result<Vec<u32>, String> {
+        let timeout = timeout.unwrap_or(self.cfg.drain_timeout);
+        let keys: Vec<usize> = match (id, count) {
+            (Some(id), None) => {
+                let key = self
+                    .pool
+                    .workers
+                    .iter()
+                    .find(|(_, w)| w.id == id)
+                    .map(|(k, _)| k)
+                    .ok_or_else(|| format!("remove: no worker with id {id}"))?;
+                if self.pool.workers[key].state == State::Draining {
+                    return Err(format!("remove: worker {id} is already draining"));
+                }
+                vec![key]
+            }
+            (None, Some(n)) => {
+                let mut live: Vec<(u32, usize)> = self
+                    .pool
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| w.state != State::Draining)
+                    .map(|(k, w)| (w.id, k))
+                    .collect();
+                if n == 0 || n as usize > live.len() {
+                    return Err(format!(
+                        "remove: count must be between 1 and the {} workers not already draining",
+                        live.len()
+                    ));
+                }
+                live.sort_unstable_by(|a, b| b.cmp(a));
+                live.into_iter().take(n as usize).map(|(_, k)| k).collect()
+            }
+            _ => return Err("remove: give either a worker id or a count".to_string()),
+        };
+        let mut ids = Vec::new();
+        for key in keys {
+            ids.push(self.pool.workers[key].id);
+            self.retire_worker(key, timeout);
+        }
+        Ok(ids)
+    }
+
+    /// Takes a worker out of the pool for good: no new connections, DRAIN,
+    /// stopped at `timeout` if it has not finished; never restarted.
+    pub(super) fn retire_worker(&mut self, key: usize, timeout: Duration) {
+        let Some(w) = self.pool.workers.get_mut(key) else {
+            return;
+        };
+        w.drain_deadline = Some(Instant::now() + timeout);
+        let (id, slot, in_flight) = (w.id, w.slot, w.in_flight.len());
+        if let Some(s) = slot.and_then(|s| self.slots.get_mut(s)) {
+            s.retired = true;
+        }
+        info!(
+            worker = id,
+            in_flight,
+            timeout_ms = timeout.as_millis() as u64,
+            "worker draining"
+        );
+        self.drain_worker(key);
+    }
+
+    /// Advances a rolling restart: one replacement at a time; the old worker
+    /// drains only once its replacement is ready.
+    pub(super) fn step_rolling(&mut self) {
+        if let Some((old, new)) = self.rolling_current {
+            let new_slot = self.slots.get(new);
+            let ready = new_slot
+                .and_then(|s| s.worker)
+                .and_then(|k| self.pool.workers.get(k))
+                .is_some_and(|w| w.state == State::Ready);
+            if !ready {
+                if new_slot.is_none_or(|s| s.given_up) {
+                    error!("rolling restart aborted: the replacement worker does not start");
+                    self.rolling.clear();
+                    self.rolling_current = None;
+                }
+                return;
+            }
+            self.rolling_current = None;
+            if let Some(wkey) = self.slots.get(old).and_then(|s| s.worker) {
+                self.retire_worker(wkey, self.cfg.drain_timeout);
+            } else if let Some(s) = self.slots.get_mut(old) {
+                // Between a crash and its restart: just do not restart it.
+                s.retired = true;
+                if s.pid.is_none() {
+                    self.slots.remove(old);
+                }
+            }
+        }
+        while let Some(old) = self.rolling.pop_front() {
+            if self.slots.get(old).is_none_or(|s| s.retired) {
+                continue;
+            }
+            match self.add_slot() {
+                Ok(new) => {
+                    info!(
+                        old = self.slots[old].worker_id,
+                        new = self.slots[new].worker_id,
+                        left = self.rolling.len(),
+                        "rolling restart: replacing a worker"
+                    );
+                    self.rolling_current = Some((old, new));
+                }
+                Err(e) => {
+                    error!(error = %e, "rolling restart aborted: cannot spawn a replacement");
+                    self.rolling.clear();
+                }
+            }
+            return;
+        }
+    }
+
+    // ---- self-registering workers ----------------------------------------
+
+    pub(super) fn on_worker_socket_accept(&mut self) {
+        loop {
+            let Some(l) = &self.worker_listener else {
+                return;
+            };
+            let (fd, peer) = match l.accept() {
+                Ok(x) => x,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(error = %e, "worker socket: accept failed");
+                    return;
+                }
+            };
+            if !uid_allowed(peer.uid, self.own_uid, &self.cfg.worker_allow_uid) {
+                warn!(
+                    uid = peer.uid,
+                    pid = peer.pid,
+                    "worker socket: refused a worker whose uid is not allowed"
+                );
+                continue;
+            }
+            let chan = match Channel::from_fd(fd) {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "worker socket: unusable connection");
+                    continue;
+                }
+            };
+            let id = self.next_worker_id;
+            self.next_worker_id += 1;
+            let key = self.pool.workers.vacant_key();
+            if let Err(e) = self.poll.registry().register(
+                &mut SourceFd(&chan.as_raw_fd()),
+                Token(WORKER_BASE + key),
+                Interest::READABLE,
+            ) {
+                error!(error = %e, "worker socket: cannot watch a worker");
+                continue;
+            }
+            self.pool
+                .workers
+                .insert(Worker::new(id, chan, None, Some(peer.pid)));
+            info!(
+                worker = id,
+                pid = peer.pid,
+                uid = peer.uid,
+                "worker registering"
+            );
+        }
+    }
+
+    // ---- numbers ---------------------------------------------------------
+
+    fn worker_rows(&self) -> Vec<WorkerRow> {
+        let now = Instant::now();
+        let mut rows: Vec<WorkerRow> = self
+            .pool
+            .workers
+            .iter()
+            .map(|(_, w)| {
+                let status = w.pid.and_then(read_proc_status);
+                let slot = w.slot.and_then(|s| self.slots.get(s));
+                WorkerRow {
+                    id: w.id,
+                    pid: w.pid,
+                    user: status
+                        .as_ref()
+                        .map_or_else(|| "?".to_string(), |s| s.user.clone()),
+                    state: match w.state {
+                        State::Starting => "starting",
+                        State::Ready => "ready",
+                        State::Draining => "draining",
+                    }
+                    .to_string(),
+                    origin: if w.slot.is_some() {
+                        "spawned"
+                    } else {
+                        "registered"
+                    }
+                    .to_string(),
+                    in_flight: w.in_flight.len(),
+                    handled: w.handled,
+                    restarts: slot.map_or(0, |s| s.restarts),
+                    memory_kib: status.and_then(|s| s.rss_kib),
+                    age_s: now.duration_since(w.connected).as_secs_f64(),
+                }
+            })
+            .collect();
+        rows.sort_by_key(|r| r.id);
+        rows
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let count = |st: State| {
+            self.pool
+                .workers
+                .iter()
+                .filter(|(_, w)| w.state == st)
+                .count()
+        };
+        let s = self.stats;
+        json!({
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs_f64(),
+            "listeners": self.listeners.iter().map(|l| l.addr.to_string()).collect::<Vec<_>>(),
+            "workers": {
+                "ready": count(State::Ready),
+                "starting": count(State::Starting),
+                "draining": count(State::Draining),
+                "crash_looped": self.slots.iter().filter(|(_, s)| s.given_up).count(),
+            },
+            "in_flight": self.pool.workers.iter().map(|(_, w)| w.in_flight.len()).sum::<usize>(),
+            "pending": self.pending.len(),
+            "accepted": s.accepted,
+            "handed_off": s.handed_off,
+            "redispatched": s.redispatched,
+            "capacity_pauses": s.capacity_pauses,
+            "emfile_pauses": s.emfile_pauses,
+            "shutting_down": self.shutdown.is_some(),
+            "rolling_restart": self.rolling_current.is_some() || !self.rolling.is_empty(),
+        })
+    }
+
+    /// Counters and gauges in the Prometheus text exposition format.
+    pub(super) fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let s = self.stats;
+        let mut m = String::new();
+        let mut counter = |name: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                m,
+                "# HELP baton_{name} {help}\n# TYPE baton_{name} counter\nbaton_{name} {v}"
+            );
+        };
+        counter(
+            "connections_accepted_total",
+            "Connections accepted.",
+            s.accepted,
+        );
+        counter(
+            "connections_handed_off_total",
+            "CONN messages sent to workers (a re-dispatched connection counts again).",
+            s.handed_off,
+        );
+        counter(
+            "connections_redispatched_total",
+            "Connections taken back from a dead worker before its ACK and given to another.",
+            s.redispatched,
+        );
+        counter(
+            "capacity_pauses_total",
+            "Times accepting paused because every worker was full.",
+            s.capacity_pauses,
+        );
+        counter(
+            "emfile_pauses_total",
+            "Times accepting paused for want of file descriptors.",
+            s.emfile_pauses,
+        );
+        let _ = writeln!(m, "# HELP baton_connections_pending Accepted connections waiting for a worker.\n# TYPE baton_connections_pending gauge\nbaton_connections_pending {}", self.pending.len());
+        let _ = writeln!(
+            m,
+            "# HELP baton_workers Workers by state.\n# TYPE baton_workers gauge"
+        );
+        for (label, st) in [
+            ("starting", State::Starting),
+            ("ready", State::Ready),
+            ("draining", State::Draining),
+        ] {
+            let n = self
+                .pool
+                .workers
+                .iter()
+                .filter(|(_, w)| w.state == st)
+                .count();
+            let _ = writeln!(m, "baton_workers{{state=\"{label}\"}} {n}");
+        }
+        let _ = writeln!(m, "# HELP baton_worker_in_flight Connections a worker holds.\n# TYPE baton_worker_in_flight gauge");
+        for (_, w) in self.pool.workers.iter() {
+            let _ = writeln!(
+                m,
+                "baton_worker_in_flight{{worker=\"{}\"}} {}",
+                w.id,
+                w.in_flight.len()
+            );
+        }
+        let _ = writeln!(m, "# HELP baton_worker_handled_total Connections a worker finished.\n# TYPE baton_worker_handled_total counter");
+        for (_, w) in self.pool.workers.iter() {
+            let _ = writeln!(
+                m,
+                "baton_worker_handled_total{{worker=\"{}\"}} {}",
+                w.id, w.handled
+            );
+        }
+        let _ = writeln!(m, "# HELP baton_worker_restarts_total Restarts of a spawned worker's slot.\n# TYPE baton_worker_restarts_total counter");
+        for (_, w) in self.pool.workers.iter() {
+            if let Some(s) = w.slot.and_then(|s| self.slots.get(s)) {
+                let _ = writeln!(
+                    m,
+                    "baton_worker_restarts_total{{worker=\"{}\"}} {}",
+                    w.id, s.restarts
+                );
+            }
+        }
+        m
+    }
+}
+
+/// What `ctl workers` shows of a process, from /proc/PID/status.
+struct ProcInfo {
+    user: String,
+    rss_kib: Option<u64>,
+}
+
+fn read_proc_status(pid: i32) -> Option<ProcInfo> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let mut uid = None;
+    let mut rss = None;
+    for line in text.lines() {
+        if let Some(v) = line.strip_prefix("Uid:") {
+            uid = v
+                .split_whitespace()
+                .nth(1)
+                .and_then(|u| u.parse::<u32>().ok());
+        } else if let Some(v) = line.strip_prefix("VmRSS:") {
+            rss = v.split_whitespace().next().and_then(|k| k.parse().ok());
+        }
+    }
+    let uid = uid?;
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map_or_else(|| uid.to_string(), |u| u.name);
+    Some(ProcInfo { user, rss_kib: rss })
+}

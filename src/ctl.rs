@@ -1,0 +1,101 @@
+//! `baton ctl`: the client of the control socket. Sends one request,
+//! prints the reply as a table (or JSON with `--json`).
+
+use std::time::Duration;
+
+use crate::cli::{CtlArgs, CtlVerb};
+use crate::control::{self, Reply, Request, WorkerRow};
+
+/// How long `baton ctl` waits for the acceptor's reply.
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one `baton ctl` command; returns the text to print, or an error
+/// message a person can act on.
+pub fn run(args: &CtlArgs) -> Result<String, String> {
+    let req = match &args.verb {
+        CtlVerb::Workers => Request::Workers {},
+        CtlVerb::Status => Request::Status {},
+        CtlVerb::Metrics => Request::Metrics {},
+        CtlVerb::Add { count } => Request::Add { count: *count },
+        CtlVerb::Remove {
+            id,
+            count,
+            drain_timeout,
+        } => Request::Remove {
+            id: *id,
+            count: *count,
+            drain_timeout_ms: drain_timeout.map(|d| d.as_millis() as u64),
+        },
+        CtlVerb::Restart => Request::Restart {},
+    };
+    let reply = control::call(&args.control, &req, TIMEOUT).map_err(|e| {
+        format!(
+            "cannot reach baton at {}: {e} (is it running? is --control right? do you have access?)",
+            args.control.display()
+        )
+    })?;
+    render(&req, reply, args.json)
+}
+
+fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
+    if !reply.ok {
+        return Err(reply.error.unwrap_or_else(|| "request failed".to_string()));
+    }
+    let result = reply.result.unwrap_or(serde_json::Value::Null);
+    if json {
+        return Ok(serde_json::to_string_pretty(&result).unwrap_or_default());
+    }
+    Ok(match req {
+        Request::Workers {} => {
+            let rows: Vec<WorkerRow> = serde_json::from_value(result)
+                .map_err(|e| format!("unexpected reply: {e}"))?;
+            workers_table(&rows)
+        }
+        Request::Metrics {} => result.as_str().unwrap_or_default().trim_end().to_string(),
+        Request::Status {} => match result.as_object() {
+            Some(obj) => obj
+                .iter()
+                .map(|(k, v)| format!("{k:<16} {}", compact(v)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            None => compact(&result),
+        },
+        Request::Add { .. } => format!("added workers {}", compact(&result["added"])),
+        Request::Remove { .. } => format!(
+            "draining workers {} (they stop once their connections finish, or at the drain timeout)",
+            compact(&result["draining"])
+        ),
+        Request::Restart {} => format!(
+            "rolling restart of {} workers started: each is replaced once its successor is ready",
+            result["replacing"]
+        ),
+    })
+}
+
+fn compact(v: &serde_json::Value) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn workers_table(rows: &[WorkerRow]) -> String {
+    let mut out = format!(
+        "{:>4} {:>8} {:<10} {:<9} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8}\n",
+        "ID", "PID", "USER", "STATE", "ORIGIN", "IN-FLIGHT", "HANDLED", "RESTARTS", "MEMORY", "AGE"
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "{:>4} {:>8} {:<10} {:<9} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8}\n",
+            r.id,
+            r.pid.map_or("-".to_string(), |p| p.to_string()),
+            r.user,
+            r.state,
+            r.origin,
+            r.in_flight,
+            r.handled,
+            r.restarts,
+            r.memory_kib
+                .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            format!("{:.0}s", r.age_s),
+        ));
+    }
+    out.trim_end().to_string()
+}
