@@ -164,6 +164,11 @@ pub struct RunArgs {
     #[arg(long, value_name = "UID")]
     pub control_allow_uid: Vec<u32>,
 
+    /// A control client that sends no complete request for this long is
+    /// disconnected.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub control_idle_timeout: Duration,
+
     /// Listen for workers that register themselves (SOCK_SEQPACKET): any
     /// allowed process that connects and says HELLO joins the pool. baton
     /// never restarts such a worker.
@@ -303,6 +308,7 @@ impl RunArgs {
                 Some(self.control.unwrap_or_else(crate::control::default_path))
             },
             control_allow_uid: self.control_allow_uid,
+            control_idle_timeout: self.control_idle_timeout,
             worker_socket: self.worker_socket,
             worker_allow_uid: self.worker_allow_uid,
             drain_timeout: self.drain_timeout,

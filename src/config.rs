@@ -123,6 +123,8 @@ pub struct Config {
     /// Control socket path; None when disabled.
     pub control: Option<PathBuf>,
     pub control_allow_uid: Vec<u32>,
+    /// A control client silent this long is disconnected.
+    pub control_idle_timeout: Duration,
     /// Socket for workers that register themselves.
     pub worker_socket: Option<PathBuf>,
     pub worker_allow_uid: Vec<u32>,

@@ -15,8 +15,8 @@
 //! The socket is created with mode 0600 and every peer is checked with
 //! SO_PEERCRED (root, the acceptor's own uid and `--control-allow-uid` are
 //! served). A line longer than [`MAX_LINE`] gets an error reply and the
-//! connection is closed; a client that sends nothing for [`IDLE_TIMEOUT`] is
-//! closed. None of this can disturb the acceptor or other clients.
+//! connection is closed; a client that sends nothing for
+//! `--control-idle-timeout` is closed. None of this can disturb the acceptor or other clients.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -27,8 +27,6 @@ use serde::{Deserialize, Serialize};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 * 1024;
-/// A control client silent for this long is disconnected.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// One request, as sent on the wire.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,11 +134,17 @@ pub fn call(path: &Path, req: &Request, timeout: Duration) -> io::Result<Reply> 
     s.set_write_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req).map_err(io::Error::other)?;
     line.push(b'\n');
-    s.write_all(&line)?;
+    // A refused client may find the socket closed under its request; the
+    // refusal is still there to read, so a failed write is not the end.
+    let written = s.write_all(&line);
     let mut r = BufReader::new(s);
     let mut reply = String::new();
-    r.read_line(&mut reply)?;
+    if let Err(e) = r.read_line(&mut reply) {
+        written?;
+        return Err(e);
+    }
     if reply.is_empty() {
+        written?;
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "the acceptor closed the connection without a reply (refused?)",

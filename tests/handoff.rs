@@ -5,54 +5,12 @@
 mod common;
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::{bin, Baton};
+use common::{bin, connect, echo_many, echo_once, payload, Baton, IO_TIMEOUT};
 use nix::sys::signal::Signal;
-
-const IO_TIMEOUT: Duration = Duration::from_secs(20);
-
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
-    s.set_write_timeout(Some(IO_TIMEOUT))?;
-    Ok(s)
-}
-
-/// Sends `payload`, half-closes, reads everything back.
-fn echo_once(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
-    let mut s = connect(addr)?;
-    s.write_all(payload)?;
-    s.shutdown(Shutdown::Write)?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back)?;
-    Ok(back)
-}
-
-fn payload(i: usize) -> Vec<u8> {
-    format!("client {i} says hello through baton\n").into_bytes()
-}
-
-/// Runs `n` clients at once (threads), each sending its own payload; returns
-/// how many got exactly their payload back.
-fn echo_many(addr: SocketAddr, n: usize) -> (usize, Vec<String>) {
-    let handles: Vec<_> = (0..n)
-        .map(|i| std::thread::spawn(move || (i, echo_once(addr, &payload(i)))))
-        .collect();
-    let mut ok = 0;
-    let mut errors = Vec::new();
-    for h in handles {
-        let (i, r) = h.join().expect("client thread");
-        match r {
-            Ok(back) if back == payload(i) => ok += 1,
-            Ok(back) => errors.push(format!("client {i}: wrong echo {back:?}")),
-            Err(e) => errors.push(format!("client {i}: {e}")),
-        }
-    }
-    (ok, errors)
-}
 
 fn echo_args<'a>(workers: &'a str, extra: &[&'a str], cmd: &'a [String]) -> Vec<&'a str> {
     let mut v = vec!["--listen", "127.0.0.1:0", "--workers", workers];

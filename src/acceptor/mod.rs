@@ -544,11 +544,14 @@ impl Acceptor {
             }
             return Ok(None);
         }
-        let restartable = self
-            .slots
-            .iter()
-            .any(|(_, s)| s.pid.is_some() || !s.given_up);
-        if self.pool.workers.is_empty() && !restartable && self.worker_listener.is_none() {
+        // Every worker crash-looped and none can join: nothing will ever
+        // serve. (A pool emptied on purpose, by `ctl remove`, keeps running.)
+        let all_given_up = !self.slots.is_empty()
+            && self
+                .slots
+                .iter()
+                .all(|(_, s)| s.given_up && s.pid.is_none());
+        if self.pool.workers.is_empty() && all_given_up && self.worker_listener.is_none() {
             return Err(Error::NoWorkers);
         }
         Ok(None)

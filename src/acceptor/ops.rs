@@ -15,7 +15,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use super::{Acceptor, CTL_BASE, WORKER_BASE};
-use crate::control::{self, Reply, Request, WorkerRow, IDLE_TIMEOUT, MAX_LINE};
+use crate::control::{self, Reply, Request, WorkerRow, MAX_LINE};
 use crate::pool::{State, Worker};
 use crate::unix::{uid_allowed, Peer};
 
@@ -72,7 +72,7 @@ impl Acceptor {
                 peer,
                 buf: Vec::new(),
                 out: Vec::new(),
-                deadline: Instant::now() + IDLE_TIMEOUT,
+                deadline: Instant::now() + self.cfg.control_idle_timeout,
                 closing: false,
             });
         }
@@ -105,6 +105,7 @@ impl Acceptor {
     }
 
     fn ctl_read(&mut self, key: usize) {
+        let idle = self.cfg.control_idle_timeout;
         let mut chunk = [0u8; 4096];
         loop {
             let Some(c) = self.ctl.get_mut(key) else {
@@ -145,7 +146,7 @@ impl Acceptor {
                 };
                 let line: Vec<u8> = c.buf.drain(..=nl).collect();
                 let peer = c.peer;
-                c.deadline = Instant::now() + IDLE_TIMEOUT;
+                c.deadline = Instant::now() + idle;
                 let line = line.strip_suffix(b"\n").unwrap_or(&line);
                 let line = line.strip_suffix(b"\r").unwrap_or(line);
                 if line.iter().all(|b| b.is_ascii_whitespace()) {
@@ -357,6 +358,9 @@ impl Acceptor {
                 return;
             }
             self.rolling_current = None;
+            if self.rolling.is_empty() {
+                info!("rolling restart finished: every worker replaced");
+            }
             if let Some(wkey) = self.slots.get(old).and_then(|s| s.worker) {
                 self.retire_worker(wkey, self.cfg.drain_timeout);
             } else if let Some(s) = self.slots.get_mut(old) {

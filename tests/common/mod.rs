@@ -3,8 +3,8 @@
 //! what the acceptor says it did, never on sleeps.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
@@ -70,12 +70,16 @@ impl Baton {
         // Every acceptor gets its own control socket, so tests run in
         // parallel without fighting over the default path.
         let dir = tempdir("baton-test");
-        let control = dir.join("control.sock");
-        cmd.arg("--log-format").arg("json");
-        if !args
+        let given = args
             .iter()
-            .any(|a| *a == "--control" || *a == "--no-control")
-        {
+            .position(|a| *a == "--control")
+            .and_then(|i| args.get(i + 1));
+        let control = match given {
+            Some(p) => PathBuf::from(p),
+            None => dir.join("control.sock"),
+        };
+        cmd.arg("--log-format").arg("json");
+        if given.is_none() && !args.contains(&"--no-control") {
             cmd.arg("--control").arg(&control);
         }
         cmd.args(args)
@@ -268,7 +272,101 @@ impl Drop for Baton {
     }
 }
 
+// ---- echo clients -------------------------------------------------------
+
+pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
+    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    s.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(s)
+}
+
+/// Sends `payload`, half-closes, reads everything back.
+pub fn echo_once(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    let mut s = connect(addr)?;
+    s.write_all(payload)?;
+    s.shutdown(Shutdown::Write)?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back)?;
+    Ok(back)
+}
+
+pub fn payload(i: usize) -> Vec<u8> {
+    format!("client {i} says hello through baton\n").into_bytes()
+}
+
+/// Runs `n` clients at once (threads), each sending its own payload; returns
+/// how many got exactly their payload back.
+pub fn echo_many(addr: SocketAddr, n: usize) -> (usize, Vec<String>) {
+    let handles: Vec<_> = (0..n)
+        .map(|i| std::thread::spawn(move || (i, echo_once(addr, &payload(i)))))
+        .collect();
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for h in handles {
+        let (i, r) = h.join().expect("client thread");
+        match r {
+            Ok(back) if back == payload(i) => ok += 1,
+            Ok(back) => errors.push(format!("client {i}: wrong echo {back:?}")),
+            Err(e) => errors.push(format!("client {i}: {e}")),
+        }
+    }
+    (ok, errors)
+}
+
 /// Whether the tests run as root (for the sandbox tests).
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// A bounded background load: `threads` clients echoing in a loop until
+/// stopped (or at most 60 s / 20 000 requests each, whichever comes first).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<std::thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, threads: usize) -> Load {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|t| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    let (mut ok, mut failed) = (0u64, Vec::new());
+                    for i in 0..20_000 {
+                        if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                            break;
+                        }
+                        let p = payload(t * 100_000 + i);
+                        match echo_once(addr, &p) {
+                            Ok(back) if back == p => ok += 1,
+                            Ok(back) => failed.push(format!("wrong echo {back:?}")),
+                            Err(e) => failed.push(e.to_string()),
+                        }
+                    }
+                    (ok, failed)
+                })
+            })
+            .collect();
+        Load { stop, handles }
+    }
+
+    /// Stops the clients; returns how many requests succeeded and every
+    /// failure.
+    pub fn stop(self) -> (u64, Vec<String>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut ok = 0;
+        let mut failed = Vec::new();
+        for h in self.handles {
+            let (o, f) = h.join().expect("load thread");
+            ok += o;
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
 }

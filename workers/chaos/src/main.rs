@@ -1,11 +1,13 @@
 //! `baton-chaos`: a worker that breaks the protocol on purpose, for tests.
 //!
-//! Usage: `baton-chaos --mode MODE [--bad-workers 1,2] [--count N]`
+//! Usage: `baton-chaos --mode MODE [--bad-workers 1,2] [--count N] [--register PATH]`
 //!
 //! Workers whose id (`BATON_WORKER_ID`) is listed in `--bad-workers`
 //! (default: every worker) misbehave as MODE says; the others exec
 //! `baton-echo` from the same directory and behave. Restarted workers get
 //! new ids, so a listed worker that is killed comes back well-behaved.
+//! With `--register PATH` it joins through the acceptor's worker socket
+//! instead of an inherited channel (and always misbehaves).
 //!
 //! Modes:
 //! * `die-before-ack`: takes `--count` connections without acknowledging
@@ -40,6 +42,9 @@ fn arg(name: &str) -> Option<String> {
 }
 
 fn channel() -> io::Result<Channel> {
+    if let Some(path) = arg("--register") {
+        return Channel::connect(std::path::Path::new(&path));
+    }
     let fd: RawFd = std::env::var(CHANNEL_FD_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -140,10 +145,11 @@ fn main() -> ExitCode {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let bad = match arg("--bad-workers") {
-        Some(list) => list.split(',').any(|s| s.trim().parse() == Ok(me)),
-        None => true,
-    };
+    let bad = arg("--register").is_some()
+        || match arg("--bad-workers") {
+            Some(list) => list.split(',').any(|s| s.trim().parse() == Ok(me)),
+            None => true,
+        };
     if !bad {
         let echo = std::env::current_exe()
             .ok()
