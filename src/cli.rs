@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 use crate::config::{Balance, Config, ListenAddr, LogFormat, WorkerCommand};
+use crate::file::FileConfig;
 use crate::ConfigError;
 
 /// baton: a connection-handoff load balancer.
@@ -30,7 +31,7 @@ use crate::ConfigError;
         baton --listen 127.0.0.1:9000 --workers 4 -- baton-echo\n  \
         baton --listen [::]:80 --listen 0.0.0.0:80 -- baton-static --root /srv/www\n\n\
         SIGNALS: SIGTERM/SIGINT stop gracefully (a second one stops at once);\n\
-        SIGTTIN adds a worker, SIGTTOU drains and removes one.\n\
+        SIGTTIN adds a worker, SIGTTOU drains and removes one, SIGHUP reloads --config.\n\
         LOGS: RUST_LOG (e.g. RUST_LOG=debug) overrides --log-level."
 )]
 pub struct Cli {
@@ -46,6 +47,16 @@ pub struct Cli {
 pub enum Sub {
     /// Talk to a running baton through its control socket.
     Ctl(CtlArgs),
+    /// Validate a config file (and the flags given with it) without
+    /// starting anything; points at the line of any mistake.
+    Check(Box<CheckArgs>),
+}
+
+/// `baton check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// `baton ctl`: one request to a running acceptor.
@@ -91,67 +102,93 @@ pub enum CtlVerb {
     },
     /// Rolling restart: each worker is replaced, a new one ready before the old one drains.
     Restart,
+    /// Re-read the config file and apply the difference (like SIGHUP).
+    Reload,
 }
 
-/// Options of the acceptor itself.
-#[derive(Debug, clap::Args)]
+/// Options of the acceptor itself. Every one can also be set in the
+/// `--config` file; a flag given on the command line wins.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
+    /// TOML config file holding any of these options (see README); flags
+    /// override it. `baton ctl reload` and SIGHUP re-read it.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// Address to accept connections on (repeatable): 127.0.0.1:8080,
     /// [::1]:8080, or :8080 for every IPv4 address. Port 0 picks a free port
-    /// (the log says which). Default: 127.0.0.1:8080.
+    /// (the log says which). [default: 127.0.0.1:8080]
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,
 
     /// Listen backlog: how many connections the kernel holds for us while
-    /// every worker is busy.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    pub backlog: i32,
+    /// every worker is busy. [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub backlog: Option<i32>,
 
-    /// Number of worker processes to spawn. Default: one per CPU.
+    /// Number of worker processes to spawn. [default: one per CPU]
     #[arg(long, short = 'w', value_name = "N")]
     pub workers: Option<usize>,
 
+    /// Autoscaling floor: idle workers are retired down to this many.
+    /// [default: --workers]
+    #[arg(long, value_name = "N")]
+    pub min_workers: Option<usize>,
+
+    /// Autoscaling ceiling: while every worker is full and clients wait,
+    /// workers are added up to this many. [default: --workers]
+    #[arg(long, value_name = "N")]
+    pub max_workers: Option<usize>,
+
+    /// Autoscaling: a worker above --min-workers with no connection for
+    /// this long is retired. [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub scale_idle_timeout: Option<Duration>,
+
     /// Most connections one worker holds at once; when every worker is at
     /// this limit the acceptor stops accepting until one finishes.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    pub worker_connections: u32,
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub worker_connections: Option<u32>,
 
-    /// How to choose a worker for each connection.
-    #[arg(long, value_enum, default_value_t = BalanceArg::LeastConn)]
-    pub balance: BalanceArg,
+    /// How to choose a worker for each connection. [default: least-conn]
+    #[arg(long, value_enum)]
+    pub balance: Option<BalanceArg>,
 
     /// Serve this directory with baton-static (when no worker command follows `--`).
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
     /// On SIGTERM/SIGINT, how long workers may take to finish their
-    /// connections before they are killed (e.g. 10s, 500ms).
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub shutdown_timeout: Duration,
+    /// connections before they are killed (e.g. 10s, 500ms). [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub shutdown_timeout: Option<Duration>,
 
     /// A spawned worker must say HELLO within this time, or it is killed.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub hello_timeout: Duration,
+    /// [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub hello_timeout: Option<Duration>,
 
     /// A worker must acknowledge a connection within this time, or it is
     /// considered hung: it is disconnected (and killed if spawned) and its
-    /// unacknowledged connections go to another worker.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub ack_timeout: Duration,
+    /// unacknowledged connections go to another worker. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub ack_timeout: Option<Duration>,
 
     /// A spawned worker that exits this many times in a row, each time
     /// within --restart-window of its start, is not restarted again.
-    #[arg(long, value_name = "N", default_value_t = 5)]
-    pub max_restarts: u32,
+    /// [default: 5]
+    #[arg(long, value_name = "N")]
+    pub max_restarts: Option<u32>,
 
     /// A worker that ran at least this long before exiting resets its
-    /// crash count.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub restart_window: Duration,
+    /// crash count. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub restart_window: Option<Duration>,
 
     /// Control socket for `baton ctl` (mode 0600, peers checked with
-    /// SO_PEERCRED). Default: /run/baton.sock as root, else
-    /// $XDG_RUNTIME_DIR/baton.sock.
+    /// SO_PEERCRED). [default: /run/baton.sock as root, else
+    /// $XDG_RUNTIME_DIR/baton.sock]
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
 
@@ -165,9 +202,9 @@ pub struct RunArgs {
     pub control_allow_uid: Vec<u32>,
 
     /// A control client that sends no complete request for this long is
-    /// disconnected.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
-    pub control_idle_timeout: Duration,
+    /// disconnected. [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub control_idle_timeout: Option<Duration>,
 
     /// Listen for workers that register themselves (SOCK_SEQPACKET): any
     /// allowed process that connects and says HELLO joins the pool. baton
@@ -182,24 +219,29 @@ pub struct RunArgs {
 
     /// How long a worker being removed may take to finish its connections
     /// (`baton ctl remove`, SIGTTOU, rolling restart) before it is stopped.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
-    pub drain_timeout: Duration,
+    /// [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
 
     /// Log format: human-readable text, or one JSON object per line.
-    #[arg(long, value_enum, default_value_t = LogFormatArg::Text)]
-    pub log_format: LogFormatArg,
+    /// [default: text]
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormatArg>,
 
     /// Log level (error, warn, info, debug, trace) or a tracing filter.
-    #[arg(long, value_name = "FILTER", default_value = "info")]
-    pub log_level: String,
+    /// [default: info]
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
 
-    /// The worker command and its arguments. Default: `baton-static --demo`
-    /// (or `baton-static --root DIR` with --root), found beside this binary.
+    /// The worker command and its arguments. [default: `baton-static
+    /// --demo`, or `baton-static --root DIR` with --root, found beside this
+    /// binary]
     #[arg(last = true, value_name = "WORKER COMMAND")]
     pub command: Vec<OsString>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum BalanceArg {
     /// The worker with the fewest connections in flight.
     #[value(name = "least-conn")]
@@ -209,7 +251,8 @@ pub enum BalanceArg {
     RoundRobin,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormatArg {
     Text,
     Json,
@@ -229,6 +272,66 @@ fn sibling(name: &str) -> PathBuf {
 }
 
 impl RunArgs {
+    /// Fills every option the command line left unset from `file`.
+    /// Flags win; lists given on the command line replace the file's.
+    pub fn merged(mut self, file: FileConfig) -> RunArgs {
+        if self.listen.is_empty() {
+            self.listen = file.listen;
+        }
+        macro_rules! fill {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f; } )* };
+        }
+        fill!(
+            backlog,
+            workers,
+            min_workers,
+            max_workers,
+            worker_connections,
+            balance,
+            root,
+            control,
+            worker_socket,
+            log_level,
+            log_format,
+            max_restarts
+        );
+        macro_rules! fill_duration {
+            ($($f:ident),*) => { $( if self.$f.is_none() { self.$f = file.$f.map(|d| d.0); } )* };
+        }
+        fill_duration!(
+            scale_idle_timeout,
+            shutdown_timeout,
+            hello_timeout,
+            ack_timeout,
+            restart_window,
+            control_idle_timeout,
+            drain_timeout
+        );
+        if self.control_allow_uid.is_empty() {
+            self.control_allow_uid = file.control_allow_uid;
+        }
+        if self.worker_allow_uid.is_empty() {
+            self.worker_allow_uid = file.worker_allow_uid;
+        }
+        if self.command.is_empty() {
+            self.command = file.command.into_iter().map(OsString::from).collect();
+        }
+        self
+    }
+
+    /// Reads `--config` (if any), merges it under the flags, validates the
+    /// result and builds the acceptor's configuration.
+    pub fn load(self) -> Result<Config, ConfigError> {
+        let args = match &self.config {
+            Some(path) => {
+                let file = FileConfig::read(path)?;
+                self.merged(file)
+            }
+            None => self,
+        };
+        args.into_config()
+    }
+
     /// Validates the command line and builds the acceptor's configuration.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = if self.listen.is_empty() {
@@ -239,10 +342,10 @@ impl RunArgs {
                 .map(|s| ListenAddr::parse(s))
                 .collect::<Result<_, _>>()?
         };
-        if self.backlog < 1 {
+        let backlog = self.backlog.unwrap_or(1024);
+        if backlog < 1 {
             return Err(ConfigError::Invalid(format!(
-                "--backlog must be at least 1, got {}",
-                self.backlog
+                "--backlog must be at least 1, got {backlog}"
             )));
         }
         let workers = match self.workers {
@@ -254,7 +357,15 @@ impl RunArgs {
             Some(n) => n,
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         };
-        if self.worker_connections == 0 {
+        let min_workers = self.min_workers.unwrap_or(workers);
+        let max_workers = self.max_workers.unwrap_or(workers.max(min_workers));
+        if min_workers > workers || workers > max_workers {
+            return Err(ConfigError::Invalid(format!(
+                "need --min-workers <= --workers <= --max-workers, got {min_workers} <= {workers} <= {max_workers}"
+            )));
+        }
+        let worker_connections = self.worker_connections.unwrap_or(1024);
+        if worker_connections == 0 {
             return Err(ConfigError::Invalid(
                 "--worker-connections must be at least 1".to_string(),
             ));
@@ -289,34 +400,37 @@ impl RunArgs {
         command.check()?;
         Ok(Config {
             listen,
-            backlog: self.backlog,
+            backlog,
             workers,
-            worker_connections: self.worker_connections,
-            balance: match self.balance {
+            min_workers,
+            max_workers,
+            scale_idle_timeout: self.scale_idle_timeout.unwrap_or(Duration::from_secs(60)),
+            worker_connections,
+            balance: match self.balance.unwrap_or(BalanceArg::LeastConn) {
                 BalanceArg::LeastConn => Balance::LeastConn,
                 BalanceArg::RoundRobin => Balance::RoundRobin,
             },
             command,
-            shutdown_timeout: self.shutdown_timeout,
-            hello_timeout: self.hello_timeout,
-            ack_timeout: self.ack_timeout,
-            max_restarts: self.max_restarts,
-            restart_window: self.restart_window,
+            shutdown_timeout: self.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
+            hello_timeout: self.hello_timeout.unwrap_or(Duration::from_secs(10)),
+            ack_timeout: self.ack_timeout.unwrap_or(Duration::from_secs(5)),
+            max_restarts: self.max_restarts.unwrap_or(5),
+            restart_window: self.restart_window.unwrap_or(Duration::from_secs(10)),
             control: if self.no_control {
                 None
             } else {
                 Some(self.control.unwrap_or_else(crate::control::default_path))
             },
             control_allow_uid: self.control_allow_uid,
-            control_idle_timeout: self.control_idle_timeout,
+            control_idle_timeout: self.control_idle_timeout.unwrap_or(Duration::from_secs(10)),
             worker_socket: self.worker_socket,
             worker_allow_uid: self.worker_allow_uid,
-            drain_timeout: self.drain_timeout,
-            log_format: match self.log_format {
+            drain_timeout: self.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            log_format: match self.log_format.unwrap_or(LogFormatArg::Text) {
                 LogFormatArg::Text => LogFormat::Text,
                 LogFormatArg::Json => LogFormat::Json,
             },
-            log_level: self.log_level,
+            log_level: self.log_level.unwrap_or_else(|| "info".to_string()),
         })
     }
 }

@@ -112,6 +112,11 @@ pub struct Config {
     pub listen: Vec<ListenAddr>,
     pub backlog: i32,
     pub workers: usize,
+    /// Autoscaling bounds (both equal to `workers` when not scaling).
+    pub min_workers: usize,
+    pub max_workers: usize,
+    /// An idle worker above `min_workers` is retired after this long.
+    pub scale_idle_timeout: Duration,
     pub worker_connections: u32,
     pub balance: Balance,
     pub command: WorkerCommand,

@@ -55,6 +55,8 @@ pub enum Request {
     /// Replace every spawned worker, one at a time, a new one ready before
     /// an old one drains.
     Restart {},
+    /// Re-read the config file and apply the difference.
+    Reload {},
 }
 
 /// One reply line.

@@ -27,6 +27,7 @@ pub fn run(args: &CtlArgs) -> Result<String, String> {
             drain_timeout_ms: drain_timeout.map(|d| d.as_millis() as u64),
         },
         CtlVerb::Restart => Request::Restart {},
+        CtlVerb::Reload => Request::Reload {},
     };
     let reply = control::call(&args.control, &req, TIMEOUT).map_err(|e| {
         format!(
@@ -65,6 +66,18 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
             "draining workers {} (they stop once their connections finish, or at the drain timeout)",
             compact(&result["draining"])
         ),
+        Request::Reload {} => {
+            let changes = result["changes"].as_array().cloned().unwrap_or_default();
+            if changes.is_empty() {
+                "reloaded: nothing changed".to_string()
+            } else {
+                let lines: Vec<String> = changes
+                    .iter()
+                    .map(|c| format!("  {}", c.as_str().unwrap_or_default()))
+                    .collect();
+                format!("reloaded:\n{}", lines.join("\n"))
+            }
+        }
         Request::Restart {} => format!(
             "rolling restart of {} workers started: each is replaced once its successor is ready",
             result["replacing"]

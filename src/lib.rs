@@ -38,6 +38,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod ctl;
+pub mod file;
 pub mod listener;
 pub mod logging;
 pub mod pool;
@@ -52,6 +53,11 @@ use std::net::SocketAddr;
 pub enum ConfigError {
     #[error("--listen {addr}: {why}")]
     Listen { addr: String, why: String },
+    #[error("{}: {why}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        why: String,
+    },
     #[error("worker command: {0}")]
     Command(String),
     #[error("{0}")]

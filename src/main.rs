@@ -21,12 +21,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Sub::Check(args)) => {
+            let Some(path) = args.run.config.clone() else {
+                eprintln!("baton check: error: give the file to check with --config FILE");
+                return ExitCode::from(2);
+            };
+            match args.run.load() {
+                Ok(cfg) => {
+                    println!(
+                        "{}: ok ({} listener(s), {} worker(s) of {}, balance {:?})",
+                        path.display(),
+                        cfg.listen.len(),
+                        cfg.workers,
+                        cfg.command.program.display(),
+                        cfg.balance
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("baton check: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => run(cli.run),
     }
 }
 
 fn run(args: RunArgs) -> ExitCode {
-    let cfg = match args.into_config() {
+    let cfg = match args.clone().load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baton: error: {e}");
@@ -37,7 +60,7 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("baton: error: {e}");
         return ExitCode::from(2);
     }
-    let result = Acceptor::new(cfg).and_then(|a| a.run());
+    let result = Acceptor::new(cfg).and_then(|a| a.with_reload(args).run());
     match result {
         Ok(Outcome::Graceful) => ExitCode::SUCCESS,
         Ok(Outcome::Forced) => ExitCode::from(1),

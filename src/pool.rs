@@ -48,6 +48,10 @@ pub struct Worker {
     /// Index of the supervisor slot that spawned it; None if it registered.
     pub slot: Option<usize>,
     pub capacity: u32,
+    /// The capacity the worker announced in HELLO (0: none of its own).
+    pub announced: u32,
+    /// Since when it has had no connection (for autoscaling).
+    pub idle_since: Option<Instant>,
     /// Connections sent and not yet DONE. `Some` holds the acceptor's copy
     /// of a connection not yet ACKed.
     pub in_flight: HashMap<u64, Option<Held>>,
@@ -71,6 +75,8 @@ impl Worker {
             pid,
             slot,
             capacity: 0,
+            announced: 0,
+            idle_since: None,
             in_flight: HashMap::new(),
             unacked_order: VecDeque::new(),
             blocked: false,
@@ -97,7 +103,18 @@ impl Worker {
     }
 
     /// Records that `held` was sent to this worker.
+    /// Sets the capacity from the announced one and the pool's limit.
+    pub fn set_capacity(&mut self, announced: u32, pool_max: u32) {
+        self.announced = announced;
+        self.capacity = if announced == 0 {
+            pool_max
+        } else {
+            announced.min(pool_max)
+        };
+    }
+
     pub fn sent(&mut self, held: Held, now: Instant) {
+        self.idle_since = None;
         let id = held.info.id;
         self.unacked_order.push_back((now, id));
         self.in_flight.insert(id, Some(held));
@@ -119,6 +136,9 @@ impl Worker {
     pub fn done(&mut self, id: u64) -> bool {
         if self.in_flight.remove(&id).is_some() {
             self.handled += 1;
+            if self.in_flight.is_empty() {
+                self.idle_since = Some(Instant::now());
+            }
             true
         } else {
             false
@@ -146,6 +166,11 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// Changes the balancing policy (on reload).
+    pub fn set_balance(&mut self, balance: Balance) {
+        self.balance = balance;
+    }
+
     pub fn new(balance: Balance) -> Pool {
         Pool {
             workers: Slab::new(),

@@ -116,6 +116,8 @@ pub struct Acceptor {
     rolling_current: Option<(usize, usize)>,
     started: Instant,
     own_uid: u32,
+    /// The command line, kept to re-read `--config` on reload.
+    reload_args: Option<crate::cli::RunArgs>,
 }
 
 impl Acceptor {
@@ -195,6 +197,7 @@ impl Acceptor {
             Signal::SIGCHLD,
             Signal::SIGTTIN,
             Signal::SIGTTOU,
+            Signal::SIGHUP,
         ] {
             mask.add(s);
         }
@@ -233,7 +236,15 @@ impl Acceptor {
             rolling_current: None,
             started: Instant::now(),
             own_uid: nix::unistd::geteuid().as_raw(),
+            reload_args: None,
         })
+    }
+
+    /// Keeps the command line so that SIGHUP and `ctl reload` can re-read
+    /// its `--config` file (flags keep overriding it).
+    pub fn with_reload(mut self, args: crate::cli::RunArgs) -> Acceptor {
+        self.reload_args = Some(args);
+        self
     }
 
     /// The bound addresses, in `--listen` order (port 0 resolved).
@@ -290,6 +301,7 @@ impl Acceptor {
             }
             self.on_timers(Instant::now());
             self.step_rolling();
+            self.autoscale(Instant::now());
             self.pump();
             if let Some(outcome) = self.check_finished()? {
                 return Ok(outcome);
@@ -352,6 +364,15 @@ impl Acceptor {
                             info!("SIGTTIN: adding a worker");
                             if let Err(e) = self.add_workers(1) {
                                 error!(error = %e, "SIGTTIN: cannot add a worker");
+                            }
+                        }
+                        Some(Signal::SIGHUP) if self.shutdown.is_none() => {
+                            info!("SIGHUP: reloading the configuration");
+                            match self.reload() {
+                                Ok(changes) => info!(changes = ?changes, "configuration reloaded"),
+                                Err(e) => {
+                                    error!(error = %e, "reload failed; the running configuration is unchanged")
+                                }
                             }
                         }
                         Some(Signal::SIGTTOU) if self.shutdown.is_none() => {
@@ -611,11 +632,8 @@ impl Acceptor {
         let w = &mut self.pool.workers[key];
         match (w.state, msg) {
             (State::Starting, Msg::Hello { pid, capacity }) => {
-                w.capacity = if capacity == 0 {
-                    max_cap
-                } else {
-                    capacity.min(max_cap)
-                };
+                w.set_capacity(capacity, max_cap);
+                w.idle_since = Some(Instant::now());
                 if w.pid.is_some_and(|p| p != pid as i32) {
                     debug!(
                         worker = w.id,
@@ -750,6 +768,14 @@ impl Acceptor {
             }
             consider(w.oldest_unacked().map(|t| t + ack));
             consider(w.drain_deadline);
+        }
+        if self.spawned_live() > self.cfg.min_workers {
+            let idle = self.cfg.scale_idle_timeout;
+            for (_, w) in self.pool.workers.iter() {
+                if w.slot.is_some() && w.state == State::Ready {
+                    consider(w.idle_since.map(|t| t + idle));
+                }
+            }
         }
         next
     }

@@ -15,6 +15,7 @@ use serde_json::json;
 use tracing::{debug, error, info, warn};
 
 use super::{Acceptor, CTL_BASE, WORKER_BASE};
+use crate::config::Config;
 use crate::control::{self, Reply, Request, WorkerRow, MAX_LINE};
 use crate::pool::{State, Worker};
 use crate::unix::{uid_allowed, Peer};
@@ -206,7 +207,10 @@ impl Acceptor {
         if self.shutdown.is_some()
             && matches!(
                 req,
-                Request::Add { .. } | Request::Remove { .. } | Request::Restart {}
+                Request::Add { .. }
+                    | Request::Remove { .. }
+                    | Request::Restart {}
+                    | Request::Reload {}
             )
         {
             return Reply::err("baton is shutting down");
@@ -234,6 +238,16 @@ impl Acceptor {
                     Err(e) => Reply::err(e),
                 }
             }
+            Request::Reload {} => match self.reload() {
+                Ok(changes) => {
+                    info!(changes = ?changes, "configuration reloaded");
+                    Reply::ok(json!({ "changes": changes }))
+                }
+                Err(e) => {
+                    error!(error = %e, "reload failed; the running configuration is unchanged");
+                    Reply::err(format!("reload failed, nothing changed: {e}"))
+                }
+            },
             Request::Restart {} => {
                 if self.rolling_current.is_some() || !self.rolling.is_empty() {
                     return Reply::err("a rolling restart is already under way");
@@ -392,6 +406,178 @@ impl Acceptor {
             }
             return;
         }
+    }
+
+    /// Spawned workers that are not being removed.
+    pub(super) fn spawned_live(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| !s.retired && !s.given_up)
+            .count()
+    }
+
+    /// Between `--min-workers` and `--max-workers`: adds a worker while
+    /// every one is full and clients wait, retires one idle for
+    /// `--scale-idle-timeout`. One step at a time, so a burst does not
+    /// spawn a crowd.
+    pub(super) fn autoscale(&mut self, now: Instant) {
+        if self.shutdown.is_some() || self.rolling_current.is_some() {
+            return;
+        }
+        let live = self.spawned_live();
+        let starting = self
+            .pool
+            .workers
+            .iter()
+            .any(|(_, w)| w.state == State::Starting && w.slot.is_some());
+        // Full means: some workers are ready and none has room. (An empty
+        // pool is a crash loop or an operator's choice, not load.)
+        let full = self
+            .pool
+            .workers
+            .iter()
+            .any(|(_, w)| w.state == State::Ready)
+            && !self.pool.has_capacity();
+        if live < self.cfg.max_workers && !starting && full {
+            info!(
+                workers = live + 1,
+                max = self.cfg.max_workers,
+                "autoscale: every worker is full; adding one"
+            );
+            if let Err(e) = self.add_slot() {
+                error!(error = %e, "autoscale: cannot spawn a worker");
+            }
+            return;
+        }
+        if live > self.cfg.min_workers {
+            let idle = self.cfg.scale_idle_timeout;
+            let victim = self
+                .pool
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    w.slot.is_some()
+                        && w.state == State::Ready
+                        && w.in_flight.is_empty()
+                        && w.idle_since.is_some_and(|t| t + idle <= now)
+                })
+                .max_by_key(|(_, w)| w.id)
+                .map(|(k, w)| (k, w.id));
+            if let Some((key, id)) = victim {
+                info!(
+                    worker = id,
+                    workers = live - 1,
+                    min = self.cfg.min_workers,
+                    "autoscale: retiring an idle worker"
+                );
+                self.retire_worker(key, self.cfg.drain_timeout);
+            }
+        }
+    }
+
+    /// Re-reads the config file and applies what changed; returns a line
+    /// per change. The running configuration is untouched on error.
+    pub(super) fn reload(&mut self) -> Result<Vec<String>, String> {
+        let Some(args) = &self.reload_args else {
+            return Err("nothing to reload: baton was started without --config".to_string());
+        };
+        if args.config.is_none() {
+            return Err("nothing to reload: baton was started without --config".to_string());
+        }
+        let new = args.clone().load().map_err(|e| e.to_string())?;
+        let old = self.cfg.clone();
+        let mut changes = Vec::new();
+
+        // Listeners: bind the new ones first, so that an error changes nothing.
+        let mut added = Vec::new();
+        for l in new.listen.iter().filter(|l| !old.listen.contains(l)) {
+            let sock = crate::listener::bind(l.0, new.backlog)
+                .map_err(|e| format!("cannot listen on {}: {e}", l.0))?;
+            added.push((l.clone(), sock));
+        }
+        let removed: Vec<usize> = old
+            .listen
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| !new.listen.contains(l))
+            .map(|(i, _)| i)
+            .collect();
+        for i in removed.into_iter().rev() {
+            let mut l = self.listeners.remove(i);
+            if l.registered {
+                let _ = self.poll.registry().deregister(&mut l.sock);
+            }
+            changes.push(format!("stopped listening on {}", l.addr));
+        }
+        // Re-register the rest under their new indices.
+        for l in self.listeners.iter_mut() {
+            if l.registered {
+                let _ = self.poll.registry().deregister(&mut l.sock);
+                l.registered = false;
+            }
+        }
+        for (_, sock) in added {
+            let addr = sock.local_addr().map_err(|e| e.to_string())?;
+            info!(addr = %addr, listener = self.listeners.len(), "listening");
+            changes.push(format!("listening on {addr}"));
+            self.listeners.push(super::Listener {
+                sock,
+                addr,
+                registered: false,
+            });
+        }
+
+        if new.balance != old.balance {
+            self.pool.set_balance(new.balance);
+            changes.push(format!("balance: {:?}", new.balance));
+        }
+        if new.worker_connections != old.worker_connections {
+            for (_, w) in self.pool.workers.iter_mut() {
+                let announced = w.announced;
+                w.set_capacity(announced, new.worker_connections);
+            }
+            changes.push(format!("worker-connections: {}", new.worker_connections));
+        }
+        for (what, changed) in [
+            ("control socket", new.control != old.control),
+            ("worker socket", new.worker_socket != old.worker_socket),
+            (
+                "log settings",
+                new.log_format != old.log_format || new.log_level != old.log_level,
+            ),
+        ] {
+            if changed {
+                warn!("reload: a new {what} takes effect only when baton restarts");
+            }
+        }
+        let command_changed =
+            new.command.program != old.command.program || new.command.args != old.command.args;
+        let target = new.workers;
+        // Keep the sockets the process was started with.
+        let (control, worker_socket) = (old.control.clone(), old.worker_socket.clone());
+        self.cfg = Config {
+            control,
+            worker_socket,
+            ..new
+        };
+        if command_changed {
+            changes.push("worker command changed: rolling restart".to_string());
+            self.rolling = self
+                .slots
+                .iter()
+                .filter(|(_, s)| !s.retired)
+                .map(|(k, _)| k)
+                .collect();
+        }
+        let live = self.spawned_live();
+        if target > live {
+            let ids = self.add_workers((target - live) as u32)?;
+            changes.push(format!("workers: added {ids:?}"));
+        } else if target < live {
+            let ids = self.remove_workers(None, Some((live - target) as u32), None)?;
+            changes.push(format!("workers: draining {ids:?}"));
+        }
+        Ok(changes)
     }
 
     // ---- self-registering workers ----------------------------------------
