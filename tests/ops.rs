@@ -405,3 +405,163 @@ fn unauthorised_uids_are_refused_on_both_sockets() {
     stop(&mut b);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn check_validates_a_config_file_and_points_at_mistakes() {
+    let dir = common::tempdir("baton-check");
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[pool]\ncommand = [\"{}\"]\nworkers = 3\n",
+            echo()
+        ),
+    )
+    .expect("write");
+    let out = Command::new(bin("baton"))
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 worker(s)"));
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "listen = [\"127.0.0.1:0\"]\n\n[pool]\nwrokers = 3\n").expect("write");
+    let out = Command::new(bin("baton"))
+        .args(["check", "--config"])
+        .arg(&bad)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml: line 4, column 1") && err.contains("wrokers"),
+        "{err}"
+    );
+
+    let missing_cmd = dir.join("cmd.toml");
+    std::fs::write(
+        &missing_cmd,
+        "[pool]\ncommand = [\"/nonexistent/worker\"]\n",
+    )
+    .expect("write");
+    let out = Command::new(bin("baton"))
+        .args(["check", "--config"])
+        .arg(&missing_cmd)
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/worker not found"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn reload_applies_the_difference_under_load_without_failures() {
+    let dir = common::tempdir("baton-reload");
+    let file = dir.join("baton.toml");
+    let write = |workers: usize, balance: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "listen = [\"127.0.0.1:0\"]\n[pool]\ncommand = [\"{}\"]\nworkers = {workers}\nbalance = \"{balance}\"\ndrain-timeout = \"20s\"\n",
+                echo()
+            ),
+        )
+        .expect("write config");
+    };
+    write(1, "least-conn");
+    let file_s = file.display().to_string();
+    let mut b = Baton::start(&["--config", &file_s], 1);
+    let load = Load::start(b.addr(), 3);
+
+    write(3, "round-robin");
+    let r = b.ctl_json(&["reload"]);
+    let changes = r["changes"].to_string();
+    assert!(
+        changes.contains("balance") && changes.contains("workers: added"),
+        "{changes}"
+    );
+    for _ in 0..2 {
+        b.wait_for("worker ready", Duration::from_secs(20));
+    }
+    assert_eq!(rows(&b).len(), 3);
+
+    // SIGHUP does the same; a mistake changes nothing.
+    std::fs::write(&file, "[pool]\nworkers = \"many\"\n").expect("write");
+    let (ok, _, err) = b.ctl(&["reload"]);
+    assert!(
+        !ok && err.contains("reload failed, nothing changed"),
+        "{err}"
+    );
+    assert_eq!(rows(&b).len(), 3);
+    write(2, "round-robin");
+    b.signal(Signal::SIGHUP);
+    b.wait_for("worker exited", Duration::from_secs(20));
+    assert_eq!(rows(&b).len(), 2);
+
+    let (ok, failed) = load.stop();
+    assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
+    assert!(ok > 0);
+    stop(&mut b);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn autoscaling_adds_workers_when_full_and_retires_them_when_idle() {
+    let echo = echo();
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--min-workers",
+            "1",
+            "--max-workers",
+            "2",
+            "--worker-connections",
+            "2",
+            "--scale-idle-timeout",
+            "300ms",
+            "--",
+            &echo,
+        ],
+        1,
+    );
+    let mut held = Vec::new();
+    for i in 0..3 {
+        let mut s = connect(b.addr()).expect("connect");
+        s.write_all(format!("{i}\n").as_bytes()).expect("write");
+        if i < 2 {
+            let mut one = [0u8; 2];
+            s.read_exact(&mut one).expect("echo");
+        }
+        held.push(s);
+    }
+    // The third client is waiting: a second worker comes up and serves it.
+    b.wait_for(
+        "autoscale: every worker is full; adding one",
+        Duration::from_secs(20),
+    );
+    b.wait_for("worker ready", Duration::from_secs(20));
+    let mut one = [0u8; 2];
+    held[2]
+        .read_exact(&mut one)
+        .expect("served by the new worker");
+    assert_eq!(&one, b"2\n");
+    assert_eq!(rows(&b).len(), 2);
+    // Idle again: back to the minimum.
+    drop(held);
+    b.wait_for(
+        "autoscale: retiring an idle worker",
+        Duration::from_secs(20),
+    );
+    b.wait_for("worker exited", Duration::from_secs(20));
+    assert_eq!(rows(&b).len(), 1);
+    stop(&mut b);
+}
