@@ -33,6 +33,7 @@
 
 pub mod channel;
 pub mod proto;
+pub mod sandbox;
 pub mod worker;
 
 pub use channel::{Channel, Received, RecvError};
