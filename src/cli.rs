@@ -50,6 +50,13 @@ pub enum Sub {
     /// Validate a config file (and the flags given with it) without
     /// starting anything; points at the line of any mistake.
     Check(Box<CheckArgs>),
+    /// Start a probe worker under the sandbox these options give, let it
+    /// try to break out, and print what it could and could not do
+    /// (property, expected, observed, pass/fail). Exits 1 if any fails.
+    Audit(Box<crate::audit::AuditArgs>),
+    /// The audit's probe worker (internal).
+    #[command(hide = true)]
+    Probe,
 }
 
 /// `baton check`.
@@ -233,6 +240,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    #[command(flatten)]
+    pub sandbox: crate::sandbox::SandboxArgs,
+
+    /// Apply the sandbox check to workers that register themselves too:
+    /// one whose /proc/PID/status does not match the pool's profile gets no
+    /// connection.
+    #[arg(long)]
+    pub worker_require_sandbox: bool,
+
     /// The worker command and its arguments. [default: `baton-static
     /// --demo`, or `baton-static --root DIR` with --root, found beside this
     /// binary]
@@ -316,6 +332,26 @@ impl RunArgs {
         if self.command.is_empty() {
             self.command = file.command.into_iter().map(OsString::from).collect();
         }
+        let sb = &mut self.sandbox;
+        if sb.user.is_none() {
+            sb.user = file.user;
+        }
+        if sb.group.is_none() {
+            sb.group = file.group;
+        }
+        if sb.chroot.is_none() {
+            sb.chroot = file.chroot;
+        }
+        if sb.seccomp.is_none() {
+            sb.seccomp = file.seccomp;
+        }
+        if sb.unshare.is_none() {
+            sb.unshare = file.unshare;
+        }
+        sb.no_fork |= file.no_fork;
+        sb.allow_root_workers |= file.allow_root_workers;
+        sb.no_sandbox |= file.no_sandbox;
+        self.worker_require_sandbox |= file.worker_require_sandbox;
         self
     }
 
@@ -398,7 +434,10 @@ impl RunArgs {
             },
         };
         command.check()?;
+        let sandbox = self.sandbox.resolve(worker_connections)?;
         Ok(Config {
+            sandbox,
+            worker_require_sandbox: self.worker_require_sandbox,
             listen,
             backlog,
             workers,

@@ -135,6 +135,10 @@ pub struct Config {
     pub worker_allow_uid: Vec<u32>,
     /// Default drain timeout of a removed worker.
     pub drain_timeout: Duration,
+    /// The workers' sandbox (resolved ids, checked paths).
+    pub sandbox: crate::sandbox::Sandbox,
+    /// Check self-registering workers against the profile too.
+    pub worker_require_sandbox: bool,
     pub log_format: LogFormat,
     pub log_level: String,
 }

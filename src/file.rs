@@ -18,6 +18,10 @@
 //! worker-connections = 1024
 //! balance = "least-conn"
 //! drain-timeout = "30s"
+//! user = "www-data"
+//! chroot = "/srv/www"
+//! seccomp = "default"
+//! unshare = "ipc,uts"
 //! ```
 //!
 //! Unknown keys are errors, reported with their line and column, so that a
@@ -27,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+
+use baton_sdk::sandbox::{SeccompMode, Unshare};
 
 use crate::cli::{BalanceArg, LogFormatArg};
 use crate::ConfigError;
@@ -83,6 +89,19 @@ struct Pool {
     drain_timeout: Option<HumanDuration>,
     max_restarts: Option<u32>,
     restart_window: Option<HumanDuration>,
+    user: Option<String>,
+    group: Option<String>,
+    chroot: Option<PathBuf>,
+    seccomp: Option<String>,
+    unshare: Option<String>,
+    #[serde(default)]
+    no_fork: bool,
+    #[serde(default)]
+    allow_root_workers: bool,
+    #[serde(default)]
+    no_sandbox: bool,
+    #[serde(default)]
+    worker_require_sandbox: bool,
 }
 
 /// The file's settings, flattened to the flags' shape.
@@ -111,6 +130,15 @@ pub struct FileConfig {
     pub drain_timeout: Option<HumanDuration>,
     pub max_restarts: Option<u32>,
     pub restart_window: Option<HumanDuration>,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub chroot: Option<PathBuf>,
+    pub seccomp: Option<SeccompMode>,
+    pub unshare: Option<Unshare>,
+    pub no_fork: bool,
+    pub allow_root_workers: bool,
+    pub no_sandbox: bool,
+    pub worker_require_sandbox: bool,
 }
 
 impl FileConfig {
@@ -141,7 +169,28 @@ impl FileConfig {
             format!("{at}{}", e.message())
         })?;
         let p = raw.pool;
+        let seccomp = p
+            .seccomp
+            .as_deref()
+            .map(str::parse::<SeccompMode>)
+            .transpose()
+            .map_err(|e| format!("[pool] seccomp: {e}"))?;
+        let unshare = p
+            .unshare
+            .as_deref()
+            .map(str::parse::<Unshare>)
+            .transpose()
+            .map_err(|e| format!("[pool] unshare: {e}"))?;
         Ok(FileConfig {
+            user: p.user,
+            group: p.group,
+            chroot: p.chroot,
+            seccomp,
+            unshare,
+            no_fork: p.no_fork,
+            allow_root_workers: p.allow_root_workers,
+            no_sandbox: p.no_sandbox,
+            worker_require_sandbox: p.worker_require_sandbox,
             listen: raw.listen,
             backlog: raw.backlog,
             control: raw.control,

@@ -34,6 +34,7 @@
 //! protocol's living example) and `baton-static` (HTTP static files).
 
 pub mod acceptor;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -42,6 +43,7 @@ pub mod file;
 pub mod listener;
 pub mod logging;
 pub mod pool;
+pub mod sandbox;
 pub mod supervisor;
 pub mod unix;
 

@@ -21,6 +21,21 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Some(Sub::Probe) => ExitCode::from(baton::audit::probe()),
+        Some(Sub::Audit(args)) => match baton::audit::run(&args) {
+            Ok((text, pass)) => {
+                println!("{text}");
+                if pass {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("baton audit: error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Some(Sub::Check(args)) => {
             let Some(path) = args.run.config.clone() else {
                 eprintln!("baton check: error: give the file to check with --config FILE");
@@ -59,6 +74,20 @@ fn run(args: RunArgs) -> ExitCode {
     if let Err(e) = baton::logging::init(cfg.log_format, &cfg.log_level) {
         eprintln!("baton: error: {e}");
         return ExitCode::from(2);
+    }
+    if let Some(note) = &cfg.sandbox.note {
+        tracing::info!("{note}");
+    }
+    match baton::sandbox::reduce_own_capabilities() {
+        Ok(kept) if !kept.is_empty() => {
+            tracing::info!(kept = ?kept, "acceptor capabilities reduced")
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(error = %e, "cannot drop the acceptor's capabilities");
+            eprintln!("baton: error: cannot drop capabilities: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     let result = Acceptor::new(cfg).and_then(|a| a.with_reload(args).run());
     match result {

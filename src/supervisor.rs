@@ -13,6 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
+use baton_sdk::sandbox::{Profile, SANDBOX_ENV};
 use baton_sdk::Channel;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -87,17 +88,31 @@ pub struct Spawned {
 /// other fd of the acceptor is close-on-exec. std's `Command` resets the
 /// signal mask in the child, so the worker does not inherit the signals the
 /// acceptor blocks for its signalfd.
-pub fn spawn(cmd: &WorkerCommand, worker_id: u32) -> io::Result<Spawned> {
+///
+/// With a `profile`, the worker finds it in `BATON_SANDBOX` (with the
+/// channel as its one kept fd) and confines itself before its HELLO.
+pub fn spawn(
+    cmd: &WorkerCommand,
+    worker_id: u32,
+    profile: Option<&Profile>,
+) -> io::Result<Spawned> {
     let (ours, theirs) = Channel::pair()?;
     let theirs: OwnedFd = theirs.into();
     let raw = theirs.as_raw_fd();
     fcntl(raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
-    let child = Command::new(&cmd.program)
+    let mut command = Command::new(&cmd.program);
+    command
         .args(&cmd.args)
         .env(CHANNEL_FD_ENV, raw.to_string())
         .env(WORKER_ID_ENV, worker_id.to_string())
-        .stdin(Stdio::null())
-        .spawn();
+        .env_remove(SANDBOX_ENV)
+        .stdin(Stdio::null());
+    if let Some(p) = profile {
+        let mut p = p.clone();
+        p.keep_fds = vec![raw];
+        command.env(SANDBOX_ENV, p.to_env());
+    }
+    let child = command.spawn();
     // Closing our copy of their end either way: EOF on `ours` then means
     // the worker is gone.
     drop(theirs);
@@ -121,6 +136,11 @@ pub struct Exit {
 impl Exit {
     pub fn success(&self) -> bool {
         self.code == Some(0)
+    }
+    /// The worker could not apply its sandbox: restarting would fail the
+    /// same way.
+    pub fn sandbox_failure(&self) -> bool {
+        self.code == Some(i32::from(baton_sdk::EXIT_SANDBOX))
     }
     pub fn describe(&self) -> String {
         match (&self.code, &self.signal) {

@@ -332,7 +332,7 @@ impl Acceptor {
     fn spawn_slot(&mut self, key: usize) -> io::Result<()> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
-        let sp = supervisor::spawn(&self.cfg.command, id)?;
+        let sp = supervisor::spawn(&self.cfg.command, id, self.cfg.sandbox.profile.as_ref())?;
         let wkey = self.pool.workers.vacant_key();
         self.poll.registry().register(
             &mut SourceFd(&sp.chan.as_raw_fd()),
@@ -434,6 +434,16 @@ impl Acceptor {
                 error!(worker = worker_id, pid = exit.pid, status = %exit.describe(), uptime_ms = uptime.as_millis() as u64, "worker exited");
             }
             let slot = &mut self.slots[key];
+            if exit.sandbox_failure() {
+                slot.given_up = true;
+                slot.restart_at = None;
+                error!(
+                    worker = worker_id,
+                    pid = exit.pid,
+                    "worker could not apply its sandbox (its error is above); not restarting it: fix the sandbox options"
+                );
+                continue;
+            }
             match slot.exited(now, self.cfg.restart_window, self.cfg.max_restarts) {
                 After::Restart(delay) => {
                     info!(
@@ -632,6 +642,24 @@ impl Acceptor {
         let w = &mut self.pool.workers[key];
         match (w.state, msg) {
             (State::Starting, Msg::Hello { pid, capacity }) => {
+                // Checked from outside before its first connection: the
+                // process (as spawned, or as SO_PEERCRED saw it) must be
+                // confined as the pool's profile says.
+                let check = w.slot.is_some() || self.cfg.worker_require_sandbox;
+                if let (true, Some(profile), Some(real)) =
+                    (check, self.cfg.sandbox.profile.as_ref(), w.pid)
+                {
+                    if let Err(m) = baton_sdk::sandbox::verify(real, profile) {
+                        // The same profile would fail the same way: no restart.
+                        if let Some(slot) = w.slot.and_then(|k| self.slots.get_mut(k)) {
+                            slot.given_up = true;
+                        }
+                        return Err(format!(
+                            "sandbox check failed: {}",
+                            baton_sdk::sandbox::describe(&m)
+                        ));
+                    }
+                }
                 w.set_capacity(capacity, max_cap);
                 w.idle_since = Some(Instant::now());
                 if w.pid.is_some_and(|p| p != pid as i32) {

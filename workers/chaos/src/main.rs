@@ -16,7 +16,10 @@
 //! * `extra-fd`: after its first connection, ACKs it with an fd attached;
 //! * `hang`: says HELLO, then never reads its channel again;
 //! * `no-hello`: never says HELLO;
-//! * `crash`: exits with status 1 at once.
+//! * `crash`: exits with status 1 at once;
+//! * `forbidden`: after HELLO, tries execve (refused by seccomp), exits 4;
+//! * `threads-then-sandbox`: starts a thread, then applies its sandbox,
+//!   which refuses; exits with the sandbox failure status (78).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -89,6 +92,21 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
     if mode == "crash" {
         std::process::exit(1);
     }
+    if mode == "threads-then-sandbox" {
+        // A worker that starts a thread before confining itself: the
+        // sandbox refuses (credentials are per thread) and it must not start.
+        let _t = std::thread::spawn(std::thread::park);
+        if let Err(e) = baton_sdk::sandbox::apply_from_env() {
+            say(&e.to_string());
+            std::process::exit(i32::from(baton_sdk::EXIT_SANDBOX));
+        }
+        return Err(io::Error::other("the sandbox was applied with two threads"));
+    }
+    // Misbehaving workers are confined like any other.
+    if let Err(e) = baton_sdk::sandbox::apply_from_env() {
+        say(&e.to_string());
+        std::process::exit(i32::from(baton_sdk::EXIT_SANDBOX));
+    }
     let chan = channel()?;
     if mode == "no-hello" {
         loop {
@@ -130,6 +148,12 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
             )?;
         }
         "hang" => {}
+        "forbidden" => {
+            // A syscall the seccomp allowlist refuses: execve.
+            let e = std::process::Command::new("/bin/true").status();
+            say(&format!("execve attempted: {e:?}"));
+            std::process::exit(4);
+        }
         other => return Err(io::Error::other(format!("unknown --mode {other}"))),
     }
     // Stay alive holding everything until the acceptor kills us.

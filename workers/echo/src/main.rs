@@ -140,7 +140,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log(format_args!("{e}"));
-            ExitCode::FAILURE
+            ExitCode::from(e.exit_code())
         }
     }
 }

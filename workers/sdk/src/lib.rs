@@ -10,6 +10,9 @@
 //!   with their fds (`MSG_CMSG_CLOEXEC`, truncation refused).
 //! * [`worker`]: the receive loop a worker uses: hello, receive, ACK before
 //!   the application sees a connection, DONE when it is closed.
+//! * [`sandbox`]: the confinement a worker applies to itself first thing
+//!   (uid/gid, chroot, capabilities, no_new_privs, seccomp), its check from
+//!   outside, and the audit probe.
 //!
 //! The smallest complete worker:
 //!
@@ -38,4 +41,4 @@ pub mod worker;
 
 pub use channel::{Channel, Received, RecvError};
 pub use proto::{ConnInfo, Msg, ProtoError};
-pub use worker::{Connection, DoneSender, Error, Event, Worker};
+pub use worker::{Connection, DoneSender, Error, Event, Worker, EXIT_SANDBOX};

@@ -45,6 +45,26 @@ pub enum Error {
     NoWelcome(Box<Msg>),
     #[error("the acceptor closed the channel")]
     Closed,
+    /// The sandbox the acceptor asked for could not be applied: the worker
+    /// must not start (exit with [`Error::exit_code`]).
+    #[error("{0}")]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+}
+
+/// Exit status of a worker whose sandbox could not be applied (EX_CONFIG).
+/// The acceptor does not restart a worker that exits with it: the same
+/// profile would fail the same way.
+pub const EXIT_SANDBOX: u8 = 78;
+
+impl Error {
+    /// The exit status a worker should end with after this error:
+    /// [`EXIT_SANDBOX`] for a sandbox failure, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Sandbox(_) => EXIT_SANDBOX,
+            _ => 1,
+        }
+    }
 }
 
 impl From<RecvError> for Error {
@@ -115,7 +135,18 @@ impl Worker {
     /// Takes the channel a spawning acceptor passed in [`CHANNEL_FD_ENV`],
     /// says HELLO with `capacity` (0: the acceptor's `--worker-connections`
     /// alone limits it) and waits for WELCOME.
+    ///
+    /// First of all it applies the sandbox the acceptor passed in
+    /// `BATON_SANDBOX` ([`crate::sandbox::apply_from_env`]), so call it
+    /// before the worker starts a thread or opens a file. What the sandbox
+    /// skipped is reported on stderr.
     pub fn from_env(capacity: u32) -> Result<Worker, Error> {
+        if let Some(applied) = crate::sandbox::apply_from_env()? {
+            for note in &applied.notes {
+                let line = format!("worker[{}]: sandbox: {note}\n", std::process::id());
+                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            }
+        }
         let var = std::env::var(CHANNEL_FD_ENV).map_err(|_| Error::NoChannel)?;
         let fd: RawFd = var
             .trim()

@@ -395,6 +395,12 @@ pub(crate) fn install_default() -> Result<(), SeccompError> {
     Ok(())
 }
 
+/// Builds the default filter for this architecture without installing it:
+/// lets a supervisor find out at start-up that the profile cannot load here.
+pub fn check_default() -> Result<(), SeccompError> {
+    compile_default(std::process::id()).map(|_| ())
+}
+
 /// The names of the system calls the default profile allows (some only
 /// with the argument conditions in the [module docs](self)), for
 /// documentation and audits. Empty on unsupported architectures.

@@ -1,0 +1,125 @@
+//! `baton audit`: proves the workers' sandbox from inside a worker.
+//!
+//! It resolves the same sandbox options a pool would get, spawns a probe
+//! worker (this binary, hidden subcommand `probe`) that confines itself
+//! with exactly the code path of a real worker (`baton_sdk::sandbox`, from
+//! `BATON_SANDBOX`), checks it from outside as the acceptor would
+//! (`/proc/PID/status`, `/proc/PID/root`), then lets it try to break out
+//! and report each attempt. Exit status 1 if any property fails.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+
+use baton_sdk::sandbox::audit::{Report, Row, Status};
+use baton_sdk::sandbox::{Profile, SANDBOX_ENV};
+
+use crate::sandbox::SandboxArgs;
+
+/// `baton audit` options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the audit; returns the text to print and whether every row passed.
+pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
+    let sandbox = args.sandbox.resolve(1024).map_err(|e| e.to_string())?;
+    let Some(profile) = sandbox.profile else {
+        return Err("--no-sandbox: there is no sandbox to audit".to_string());
+    };
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let mut child = Command::new(exe)
+        .arg("probe")
+        .env(SANDBOX_ENV, profile.to_env())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the probe worker: {e}"))?;
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().ok_or("probe stdout")?);
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    if line.trim() != "ready" {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut err);
+        }
+        let st = child.wait().map_err(|e| e.to_string())?;
+        return Err(format!(
+            "the probe worker could not confine itself ({st}): {}",
+            err.trim()
+        ));
+    }
+    // From outside, while it waits: what the acceptor checks before a
+    // worker's first connection.
+    let outside = outside_row(pid, &profile);
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"go\n");
+    }
+    let mut json = String::new();
+    let _ = out.read_to_string(&mut json);
+    let st = child.wait().map_err(|e| e.to_string())?;
+    let inside = Report::from_json(json.trim())
+        .map_err(|e| format!("the probe worker ({st}) did not report: {e}: {json:?}"))?;
+    let mut rows = vec![outside];
+    rows.extend(inside.rows);
+    let report = Report::new(rows);
+    let text = if args.json {
+        report.to_json_pretty()
+    } else {
+        report.to_table()
+    };
+    Ok((text, report.pass))
+}
+
+fn outside_row(pid: i32, profile: &Profile) -> Row {
+    let (status, observed) = match baton_sdk::sandbox::verify(pid, profile) {
+        Ok(()) => (Status::Pass, "matches the profile".to_string()),
+        Err(m) => (Status::Fail, baton_sdk::sandbox::describe(&m)),
+    };
+    Row {
+        property: "outside view".to_string(),
+        tried: format!("read /proc/{pid}/status and /proc/{pid}/root from outside"),
+        expected: "ids, groups, capabilities, NoNewPrivs, Seccomp and root as the profile says"
+            .to_string(),
+        observed,
+        status,
+    }
+}
+
+/// The probe worker (`baton probe`, hidden): confines itself from
+/// `BATON_SANDBOX`, says "ready", waits for the go, then runs every check
+/// and prints the report as one JSON line.
+pub fn probe() -> u8 {
+    let profile = match Profile::from_env() {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            eprintln!("baton probe: {SANDBOX_ENV} is not set (run `baton audit`)");
+            return 2;
+        }
+        Err(e) => {
+            eprintln!("baton probe: {e}");
+            return baton_sdk::EXIT_SANDBOX;
+        }
+    };
+    if let Err(e) = baton_sdk::sandbox::apply(&profile) {
+        eprintln!("baton probe: {e}");
+        return baton_sdk::EXIT_SANDBOX;
+    }
+    let mut stdout = std::io::stdout();
+    let _ = stdout.write_all(b"ready\n");
+    let _ = stdout.flush();
+    let mut go = [0u8; 3];
+    let _ = std::io::stdin().read(&mut go);
+    let report = Report::new(baton_sdk::sandbox::audit::run_probe(&profile));
+    let _ = stdout.write_all(report.to_json().as_bytes());
+    let _ = stdout.write_all(b"\n");
+    let _ = stdout.flush();
+    0
+}

@@ -1,0 +1,264 @@
+//! The acceptor's side of the worker sandbox: turning `--user`, `--chroot`,
+//! `--seccomp`... into a [`Profile`] (names resolved here, before any
+//! chroot), and reducing the acceptor's own capabilities to the few it
+//! needs.
+//!
+//! Where the sandbox is applied: the worker applies the profile to itself
+//! right after exec, before it says HELLO (see `baton_sdk::sandbox`); the
+//! acceptor checks the result from outside in `/proc/PID/status` and
+//! `/proc/PID/root` before the worker's first connection. A chroot set up
+//! between fork and exec would need the worker's binary and libraries
+//! inside the jail; exec-then-confine does not, and nothing in the window
+//! reads input.
+
+use std::path::PathBuf;
+
+use baton_sdk::sandbox::{Profile, SeccompMode, Unshare};
+use nix::unistd::{Gid, Group, Uid, User};
+
+use crate::ConfigError;
+
+/// Sandbox options, shared by `baton` and `baton audit`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SandboxArgs {
+    /// Run workers as this user (name or uid). Started as root without it,
+    /// workers run as `nobody`.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+
+    /// Run workers with this group (name or gid), also their only
+    /// supplementary group. [default: the user's primary group]
+    #[arg(long, value_name = "GROUP")]
+    pub group: Option<String>,
+
+    /// Confine workers to this directory (chroot, needs root).
+    #[arg(long, value_name = "DIR")]
+    pub chroot: Option<PathBuf>,
+
+    /// Seccomp filter: `default` (an allowlist fitting the bundled workers:
+    /// no exec, no new sockets, read-only files) or `off`. [default: default]
+    #[arg(long, value_name = "PROFILE", value_parser = parse_seccomp)]
+    pub seccomp: Option<SeccompMode>,
+
+    /// New namespaces for workers: a comma list of mount, pid, ipc, uts,
+    /// net (net only for workers that make no outbound connection), or none.
+    #[arg(long, value_name = "LIST", value_parser = parse_unshare)]
+    pub unshare: Option<Unshare>,
+
+    /// RLIMIT_NPROC 0: workers may not fork nor start threads (not for
+    /// baton-echo, which starts a thread per connection).
+    #[arg(long)]
+    pub no_fork: bool,
+
+    /// Started as root, let workers run as root when no --user is given.
+    #[arg(long)]
+    pub allow_root_workers: bool,
+
+    /// Run workers unconfined (no profile, no check): for workers that
+    /// cannot apply one themselves. As root, needs --allow-root-workers.
+    #[arg(long)]
+    pub no_sandbox: bool,
+}
+
+fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
+    s.parse::<SeccompMode>().map_err(|e| e.to_string())
+}
+
+fn parse_unshare(s: &str) -> Result<Unshare, String> {
+    s.parse::<Unshare>().map_err(|e| e.to_string())
+}
+
+fn resolve_user(s: &str) -> Result<User, ConfigError> {
+    let found = match s.parse::<u32>() {
+        Ok(uid) => User::from_uid(Uid::from_raw(uid)),
+        Err(_) => User::from_name(s),
+    };
+    match found {
+        Ok(Some(u)) => Ok(u),
+        Ok(None) => Err(ConfigError::Invalid(format!("--user {s}: no such user"))),
+        Err(e) => Err(ConfigError::Invalid(format!("--user {s}: {e}"))),
+    }
+}
+
+fn resolve_group(s: &str) -> Result<u32, ConfigError> {
+    let found = match s.parse::<u32>() {
+        Ok(gid) => Group::from_gid(Gid::from_raw(gid)),
+        Err(_) => Group::from_name(s),
+    };
+    match found {
+        Ok(Some(g)) => Ok(g.gid.as_raw()),
+        Ok(None) => Err(ConfigError::Invalid(format!("--group {s}: no such group"))),
+        Err(e) => Err(ConfigError::Invalid(format!("--group {s}: {e}"))),
+    }
+}
+
+/// The resolved sandbox of a pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sandbox {
+    /// None: workers run unconfined (`--no-sandbox`).
+    pub profile: Option<Profile>,
+    /// Why the ids are what they are, for the log (e.g. "nobody by default").
+    pub note: Option<String>,
+}
+
+impl SandboxArgs {
+    /// Resolves names to ids and checks what can be checked before any
+    /// worker starts: the user and group exist, the chroot is a directory,
+    /// privileges suffice.
+    pub fn resolve(&self, worker_connections: u32) -> Result<Sandbox, ConfigError> {
+        let root = nix::unistd::geteuid().is_root();
+        if self.no_sandbox {
+            if root && !self.allow_root_workers {
+                return Err(ConfigError::Invalid(
+                    "--no-sandbox as root would run workers as root: add --allow-root-workers to mean it".to_string(),
+                ));
+            }
+            return Ok(Sandbox {
+                profile: None,
+                note: Some("workers run unconfined (--no-sandbox)".to_string()),
+            });
+        }
+        let mut note = None;
+        let (uid, mut gid) = match &self.user {
+            Some(u) => {
+                let user = resolve_user(u)?;
+                (Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            }
+            None if root && !self.allow_root_workers => {
+                let nobody = resolve_user("nobody").map_err(|_| {
+                    ConfigError::Invalid(
+                        "started as root without --user, and there is no `nobody` user to run workers as: give --user".to_string(),
+                    )
+                })?;
+                note = Some(format!(
+                    "started as root without --user: workers run as nobody (uid {})",
+                    nobody.uid
+                ));
+                (Some(nobody.uid.as_raw()), Some(nobody.gid.as_raw()))
+            }
+            None => (None, None),
+        };
+        if let Some(g) = &self.group {
+            gid = Some(resolve_group(g)?);
+        }
+        if !root {
+            let me = nix::unistd::geteuid().as_raw();
+            if uid.is_some_and(|u| u != me) {
+                return Err(ConfigError::Invalid(format!(
+                    "--user {}: running workers as another user needs root",
+                    self.user.as_deref().unwrap_or_default()
+                )));
+            }
+            // Unprivileged workers keep their ids and groups: nothing to
+            // change, and nothing to demand of /proc.
+            if self.group.is_some() && gid != Some(nix::unistd::getegid().as_raw()) {
+                return Err(ConfigError::Invalid(
+                    "--group: running workers with another group needs root".to_string(),
+                ));
+            }
+            if self.chroot.is_some() {
+                return Err(ConfigError::Invalid("--chroot needs root".to_string()));
+            }
+            if self.unshare.is_some_and(|u| !u.is_empty()) {
+                return Err(ConfigError::Invalid("--unshare needs root".to_string()));
+            }
+        }
+        if let Some(dir) = &self.chroot {
+            if !dir.is_absolute() {
+                return Err(ConfigError::Invalid(format!(
+                    "--chroot {}: must be an absolute path",
+                    dir.display()
+                )));
+            }
+            match std::fs::metadata(dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "--chroot {}: not a directory",
+                        dir.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "--chroot {}: {e}",
+                        dir.display()
+                    )))
+                }
+            }
+        }
+        let seccomp = self.seccomp.unwrap_or(SeccompMode::Default);
+        if seccomp == SeccompMode::Default {
+            // Build the filter here once, so that a profile that cannot load
+            // on this machine stops baton at start-up, not every worker.
+            baton_sdk::sandbox::seccomp::check_default().map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "--seccomp default cannot be used here: {e} (use --seccomp off)"
+                ))
+            })?;
+        }
+        let (uid, gid) = if root { (uid, gid) } else { (None, None) };
+        let profile = Profile {
+            uid,
+            gid,
+            chroot: self.chroot.clone(),
+            seccomp,
+            unshare: self.unshare.unwrap_or(Unshare::NONE),
+            // Room for every connection a worker may hold, and its files.
+            nofile: Some(u64::from(worker_connections) + 256),
+            core0: true,
+            no_fork: self.no_fork,
+            keep_fds: Vec::new(),
+            allow_root: self.allow_root_workers,
+        };
+        profile
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("sandbox: {e}")))?;
+        Ok(Sandbox {
+            profile: Some(profile),
+            note,
+        })
+    }
+}
+
+/// Capabilities the acceptor keeps when started as root: to spawn workers
+/// that confine themselves (they inherit at most these), to check them in
+/// /proc, to signal them, and to bind new listeners on reload.
+const KEEP: &[caps::Capability] = &[
+    caps::Capability::CAP_SETUID,
+    caps::Capability::CAP_SETGID,
+    caps::Capability::CAP_SETPCAP,
+    caps::Capability::CAP_SYS_CHROOT,
+    caps::Capability::CAP_SYS_ADMIN,
+    caps::Capability::CAP_SYS_RESOURCE,
+    caps::Capability::CAP_SYS_PTRACE,
+    caps::Capability::CAP_KILL,
+    caps::Capability::CAP_NET_BIND_SERVICE,
+];
+
+/// Drops every capability the acceptor does not need, from its bounding,
+/// effective, permitted and inheritable sets. A no-op when not root.
+/// Returns the capabilities kept, for the log.
+pub fn reduce_own_capabilities() -> Result<Vec<String>, String> {
+    use caps::{CapSet, Capability};
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(Vec::new());
+    }
+    let keep: caps::CapsHashSet = KEEP.iter().copied().collect();
+    for cap in caps::all() {
+        if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| format!("cannot drop {cap} from the bounding set: {e}"))?;
+        }
+    }
+    let permitted: caps::CapsHashSet = caps::read(None, CapSet::Permitted)
+        .map_err(|e| e.to_string())?
+        .intersection(&keep)
+        .copied()
+        .collect();
+    caps::set(None, CapSet::Inheritable, &caps::CapsHashSet::new()).map_err(|e| e.to_string())?;
+    caps::set(None, CapSet::Effective, &permitted).map_err(|e| e.to_string())?;
+    caps::set(None, CapSet::Permitted, &permitted).map_err(|e| e.to_string())?;
+    let mut kept: Vec<String> = permitted.iter().map(Capability::to_string).collect();
+    kept.sort();
+    Ok(kept)
+}
