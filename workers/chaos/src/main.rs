@@ -17,7 +17,8 @@
 //! * `hang`: says HELLO, then never reads its channel again;
 //! * `no-hello`: never says HELLO;
 //! * `crash`: exits with status 1 at once;
-//! * `forbidden`: after HELLO, tries execve (refused by seccomp), exits 4;
+//! * `forbidden`: after HELLO, tries fork+execve: exits 4 if refused with
+//!   EPERM (as the seccomp filter does), 5 if it ran;
 //! * `threads-then-sandbox`: starts a thread, then applies its sandbox,
 //!   which refuses; exits with the sandbox failure status (78).
 
@@ -150,9 +151,13 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
         "hang" => {}
         "forbidden" => {
             // A syscall the seccomp allowlist refuses: execve.
-            let e = std::process::Command::new("/bin/true").status();
-            say(&format!("execve attempted: {e:?}"));
-            std::process::exit(4);
+            let r = std::process::Command::new("/bin/true").status();
+            say(&format!("fork+execve attempted: {r:?}"));
+            // 4: refused with EPERM, as the filter says; 5: it ran.
+            match r {
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => std::process::exit(4),
+                _ => std::process::exit(5),
+            }
         }
         other => return Err(io::Error::other(format!("unknown --mode {other}"))),
     }
