@@ -83,6 +83,6 @@ pub enum Error {
         path: std::path::PathBuf,
         source: io::Error,
     },
-    #[error("no worker left: every worker crash-looped and none will be restarted (see the log above for their exit status)")]
+    #[error("no worker left: every spawned worker crash-looped or could not apply its sandbox, and none will be restarted (see the log above)")]
     NoWorkers,
 }
