@@ -10,11 +10,13 @@
 //! ```text
 //!             TCP clients
 //!                 |
-//!         +---------------+   mio loop: listeners, worker channels,
-//!         |   acceptor    |   signalfd (TERM, INT, CHLD)
+//!         +---------------+   mio loop: listeners, worker channels, control
+//!         |   acceptor    |   and worker sockets, signalfd
 //!         +---------------+
 //!          |      |      |    one SEQPACKET channel per worker;
-//!       worker  worker  worker   each CONN message carries one fd
+//!       worker  worker  worker   each CONN message carries one fd;
+//!                                workers confine themselves (uid, chroot,
+//!                                caps, no_new_privs, seccomp) before HELLO
 //! ```
 //!
 //! Where to read, in order:
@@ -28,7 +30,15 @@
 //!   balancing policy.
 //! * [`supervisor`]: spawning workers, reaping them, restart backoff and
 //!   crash-loop detection.
-//! * [`config`], [`cli`], [`listener`], [`logging`]: the edges.
+//! * [`sandbox`]: the workers' confinement as the acceptor sees it (options
+//!   resolved to a `baton_sdk::sandbox::Profile`, checked from /proc on
+//!   HELLO) and the acceptor's own capability drop; [`audit`] proves it
+//!   from inside a probe worker.
+//! * [`control`] and [`ctl`]: the control socket's JSON-lines protocol and
+//!   its client; the server side is `acceptor::ops`, with worker
+//!   registration, add/remove/rolling restart, reload and autoscaling.
+//! * [`config`], [`cli`], [`file`] (TOML), [`listener`], [`unix`],
+//!   [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
 //! protocol's living example) and `baton-static` (HTTP static files).
