@@ -123,7 +123,7 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 
     /// Address to accept connections on (repeatable): 127.0.0.1:8080,
-    /// [::1]:8080, or :8080 for every IPv4 address. Port 0 picks a free port
+    /// `[::1]:8080`, or :8080 for every IPv4 address. Port 0 picks a free port
     /// (the log says which). [default: 127.0.0.1:8080]
     #[arg(long = "listen", value_name = "ADDR")]
     pub listen: Vec<String>,

@@ -4,18 +4,18 @@
 //!
 //! | token                  | source                         | on readiness                          |
 //! |------------------------|--------------------------------|---------------------------------------|
-//! | [`SIGNALS`]            | signalfd (TERM, INT, CHLD, TTIN, TTOU) | shut down, reap and restart, add or remove a worker |
-//! | [`CONTROL`]            | control socket (stream)        | accept `baton ctl` clients (SO_PEERCRED checked) |
-//! | [`WORKER_SOCKET`]      | worker socket (SEQPACKET)      | accept self-registering workers        |
+//! | `SIGNALS`              | signalfd (TERM, INT, CHLD, HUP, TTIN, TTOU) | stop, reap and restart, reload, add or remove a worker |
+//! | `CONTROL`              | control socket (stream)        | accept `baton ctl` clients (SO_PEERCRED checked) |
+//! | `WORKER_SOCKET`        | worker socket (SEQPACKET)      | accept self-registering workers        |
 //! | `LISTENER_BASE + i`    | listener `i`                   | accept until EAGAIN, hand off         |
-//! | `CTL_BASE + key`       | a control client               | JSON request lines → replies ([`ops`]) |
+//! | `CTL_BASE + key`       | a control client               | JSON request lines → replies (`ops`) |
 //! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE; EOF = worker gone |
 //!
 //! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
 //! idle control clients, shutdown deadline) are deadlines kept in the state below; the poll timeout is the
 //! nearest one, so nothing spins.
 //!
-//! After every batch of events, [`Acceptor::pump`] moves connections along:
+//! After every batch of events, `Acceptor::pump` moves connections along:
 //! first the ones waiting in `pending` (taken back from a dead worker, or
 //! accepted while every worker was busy), then fresh ones from the
 //! listeners. When no worker has room, the listeners are deregistered and
