@@ -1,5 +1,5 @@
 //! Command line of the `baton` binary, and its translation into a validated
-//! [`Config`](crate::config::Config).
+//! [`Config`].
 
 use std::ffi::OsString;
 use std::path::PathBuf;

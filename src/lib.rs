@@ -37,7 +37,7 @@
 //! * [`control`] and [`ctl`]: the control socket's JSON-lines protocol and
 //!   its client; the server side is `acceptor::ops`, with worker
 //!   registration, add/remove/rolling restart, reload and autoscaling.
-//! * [`config`], [`cli`], [`file`] (TOML), [`listener`], [`unix`],
+//! * [`config`], [`cli`], [`file`](mod@file) (TOML), [`listener`], [`unix`],
 //!   [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
