@@ -240,6 +240,12 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILTER")]
     pub log_level: Option<String>,
 
+    /// Serve the metrics (Prometheus text format) over HTTP on this
+    /// address, e.g. 127.0.0.1:9100. Operator-facing: bind it to loopback
+    /// or a management network.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+
     #[command(flatten)]
     pub sandbox: crate::sandbox::SandboxArgs,
 
@@ -306,6 +312,7 @@ impl RunArgs {
             balance,
             root,
             control,
+            metrics_listen,
             worker_socket,
             log_level,
             log_format,
@@ -435,7 +442,16 @@ impl RunArgs {
         };
         command.check()?;
         let sandbox = self.sandbox.resolve(worker_connections)?;
+        let metrics_listen = match &self.metrics_listen {
+            Some(a) => Some(
+                ListenAddr::parse(a)
+                    .map_err(|e| ConfigError::Invalid(format!("--metrics-listen: {e}")))?
+                    .0,
+            ),
+            None => None,
+        };
         Ok(Config {
+            metrics_listen,
             sandbox,
             worker_require_sandbox: self.worker_require_sandbox,
             listen,

@@ -135,6 +135,8 @@ pub struct Config {
     pub worker_allow_uid: Vec<u32>,
     /// Default drain timeout of a removed worker.
     pub drain_timeout: Duration,
+    /// Prometheus endpoint address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The workers' sandbox (resolved ids, checked paths).
     pub sandbox: crate::sandbox::Sandbox,
     /// Check self-registering workers against the profile too.

@@ -67,6 +67,7 @@ struct Raw {
     shutdown_timeout: Option<HumanDuration>,
     log_format: Option<LogFormatArg>,
     log_level: Option<String>,
+    metrics_listen: Option<String>,
     #[serde(default)]
     pool: Pool,
 }
@@ -117,6 +118,7 @@ pub struct FileConfig {
     pub shutdown_timeout: Option<HumanDuration>,
     pub log_format: Option<LogFormatArg>,
     pub log_level: Option<String>,
+    pub metrics_listen: Option<String>,
     pub command: Vec<String>,
     pub root: Option<PathBuf>,
     pub workers: Option<usize>,
@@ -201,6 +203,7 @@ impl FileConfig {
             shutdown_timeout: raw.shutdown_timeout,
             log_format: raw.log_format,
             log_level: raw.log_level,
+            metrics_listen: raw.metrics_listen,
             command: p.command,
             root: p.root,
             workers: p.workers,

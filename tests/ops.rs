@@ -565,3 +565,71 @@ fn autoscaling_adds_workers_when_full_and_retires_them_when_idle() {
     assert_eq!(rows(&b).len(), 1);
     stop(&mut b);
 }
+
+#[test]
+fn metrics_are_served_over_http_in_the_prometheus_format() {
+    let echo = echo();
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--",
+            &echo,
+        ],
+        2,
+    );
+    let addr = b
+        .find(Duration::from_secs(10), |l| {
+            l.message() == "metrics listening"
+        })
+        .and_then(|l| l.field("addr"))
+        .expect("metrics address");
+    let (ok, errors) = echo_many(b.addr(), 30);
+    assert_eq!(ok, 30, "{errors:?}");
+    let get = |method: &str| {
+        let out = Command::new("curl")
+            .args(["-s", "-i", "-X", method, &format!("http://{addr}/metrics")])
+            .output()
+            .expect("curl");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // DONE may reach the acceptor just after a client saw its EOF: scrape
+    // until every connection is counted as handled (bounded).
+    let handled_in = |page: &str| -> u64 {
+        page.lines()
+            .filter(|l| l.starts_with("baton_worker_handled_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut page = get("GET");
+    while handled_in(&page) < 30 && std::time::Instant::now() < deadline {
+        page = get("GET");
+    }
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        page.contains("# TYPE baton_connections_accepted_total counter"),
+        "{page}"
+    );
+    assert!(
+        page.contains("baton_connections_accepted_total 30"),
+        "{page}"
+    );
+    assert!(
+        page.contains("baton_worker_handled_total{worker=\"1\"}"),
+        "{page}"
+    );
+    assert_eq!(handled_in(&page), 30, "{page}");
+    // The same text as `baton ctl metrics`.
+    let (ok, text, _) = b.ctl(&["metrics"]);
+    assert!(
+        ok && text.contains("baton_connections_accepted_total 30"),
+        "{text}"
+    );
+    assert!(get("POST").starts_with("HTTP/1.1 405"));
+    stop(&mut b);
+}

@@ -8,7 +8,9 @@
 //! | `CONTROL`              | control socket (stream)        | accept `baton ctl` clients (SO_PEERCRED checked) |
 //! | `WORKER_SOCKET`        | worker socket (SEQPACKET)      | accept self-registering workers        |
 //! | `LISTENER_BASE + i`    | listener `i`                   | accept until EAGAIN, hand off         |
+//! | `METRICS`              | `--metrics-listen` (TCP)       | accept Prometheus scrapers (`scrape`) |
 //! | `CTL_BASE + key`       | a control client               | JSON request lines → replies (`ops`) |
+//! | `SCRAPE_BASE + key`    | a metrics scraper              | one GET → the metrics text, close     |
 //! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE; EOF = worker gone |
 //!
 //! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
@@ -44,12 +46,16 @@ use crate::unix::UnixListener;
 use crate::{listener, Error};
 
 mod ops;
+mod scrape;
 use ops::CtlClient;
+use scrape::Scraper;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
 const WORKER_SOCKET: Token = Token(2);
+const METRICS: Token = Token(3);
 const LISTENER_BASE: usize = 16;
+const SCRAPE_BASE: usize = 1 << 18;
 const CTL_BASE: usize = 1 << 19;
 const WORKER_BASE: usize = 1 << 20;
 
@@ -116,6 +122,9 @@ pub struct Acceptor {
     rolling_current: Option<(usize, usize)>,
     started: Instant,
     own_uid: u32,
+    /// `--metrics-listen` and its clients.
+    metrics_listener: Option<mio::net::TcpListener>,
+    scrapers: Slab<Scraper>,
     /// The command line, kept to re-read `--config` on reload.
     reload_args: Option<crate::cli::RunArgs>,
 }
@@ -189,6 +198,21 @@ impl Acceptor {
             }
             None => None,
         };
+        let metrics_listener = match cfg.metrics_listen {
+            Some(addr) => {
+                let mut l =
+                    listener::bind(addr, 64).map_err(|source| Error::Bind { addr, source })?;
+                let bound = l
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr, source })?;
+                poll.registry()
+                    .register(&mut l, METRICS, Interest::READABLE)
+                    .map_err(Error::Poll)?;
+                info!(addr = %bound, "metrics listening");
+                Some(l)
+            }
+            None => None,
+        };
         // Block the signals we handle so that they queue on the signalfd.
         let mut mask = SigSet::empty();
         for s in [
@@ -237,6 +261,8 @@ impl Acceptor {
             started: Instant::now(),
             own_uid: nix::unistd::geteuid().as_raw(),
             reload_args: None,
+            metrics_listener,
+            scrapers: Slab::new(),
         })
     }
 
@@ -283,6 +309,10 @@ impl Acceptor {
                     }
                     CONTROL => self.on_control_accept(),
                     WORKER_SOCKET => self.on_worker_socket_accept(),
+                    METRICS => self.on_scrape_accept(),
+                    Token(t) if (SCRAPE_BASE..CTL_BASE).contains(&t) => {
+                        self.on_scrape_event(t - SCRAPE_BASE);
+                    }
                     Token(t) if (CTL_BASE..WORKER_BASE).contains(&t) => {
                         self.on_ctl_event(t - CTL_BASE, ev.is_readable(), ev.is_writable());
                     }
@@ -784,6 +814,9 @@ impl Acceptor {
         for (_, c) in self.ctl.iter() {
             consider(Some(c.deadline));
         }
+        for (_, c) in self.scrapers.iter() {
+            consider(Some(c.deadline));
+        }
         for (_, s) in self.slots.iter() {
             if s.pid.is_none() && !s.given_up {
                 consider(s.restart_at);
@@ -840,6 +873,15 @@ impl Acceptor {
             .collect();
         for key in idle {
             self.close_ctl(key, "idle timeout");
+        }
+        let slow: Vec<usize> = self
+            .scrapers
+            .iter()
+            .filter(|(_, c)| c.deadline <= now)
+            .map(|(k, _)| k)
+            .collect();
+        for key in slow {
+            self.close_scraper(key);
         }
         for (key, why) in overdue {
             self.close_worker(key, &format!("unresponsive: {why}"), true);
