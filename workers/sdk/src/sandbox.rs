@@ -254,7 +254,14 @@ pub(crate) fn record() -> Option<&'static Record> {
 ///
 /// Call it first thing in `main`, before any thread starts or any file is
 /// opened; [`Worker::from_env`](crate::Worker::from_env) is the usual caller.
+///
+/// Applying is once per process: when this process already applied a
+/// sandbox (a worker that confines itself, then calls
+/// [`Worker::from_env`](crate::Worker::from_env)), it returns `Ok(None)`.
 pub fn apply_from_env() -> Result<Option<Applied>, SandboxError> {
+    if RECORD.get().is_some() {
+        return Ok(None);
+    }
     match Profile::from_env()? {
         Some(p) => apply(&p).map(Some),
         None => Ok(None),
