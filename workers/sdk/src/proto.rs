@@ -29,9 +29,9 @@
 //! | 5    | DONE    | worker → acceptor | 8 + 8·n     | 0   | same layout as ACK                                      |
 //! | 6    | DRAIN   | acceptor → worker | 4           | 0   | none                                                    |
 //!
-//! A socket address is 24 bytes: family u8 (4 or 6) @0, reserved u8 @1,
-//! port u16 @2, IPv6 scope id u32 @4, address @8 (16 bytes; an IPv4 address
-//! uses the first 4 and the rest are 0).
+//! A socket address is 24 bytes: family u8 (4 or 6) @0, reserved u8 @1
+//! (0), port u16 @2, IPv6 scope id u32 @4 (0 for IPv4), address @8 (16
+//! bytes; an IPv4 address uses the first 4 and the rest must be 0).
 //!
 //! # Rules
 //!
@@ -222,8 +222,15 @@ fn put_addr(b: &mut [u8], at: usize, addr: &SocketAddr) {
 fn get_addr(b: &[u8], at: usize) -> Result<SocketAddr, ProtoError> {
     let a = &b[at..at + ADDR_LEN];
     let port = get_u16(a, 2);
+    if a[1] != 0 {
+        return Err(ProtoError::Reserved { kind: Kind::Conn });
+    }
     match a[0] {
         4 => {
+            // An IPv4 address has no scope and uses 4 of the 16 bytes.
+            if get_u32(a, 4) != 0 || a[12..24].iter().any(|b| *b != 0) {
+                return Err(ProtoError::Reserved { kind: Kind::Conn });
+            }
             let ip = Ipv4Addr::new(a[8], a[9], a[10], a[11]);
             Ok(SocketAddr::V4(SocketAddrV4::new(ip, port)))
         }
@@ -454,6 +461,21 @@ mod tests {
             decode(&bad[..n], 0),
             Err(ProtoError::Count { .. })
         ));
+        // A CONN with a dirty reserved byte in an address.
+        let info = ConnInfo {
+            id: 1,
+            listener: 0,
+            peer: "127.0.0.1:5".parse().unwrap(),
+            local: "127.0.0.1:6".parse().unwrap(),
+        };
+        let n = encode(&Msg::Conn(info), &mut buf);
+        assert!(decode(&buf[..n], 1).is_ok());
+        let mut bad = buf;
+        bad[16 + 1] = 1;
+        assert!(matches!(decode(&bad[..n], 1), Err(ProtoError::Reserved { .. })));
+        let mut bad = buf;
+        bad[16 + 20] = 1;
+        assert!(matches!(decode(&bad[..n], 1), Err(ProtoError::Reserved { .. })));
         // A CONN without its fd.
         let n = encode(&Msg::Drain, &mut buf);
         assert_eq!(decode(&buf[..n], 0), Ok(Msg::Drain));
