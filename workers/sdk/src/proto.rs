@@ -472,10 +472,16 @@ mod tests {
         assert!(decode(&buf[..n], 1).is_ok());
         let mut bad = buf;
         bad[16 + 1] = 1;
-        assert!(matches!(decode(&bad[..n], 1), Err(ProtoError::Reserved { .. })));
+        assert!(matches!(
+            decode(&bad[..n], 1),
+            Err(ProtoError::Reserved { .. })
+        ));
         let mut bad = buf;
         bad[16 + 20] = 1;
-        assert!(matches!(decode(&bad[..n], 1), Err(ProtoError::Reserved { .. })));
+        assert!(matches!(
+            decode(&bad[..n], 1),
+            Err(ProtoError::Reserved { .. })
+        ));
         // A CONN without its fd.
         let n = encode(&Msg::Drain, &mut buf);
         assert_eq!(decode(&buf[..n], 0), Ok(Msg::Drain));

@@ -110,13 +110,13 @@ pub struct DoneSender {
 impl DoneSender {
     /// Reports one connection closed.
     pub fn done(&self, id: u64) -> io::Result<()> {
-        self.chan.send(&Msg::Done(vec![id]), None)
+        send_reliably(&self.chan, &Msg::Done(vec![id]))
     }
 
     /// Reports many connections closed, in as few messages as possible.
     pub fn done_many(&self, ids: &[u64]) -> io::Result<()> {
         for m in Msg::id_batches(ids, true) {
-            self.chan.send(&m, None)?;
+            send_reliably(&self.chan, &m)?;
         }
         Ok(())
     }
@@ -313,14 +313,82 @@ impl Worker {
             })
             .collect();
         for chunk in ids.chunks(MAX_IDS) {
-            self.chan.send(&Msg::Ack(chunk.to_vec()), None)?;
+            send_reliably(&self.chan, &Msg::Ack(chunk.to_vec()))?;
         }
         Ok(())
+    }
+}
+
+/// How long an ACK or DONE may wait for room in the channel before the
+/// worker gives up on the acceptor.
+const SEND_TIMEOUT_MS: u16 = 5000;
+
+/// Sends an ACK or DONE even on a non-blocking channel: when the acceptor
+/// is behind and the socket buffer is full, waits (bounded) for room
+/// instead of failing. Losing an ACK would make the acceptor hand the same
+/// connections to another worker.
+fn send_reliably(chan: &Channel, msg: &Msg) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        match chan.send(msg, None) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let mut fds = [PollFd::new(chan.as_fd(), PollFlags::POLLOUT)];
+                match poll(&mut fds, PollTimeout::from(SEND_TIMEOUT_MS)) {
+                    Ok(0) => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "the acceptor has not read its channel for 5 s",
+                        ))
+                    }
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Worker {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.chan.as_fd()
     }
 }
 
 impl AsRawFd for Worker {
     fn as_raw_fd(&self) -> RawFd {
         self.chan.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_and_dones_survive_a_full_channel() {
+        // The worker's end is non-blocking, as an event-driven worker sets
+        // it; the acceptor reads slower than the worker writes.
+        let (acceptor, worker) = Channel::pair().unwrap();
+        let n = 20_000u64;
+        let reader = std::thread::spawn(move || {
+            acceptor.set_nonblocking(false).unwrap();
+            let mut got = 0u64;
+            while got < n {
+                match acceptor.recv().unwrap() {
+                    Some(r) => match r.msg {
+                        Msg::Done(ids) => got += ids.len() as u64,
+                        other => panic!("unexpected {other:?}"),
+                    },
+                    None => break,
+                }
+            }
+            got
+        });
+        for id in 0..n {
+            send_reliably(&worker, &Msg::Done(vec![id])).expect("never lost");
+        }
+        assert_eq!(reader.join().unwrap(), n);
     }
 }
