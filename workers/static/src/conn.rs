@@ -1,0 +1,669 @@
+//! One client connection: read, parse, answer in order, write, close.
+//!
+//! [`Conn::drive`] makes all the progress it can and returns when the socket
+//! would block (or its turn is used up, see [`Next`]):
+//!
+//! 1. parse every complete request already buffered (pipelining) and append
+//!    the responses to one output buffer, stopping at a response with a
+//!    `sendfile` body, at a response that closes the connection, or when
+//!    [`HIGH_WATER`] bytes are waiting;
+//! 2. write the buffer and then the file with `sendfile(2)`, resuming at the
+//!    recorded offset after `EAGAIN` or a partial send; while a file body
+//!    goes out the socket is corked (`TCP_CORK`, and `MSG_MORE` on the head),
+//!    so that the head and the start of the body share segments and no
+//!    short segment leaves between two `sendfile` calls;
+//! 3. read more only when the output is flushed (backpressure): a client
+//!    that pipelines without reading stalls itself, not the worker.
+//!
+//! System calls per request are counted: every read and write passes
+//! `MSG_DONTWAIT`, so the socket needs `O_NONBLOCK` only before its first
+//! `sendfile`; `TCP_NODELAY` is set only on a connection that outlives a
+//! response; the socket is registered with epoll (edge-triggered, both
+//! directions, once) only if it outlives its first turn, so a one-request
+//! connection whose request had arrived costs `recv`, `openat`, `fstat`,
+//! `pread`, `send` and two `close`s. A read that returns less than the room
+//! offered means the socket is empty (as nginx assumes with edge-triggered
+//! epoll), which saves the `EAGAIN` read per request; an `EPOLLRDHUP` turns
+//! that shortcut off so that the peer's FIN is read.
+//!
+//! Closing after an error response is "lingering": stop writing
+//! (`shutdown(SHUT_WR)`), read and discard for a short while, then close, so
+//! that unread request bytes do not make the kernel reset the connection
+//! before the client has read the response.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, MsgFlags};
+
+use crate::config::Config;
+use crate::http::{self, ConnState, FileBody, Shared};
+
+/// Stop parsing pipelined requests while this many response bytes wait.
+pub const HIGH_WATER: usize = 256 * 1024;
+/// Largest single `sendfile` call.
+const SENDFILE_CHUNK: u64 = 2 << 20;
+/// Bytes one connection may write in one turn before the loop serves the
+/// others: a client that reads as fast as loopback (the socket never says
+/// EAGAIN) must not monopolise the worker.
+const WRITE_BUDGET: u64 = 4 << 20;
+/// Requests one connection may have answered in one turn (pipelining).
+const REQUEST_BUDGET: u32 = 256;
+/// Reads one lingering connection may discard in one turn.
+const LINGER_BUDGET: u32 = 64;
+
+/// What the event loop should do with a connection after driving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Wait for readiness (or the deadline).
+    Wait,
+    /// It used up its turn with work left: drive it again soon, without
+    /// waiting for an event (edge-triggered readiness will not repeat).
+    Again,
+    /// Close it now.
+    Close,
+}
+/// Read buffers kept for reuse by the next connection that needs one.
+const POOL_MAX: usize = 256;
+
+/// Per-loop context shared by every connection: reusable buffers and the
+/// loop's clock.
+#[derive(Debug)]
+pub struct Io {
+    pool: Vec<Box<[u8]>>,
+    out_pool: Vec<Vec<u8>>,
+    buf_size: usize,
+    /// Decoded request path, reused.
+    pub scratch: Vec<u8>,
+    /// When the current loop iteration woke up.
+    pub now: Instant,
+    /// Whether to log each request.
+    pub access_log: bool,
+}
+
+impl Io {
+    pub fn new(cfg: &Config) -> Io {
+        Io {
+            pool: Vec::new(),
+            out_pool: Vec::new(),
+            buf_size: cfg.max_header_bytes as usize,
+            scratch: Vec::with_capacity(256),
+            now: Instant::now(),
+            access_log: cfg.access_log(),
+        }
+    }
+
+    fn take_buf(&mut self) -> Box<[u8]> {
+        self.pool
+            .pop()
+            .unwrap_or_else(|| vec![0u8; self.buf_size].into_boxed_slice())
+    }
+
+    fn give_buf(&mut self, b: Box<[u8]>) {
+        if self.pool.len() < POOL_MAX {
+            self.pool.push(b);
+        }
+    }
+
+    fn take_out(&mut self) -> Vec<u8> {
+        self.out_pool.pop().unwrap_or_default()
+    }
+
+    fn give_out(&mut self, mut v: Vec<u8>) {
+        // Keep ordinary-sized buffers only: one that grew for a burst of
+        // pipelined responses goes back to the allocator.
+        if self.out_pool.len() < POOL_MAX && v.capacity() <= 64 * 1024 {
+            v.clear();
+            self.out_pool.push(v);
+        }
+    }
+}
+
+/// A response waiting to be fully written, for the access log.
+#[derive(Debug)]
+struct LogRec {
+    method: String,
+    path: String,
+    status: u16,
+    bytes: u64,
+    start: Instant,
+    /// Value of `Conn::sent` once this response is fully written.
+    end: u64,
+}
+
+/// One client connection.
+#[derive(Debug)]
+pub struct Conn {
+    /// The acceptor's id for this connection (for DONE).
+    pub id: u64,
+    pub sock: mio::net::TcpStream,
+    pub peer: SocketAddr,
+    /// Whether the socket is registered with the event loop yet.
+    pub registered: bool,
+    rbuf: Option<Box<[u8]>>,
+    rlen: usize,
+    /// Request body bytes still to skip.
+    discard: u64,
+    out: Vec<u8>,
+    out_pos: usize,
+    file: Option<FileBody>,
+    requests: u32,
+    /// No `EAGAIN` seen since the last readiness event.
+    read_ready: bool,
+    read_eof: bool,
+    /// The peer's FIN has been signalled (it may still be behind data).
+    peer_fin: bool,
+    /// Whether the socket has O_NONBLOCK (set before the first sendfile;
+    /// every other call passes MSG_DONTWAIT).
+    nonblocking: bool,
+    /// Whether TCP_NODELAY is set.
+    nodelay: bool,
+    /// Whether TCP_CORK is set (while a file body goes out).
+    corked: bool,
+    /// Close once the output is written.
+    close_after: bool,
+    /// Closing must linger (an error, or unread input).
+    linger: bool,
+    lingering: bool,
+    /// Finish the current request, then close.
+    draining: bool,
+    /// When the request being read started (or the connection arrived).
+    req_start: Instant,
+    /// Last progress in either direction.
+    last_active: Instant,
+    linger_since: Instant,
+    /// When this connection times out in its current state.
+    pub deadline: Instant,
+    /// Bytes written so far, and bytes queued so far (responses).
+    sent: u64,
+    queued: u64,
+    logs: VecDeque<LogRec>,
+}
+
+impl Conn {
+    pub fn new(id: u64, sock: mio::net::TcpStream, peer: SocketAddr, now: Instant) -> Conn {
+        Conn {
+            id,
+            sock,
+            peer,
+            registered: false,
+            rbuf: None,
+            rlen: 0,
+            discard: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            file: None,
+            requests: 0,
+            read_ready: true,
+            read_eof: false,
+            peer_fin: false,
+            nonblocking: false,
+            nodelay: false,
+            corked: false,
+            close_after: false,
+            linger: false,
+            lingering: false,
+            draining: false,
+            req_start: now,
+            last_active: now,
+            linger_since: now,
+            deadline: now,
+            sent: 0,
+            queued: 0,
+            logs: VecDeque::new(),
+        }
+    }
+
+    /// Called on every readiness event: the socket may have changed state.
+    /// `read_closed` (EPOLLRDHUP): the peer's FIN is queued, so reads must
+    /// go on until they see it rather than stop at the first short read.
+    pub fn ready(&mut self, readable: bool, read_closed: bool) {
+        if readable || read_closed {
+            self.read_ready = true;
+        }
+        self.peer_fin |= read_closed;
+    }
+
+    fn output_empty(&self) -> bool {
+        self.out_pos == self.out.len() && self.file.is_none()
+    }
+
+    /// Nothing in flight: no partial request, no pending output, and at
+    /// least one request answered (a fresh connection is owed an answer to
+    /// the request it is about to send).
+    pub fn is_idle(&self) -> bool {
+        self.rlen == 0 && self.discard == 0 && self.output_empty() && self.requests > 0
+    }
+
+    /// Asks the connection to close after the response in progress (or
+    /// now, if idle). Returns false when it should be closed now.
+    pub fn drain(&mut self) -> bool {
+        self.draining = true;
+        !(self.is_idle() || self.lingering)
+    }
+
+    fn wants_input(&self) -> bool {
+        !self.close_after && self.file.is_none() && self.out.len() - self.out_pos < HIGH_WATER
+    }
+
+    /// Makes all the progress possible; false means "close me now".
+    pub fn drive(&mut self, sh: &Shared<'_>, io: &mut Io) -> Next {
+        let next = self.drive_inner(sh, io);
+        if next != Next::Close {
+            self.release_buf(io);
+            self.set_deadline(sh.cfg);
+        }
+        next
+    }
+
+    fn drive_inner(&mut self, sh: &Shared<'_>, io: &mut Io) -> Next {
+        let (sent0, requests0) = (self.sent, self.requests);
+        loop {
+            if self.lingering {
+                return self.linger_read(io);
+            }
+            if self.requests - requests0 >= REQUEST_BUDGET {
+                return Next::Again;
+            }
+            let mut progress = self.process(sh, io);
+            if !self.close_after && !self.output_empty() {
+                self.ensure_nodelay();
+            }
+            let blocked = match self.flush(sent0 + WRITE_BUDGET) {
+                Ok((p, Flushed::Done)) => {
+                    progress |= p;
+                    false
+                }
+                Ok((p, Flushed::Blocked)) => {
+                    progress |= p;
+                    true
+                }
+                Ok((_, Flushed::Budget)) => {
+                    self.last_active = io.now;
+                    return Next::Again;
+                }
+                Err(_) => return Next::Close,
+            };
+            if progress {
+                self.last_active = io.now;
+            }
+            if self.output_empty() {
+                self.emit_logs();
+                if self.close_after {
+                    if self.linger || self.rlen > 0 || self.discard > 0 {
+                        self.start_linger(io);
+                        continue;
+                    }
+                    return Next::Close;
+                }
+                if self.read_eof && !progress {
+                    return Next::Close;
+                }
+                if self.draining && self.is_idle() {
+                    return Next::Close;
+                }
+            }
+            if !blocked && self.read_ready && !self.read_eof && self.wants_input() {
+                match self.fill(io) {
+                    Fill::Data | Fill::Eof => progress = true,
+                    Fill::Blocked | Fill::Full => {}
+                    Fill::Failed => return Next::Close,
+                }
+            }
+            if !progress {
+                return Next::Wait;
+            }
+        }
+    }
+
+    /// Parses and answers every complete buffered request it may.
+    fn process(&mut self, sh: &Shared<'_>, io: &mut Io) -> bool {
+        let Some(buf) = self.rbuf.as_deref() else {
+            return false;
+        };
+        if self.out.capacity() == 0 {
+            self.out = io.take_out();
+        }
+        let mut consumed = 0;
+        let mut handled = false;
+        while self.wants_input() {
+            if self.discard > 0 {
+                let d = self.discard.min((self.rlen - consumed) as u64);
+                consumed += d as usize;
+                self.discard -= d;
+                if self.discard > 0 {
+                    break;
+                }
+            }
+            if consumed == self.rlen {
+                break;
+            }
+            let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let avail = &buf[consumed..self.rlen];
+            let before = self.out.len();
+            let (reply, method, target) = match req.parse(avail) {
+                Ok(httparse::Status::Complete(n)) => {
+                    let state = ConnState {
+                        may_keep_alive: !self.draining
+                            && (sh.cfg.max_requests == 0
+                                || self.requests + 1 < sh.cfg.max_requests),
+                    };
+                    let reply = http::respond(sh, &req, state, &mut io.scratch, &mut self.out);
+                    consumed += n;
+                    (reply, req.method.unwrap_or(""), req.path.unwrap_or(""))
+                }
+                Ok(httparse::Status::Partial) => {
+                    if consumed > 0 || self.rlen < buf.len() {
+                        break; // room to read the rest
+                    }
+                    // The head fills the whole buffer: 414 when even the
+                    // request line did not end, 431 otherwise.
+                    let status = if avail.contains(&b'\n') { 431 } else { 414 };
+                    consumed = self.rlen;
+                    (http::bad_request(&mut self.out, sh.date, status), "-", "-")
+                }
+                Err(e) => {
+                    let status = http::parse_error_status(e, avail);
+                    consumed = self.rlen;
+                    (http::bad_request(&mut self.out, sh.date, status), "-", "-")
+                }
+            };
+            handled = true;
+            self.requests = self.requests.saturating_add(1);
+            let file_len = reply.file.as_ref().map_or(0, |f| f.end - f.offset);
+            self.queued += (self.out.len() - before) as u64 + file_len;
+            if io.access_log {
+                self.logs.push_back(LogRec {
+                    method: method.to_owned(),
+                    path: target.to_owned(),
+                    status: reply.status,
+                    bytes: reply.body_bytes,
+                    start: self.req_start,
+                    end: self.queued,
+                });
+            }
+            self.file = reply.file;
+            self.discard = reply.discard;
+            if !reply.keep_alive {
+                self.close_after = true;
+                self.linger |= reply.linger;
+            }
+            self.req_start = io.now;
+        }
+        if consumed > 0 {
+            if let Some(buf) = self.rbuf.as_deref_mut() {
+                buf.copy_within(consumed..self.rlen, 0);
+            }
+            self.rlen -= consumed;
+        }
+        handled
+    }
+
+    /// Writes buffered bytes, then the file body, the latter until `sent`
+    /// reaches `limit`. Ok((progress, how it stopped)).
+    fn flush(&mut self, limit: u64) -> Result<(bool, Flushed), Errno> {
+        let fd = self.sock.as_raw_fd();
+        let mut progress = false;
+        if self.file.is_some() && !self.corked {
+            // Hold partial segments while a file body goes out (nginx's
+            // tcp_nopush): each sendfile call ends with a segment shorter
+            // than the MSS, which TCP_NODELAY would otherwise push on its
+            // own. Uncorked when the body is done.
+            self.set_cork(true);
+        }
+        while self.out_pos < self.out.len() {
+            let mut flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            if self.file.is_some() {
+                // nix has no name for MSG_MORE; the kernel knows it.
+                flags |= MsgFlags::from_bits_retain(libc::MSG_MORE);
+            }
+            match socket::send(fd, &self.out[self.out_pos..], flags) {
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.sent += n as u64;
+                    progress = true;
+                    if self.out_pos < self.out.len() {
+                        // The socket buffer is full; EPOLLOUT will follow.
+                        return Ok((progress, Flushed::Blocked));
+                    }
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok((progress, Flushed::Blocked)),
+                Err(e) => return Err(e),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        if self.file.is_some() && !self.nonblocking {
+            // sendfile(2) takes no flags: the socket itself must not block.
+            self.sock_nonblocking()?;
+        }
+        while let Some(fb) = &mut self.file {
+            if self.sent >= limit {
+                return Ok((progress, Flushed::Budget));
+            }
+            let count = (fb.end - fb.offset).min(SENDFILE_CHUNK) as usize;
+            let mut off = fb.offset as libc::off64_t;
+            match nix::sys::sendfile::sendfile64(&self.sock, &fb.file, Some(&mut off), count) {
+                // The file shrank after its length was promised.
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => {
+                    fb.offset += n as u64;
+                    self.sent += n as u64;
+                    progress = true;
+                    if fb.offset >= fb.end {
+                        self.file = None;
+                        if self.corked {
+                            self.set_cork(false);
+                        }
+                    }
+                    // A short count is retried once: the next call says
+                    // EAGAIN (wait for EPOLLOUT) or 0 (file truncated).
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok((progress, Flushed::Blocked)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((progress, Flushed::Done))
+    }
+
+    fn set_cork(&mut self, on: bool) {
+        // A refusal only costs some segment coalescing.
+        let _ = socket2::SockRef::from(&self.sock).set_cork(on);
+        self.corked = on;
+    }
+
+    fn sock_nonblocking(&mut self) -> Result<(), Errno> {
+        socket2::SockRef::from(&self.sock)
+            .set_nonblocking(true)
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+        self.nonblocking = true;
+        Ok(())
+    }
+
+    /// Turns Nagle's algorithm off once a connection outlives a response:
+    /// a small response must not wait for the ACK of the one before it.
+    /// A connection that closes after its response never needs it (the
+    /// close pushes the last segment), which saves a system call on every
+    /// one-request connection.
+    fn ensure_nodelay(&mut self) {
+        if !self.nodelay {
+            self.nodelay = true;
+            let _ = self.sock.set_nodelay(true);
+        }
+    }
+
+    fn fill(&mut self, io: &mut Io) -> Fill {
+        let buf = self.rbuf.get_or_insert_with(|| io.take_buf());
+        let room = buf.len() - self.rlen;
+        if room == 0 {
+            return Fill::Full;
+        }
+        let fd = self.sock.as_raw_fd();
+        loop {
+            match socket::recv(fd, &mut buf[self.rlen..], MsgFlags::MSG_DONTWAIT) {
+                Ok(0) => {
+                    self.read_eof = true;
+                    return Fill::Eof;
+                }
+                Ok(n) => {
+                    if self.rlen == 0 && self.requests > 0 {
+                        self.req_start = io.now;
+                    }
+                    self.rlen += n;
+                    if n < room && !self.peer_fin {
+                        self.read_ready = false;
+                    }
+                    return Fill::Data;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => {
+                    self.read_ready = false;
+                    return Fill::Blocked;
+                }
+                Err(_) => return Fill::Failed,
+            }
+        }
+    }
+
+    fn start_linger(&mut self, io: &mut Io) {
+        let _ = self.sock.shutdown(Shutdown::Write);
+        self.lingering = true;
+        self.linger_since = io.now;
+        self.rlen = 0;
+        self.discard = 0;
+    }
+
+    /// Reads and discards until EOF.
+    fn linger_read(&mut self, io: &mut Io) -> Next {
+        for _ in 0..LINGER_BUDGET {
+            self.rlen = 0;
+            match self.fill(io) {
+                Fill::Data | Fill::Full => continue,
+                Fill::Blocked => return Next::Wait,
+                Fill::Eof | Fill::Failed => return Next::Close,
+            }
+        }
+        Next::Again
+    }
+
+    /// Between requests a connection holds no buffer: an idle keep-alive
+    /// connection costs its struct and its socket, nothing more.
+    fn release_buf(&mut self, io: &mut Io) {
+        if self.rlen == 0 {
+            if let Some(b) = self.rbuf.take() {
+                io.give_buf(b);
+            }
+        }
+        if self.output_empty() && self.out.capacity() > 0 {
+            io.give_out(std::mem::take(&mut self.out));
+        }
+    }
+
+    fn set_deadline(&mut self, cfg: &Config) {
+        self.deadline = if self.lingering {
+            later(self.linger_since, cfg.linger_timeout)
+        } else if !self.output_empty() {
+            later(self.last_active, cfg.send_timeout)
+        } else if self.rlen > 0 || self.discard > 0 || self.requests == 0 {
+            later(self.req_start, cfg.header_timeout)
+        } else {
+            later(self.last_active, cfg.idle_timeout)
+        };
+    }
+
+    /// The connection's deadline passed. A client in the middle of sending
+    /// a request head gets 408 (best effort); every other state just
+    /// closes. Returns why, for the log.
+    pub fn timed_out(&mut self, sh: &Shared<'_>) -> &'static str {
+        if self.lingering {
+            "linger done"
+        } else if !self.output_empty() {
+            "send timeout"
+        } else if self.rlen > 0 || self.discard > 0 {
+            let mut out = Vec::new();
+            http::bad_request(&mut out, sh.date, 408);
+            let _ = socket::send(
+                self.sock.as_raw_fd(),
+                &out,
+                MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+            );
+            "header timeout"
+        } else if self.requests == 0 {
+            "no request"
+        } else {
+            "idle"
+        }
+    }
+
+    /// Logs every response fully written.
+    fn emit_logs(&mut self) {
+        while let Some(l) = self.logs.front() {
+            if l.end > self.sent {
+                break;
+            }
+            log_access(l, self.peer, true);
+            self.logs.pop_front();
+        }
+    }
+
+    /// Before the connection is dropped: logs what is left (incomplete).
+    pub fn close(&mut self, io: &mut Io) {
+        self.emit_logs();
+        for l in self.logs.drain(..) {
+            log_access(&l, self.peer, false);
+        }
+        if let Some(b) = self.rbuf.take() {
+            io.give_buf(b);
+        }
+        io.give_out(std::mem::take(&mut self.out));
+    }
+
+    pub fn requests(&self) -> u32 {
+        self.requests
+    }
+}
+
+/// `t + d`, saturating at about a century (an absurd timeout flag must
+/// not overflow `Instant`).
+fn later(t: Instant, d: Duration) -> Instant {
+    t.checked_add(d.min(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(t)
+}
+
+fn log_access(l: &LogRec, peer: SocketAddr, complete: bool) {
+    let elapsed = Instant::now().saturating_duration_since(l.start);
+    let duration_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+    tracing::info!(
+        target: "access",
+        peer = %peer,
+        method = %l.method,
+        path = %l.path,
+        status = l.status,
+        bytes = l.bytes,
+        duration_us,
+        complete,
+    );
+}
+
+enum Flushed {
+    /// Everything queued was written.
+    Done,
+    /// The socket is full: wait for EPOLLOUT.
+    Blocked,
+    /// The turn's write budget is spent; more can be written.
+    Budget,
+}
+
+enum Fill {
+    Data,
+    Eof,
+    Blocked,
+    Full,
+    Failed,
+}

@@ -1,0 +1,482 @@
+//! The worker's event loop: one thread, one `mio::Poll`.
+//!
+//! | token        | source                 | on readiness                                  |
+//! |--------------|------------------------|-----------------------------------------------|
+//! | `CHANNEL`    | the acceptor's channel | [`Worker::poll_events`]: new connections (already ACKed), DRAIN, or the acceptor's exit |
+//! | `SIGNALS`    | an eventfd (`Waker`)   | SIGTERM/SIGINT drain; a second one stops at once |
+//! | `FIRST + k`  | connection `k` (slab)  | [`Conn::drive`]                                |
+//!
+//! After each batch of events the loop gives another turn to connections
+//! that used up theirs with work left (a client reading as fast as loopback
+//! never makes the socket block, and edge-triggered readiness does not
+//! repeat), expires timed-out connections, and sends one DONE message for
+//! every connection it closed in that batch.
+//!
+//! **Timers.** Each connection carries one deadline for its current state
+//! (head being read, idle keep-alive, stalled write, lingering close). The
+//! loop remembers the earliest deadline it may have to act on and scans the
+//! slab when that time comes, at most once per [`TIMER_GRANULARITY`]; a
+//! scan is a linear pass over plain structs, far cheaper than a timer heap
+//! updated on every request.
+//!
+//! **Draining** (DRAIN, the channel closing, or SIGTERM/SIGINT): idle
+//! keep-alive connections are closed at once; a connection with a request
+//! in progress finishes it, answers with `Connection: close`, and closes; a
+//! fresh connection still gets an answer to its first request (bounded by
+//! the header timeout). When the last connection is gone, the worker exits.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
+
+use baton_sdk::{Connection, Event, Worker};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::errno::Errno;
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+use slab::Slab;
+
+use crate::config::Config;
+use crate::conn::{Conn, Io, Next};
+use crate::fs::{Root, RootError};
+use crate::http::{DateCache, Shared};
+use crate::site::{Demo, Site};
+
+const CHANNEL: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const FIRST: usize = 2;
+
+/// How late a timeout may be acted on, at most; bounds the slab scans.
+pub const TIMER_GRANULARITY: Duration = Duration::from_millis(20);
+
+/// Why the worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Root(#[from] RootError),
+    #[error("cannot join the acceptor: {0}")]
+    Join(baton_sdk::Error),
+    #[error("the acceptor's channel failed: {0}")]
+    Channel(baton_sdk::Error),
+    #[error("event loop: {0}")]
+    Poll(#[source] io::Error),
+}
+
+/// Raises the soft fd limit to the hard one: each connection is an fd.
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+/// SIGTERM/SIGINT received so far, counted by [`on_signal`].
+static SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
+/// The last of them.
+static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Wakes the event loop from the signal handler.
+static WAKER: OnceLock<mio::Waker> = OnceLock::new();
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    let saved = Errno::last_raw();
+    LAST_SIGNAL.store(sig, Ordering::SeqCst);
+    SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
+    if let Some(w) = WAKER.get() {
+        let _ = w.wake();
+    }
+    Errno::set_raw(saved);
+}
+
+/// SIGTERM and SIGINT drain the worker: a handler counts them and wakes the
+/// loop through an eventfd (mio's `Waker`). Not a signalfd, nor
+/// signal-hook's socket pair: those would have to exist before the sandbox
+/// is applied, which closes every fd it was not told to keep, and seccomp
+/// refuses to create them after; `rt_sigaction` and `eventfd2` it allows.
+fn catch_signals(registry: &mio::Registry) -> Result<(), io::Error> {
+    let waker = mio::Waker::new(registry, SIGNALS)?;
+    // One event loop per process: set once.
+    let _ = WAKER.set(waker);
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // SAFETY: `on_signal` is async-signal-safe: it stores to atomics,
+        // reads a OnceLock that was set above (an atomic load), writes to an
+        // eventfd (write(2)), and restores errno before returning.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(())
+}
+
+/// How long one ACK or DONE send may wait for room in the acceptor's
+/// receive queue before the channel counts as failed (the acceptor's own
+/// `--ack-timeout` defaults to the same).
+pub const CHANNEL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The channel stays in blocking mode, with a send timeout, rather than
+/// `set_nonblocking(true)`: [`Worker::poll_events`] receives with
+/// `MSG_DONTWAIT` whatever the mode, but its ACK (and `done_many`) would fail
+/// with `EAGAIN` whenever the acceptor is a few messages behind (a Unix
+/// socket's queue holds `net.unix.max_dgram_qlen` messages, 10 by default),
+/// and an ACK that is not sent cannot be retried: the acceptor would give
+/// the connection to another worker. Blocking briefly is the right
+/// backpressure; the timeout bounds it if the acceptor is stuck.
+fn bound_channel_sends(worker: &Worker) -> io::Result<()> {
+    // SAFETY: the fd is the worker's channel, open for as long as `worker`,
+    // which outlives this borrow.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(worker.as_raw_fd()) };
+    worker.set_nonblocking(false)?;
+    socket2::SockRef::from(&fd).set_write_timeout(Some(CHANNEL_SEND_TIMEOUT))
+}
+
+/// Runs the worker until it has drained; `Ok` means a clean exit.
+///
+/// Joining the acceptor comes first: [`Worker::from_env`] applies the
+/// sandbox the acceptor passed, which closes every fd it was not told to
+/// keep and may chroot, so the root directory (resolved inside the jail)
+/// and every other fd are opened after it.
+pub fn run(cfg: Config) -> Result<(), Error> {
+    raise_nofile();
+    let worker = match &cfg.register {
+        Some(path) => Worker::register(path, cfg.capacity),
+        None => Worker::from_env(cfg.capacity),
+    }
+    .map_err(Error::Join)?;
+    bound_channel_sends(&worker).map_err(|e| Error::Channel(e.into()))?;
+    let site = match &cfg.root {
+        Some(dir) => {
+            let root = Root::open(dir)?;
+            tracing::info!(
+                worker = worker.id(),
+                root = %dir.display(),
+                resolver = ?root.resolver(),
+                "serving files"
+            );
+            Site::Dir(root)
+        }
+        None => {
+            tracing::info!(worker = worker.id(), "serving the demo site");
+            Site::Demo(Demo::new(std::process::id(), worker.id()))
+        }
+    };
+    let poll = Poll::new().map_err(Error::Poll)?;
+    poll.registry()
+        .register(
+            &mut SourceFd(&worker.as_raw_fd()),
+            CHANNEL,
+            Interest::READABLE,
+        )
+        .map_err(Error::Poll)?;
+    if let Err(e) = catch_signals(poll.registry()) {
+        tracing::warn!(error = %e, "SIGTERM/SIGINT will stop this worker without draining");
+    }
+    let mut server = Server {
+        io: Io::new(&cfg),
+        cfg: &cfg,
+        site,
+        date: DateCache::default(),
+        conns: Slab::with_capacity(1024),
+        poll,
+        worker,
+        signals_seen: 0,
+        done: Vec::new(),
+        draining: false,
+        closed: false,
+        channel_error: None,
+        next_check: None,
+        again: Vec::new(),
+        served: 0,
+    };
+    server.run()
+}
+
+struct Server<'a> {
+    cfg: &'a Config,
+    site: Site,
+    date: DateCache,
+    io: Io,
+    conns: Slab<Conn>,
+    poll: Poll,
+    worker: Worker,
+    /// Signals handled so far (compared with [`SIGNALS_SEEN`]).
+    signals_seen: u32,
+    /// Connections closed and not yet reported DONE.
+    done: Vec<u64>,
+    draining: bool,
+    /// The channel is gone (EOF or broken): nothing more to report.
+    closed: bool,
+    channel_error: Option<baton_sdk::Error>,
+    next_check: Option<Instant>,
+    /// Connections that used up their turn with work left.
+    again: Vec<usize>,
+    served: u64,
+}
+
+impl Server<'_> {
+    fn run(&mut self) -> Result<(), Error> {
+        let mut events = Events::with_capacity(1024);
+        let mut incoming = Vec::new();
+        // Anything queued before the channel was registered.
+        self.channel_ready(&mut incoming);
+        loop {
+            self.report_done();
+            if self.draining && self.conns.is_empty() {
+                break;
+            }
+            let timeout = if self.again.is_empty() {
+                self.next_check
+                    .map(|t| t.saturating_duration_since(Instant::now()))
+            } else {
+                Some(Duration::ZERO)
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(Error::Poll(e));
+            }
+            self.io.now = Instant::now();
+            self.date.refresh(SystemTime::now());
+            if SIGNALS_SEEN.load(Ordering::SeqCst) != self.signals_seen {
+                self.signal_ready();
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    CHANNEL => self.channel_ready(&mut incoming),
+                    SIGNALS => self.signal_ready(),
+                    Token(t) => {
+                        let key = t - FIRST;
+                        if let Some(c) = self.conns.get_mut(key) {
+                            c.ready(ev.is_readable() || ev.is_error(), ev.is_read_closed());
+                            self.drive(key);
+                        }
+                    }
+                }
+            }
+            // Another turn for connections that used up theirs.
+            let again = std::mem::take(&mut self.again);
+            for key in again {
+                self.drive(key);
+            }
+            self.expire();
+        }
+        tracing::info!(
+            worker = self.worker.id(),
+            connections = self.served,
+            "drained, exiting"
+        );
+        match self.channel_error.take() {
+            Some(e) => Err(Error::Channel(e)),
+            None => Ok(()),
+        }
+    }
+
+    fn channel_ready(&mut self, incoming: &mut Vec<Event>) {
+        if self.closed {
+            return;
+        }
+        if let Err(e) = self.worker.poll_events(incoming) {
+            tracing::error!(error = %e, "the acceptor's channel failed; draining");
+            self.channel_error = Some(e);
+            self.closed = true;
+            self.start_drain();
+        }
+        for ev in incoming.drain(..) {
+            match ev {
+                Event::Conn(c) => self.accept(c),
+                Event::Drain => {
+                    tracing::info!(open = self.conns.len(), "DRAIN from the acceptor");
+                    self.start_drain();
+                }
+                Event::Closed => {
+                    tracing::info!(open = self.conns.len(), "the acceptor closed the channel");
+                    self.closed = true;
+                    self.start_drain();
+                }
+            }
+        }
+    }
+
+    fn signal_ready(&mut self) {
+        let seen = SIGNALS_SEEN.load(Ordering::SeqCst);
+        while self.signals_seen < seen {
+            self.signals_seen += 1;
+            let sig =
+                Signal::try_from(LAST_SIGNAL.load(Ordering::SeqCst)).map_or("?", |s| s.as_str());
+            if self.draining {
+                tracing::warn!(signal = sig, "second signal: closing every connection now");
+                let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+                for k in keys {
+                    self.close(k, "stopped");
+                }
+            } else {
+                tracing::info!(signal = sig, open = self.conns.len(), "draining");
+                self.start_drain();
+            }
+        }
+    }
+
+    fn accept(&mut self, c: Connection) {
+        self.served += 1;
+        let id = c.id;
+        // No set_nonblocking here: every read and write passes
+        // MSG_DONTWAIT, and the socket is made non-blocking only before its
+        // first sendfile (see `Conn`), so that whatever mode the acceptor
+        // left it in, the worker never blocks, and a one-request connection
+        // costs no extra system call. mio only watches the fd: its own I/O
+        // methods, which would need O_NONBLOCK, are never used.
+        let sock = mio::net::TcpStream::from_std(c.stream);
+        let key = self.conns.insert(Conn::new(id, sock, c.peer, self.io.now));
+        if self.draining {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.drain();
+            }
+        }
+        // The request has usually arrived already: serve it now, and watch
+        // the socket only if the connection outlives this turn (`drive`
+        // registers it then). A one-request connection whose request was
+        // there is served and closed without ever touching epoll; if the
+        // request arrives just after the read, registering reports it.
+        self.drive(key);
+    }
+
+    fn drive(&mut self, key: usize) {
+        let Server {
+            cfg,
+            site,
+            date,
+            io,
+            conns,
+            ..
+        } = self;
+        let sh = Shared { cfg, site, date };
+        let Some(c) = conns.get_mut(key) else { return };
+        let next = c.drive(&sh, io);
+        if next != Next::Close && !c.registered {
+            match self.poll.registry().register(
+                &mut c.sock,
+                Token(key + FIRST),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                Ok(()) => c.registered = true,
+                Err(e) => {
+                    tracing::warn!(conn = c.id, error = %e, "cannot watch connection");
+                    self.close(key, "");
+                    return;
+                }
+            }
+        }
+        match next {
+            Next::Close => self.close(key, ""),
+            next => {
+                let d = c.deadline;
+                self.next_check = Some(self.next_check.map_or(d, |n| n.min(d)));
+                if next == Next::Again {
+                    self.again.push(key);
+                }
+            }
+        }
+    }
+
+    fn close(&mut self, key: usize, why: &str) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut c = self.conns.remove(key);
+        c.close(&mut self.io);
+        if !why.is_empty() {
+            tracing::debug!(conn = c.id, peer = %c.peer, requests = c.requests(), why, "closing");
+        }
+        // No EPOLL_CTL_DEL: closing the fd removes it from the epoll set once
+        // the acceptor has closed its copy too (it does on our ACK, sent
+        // before we ever read). Until then a stray event may name this slab
+        // slot, or a new connection in it: driving a connection with
+        // nothing to do is harmless.
+        self.done.push(c.id);
+        // Dropping `c` closes the socket; only then is the connection done.
+    }
+
+    fn start_drain(&mut self) {
+        if self.draining {
+            return;
+        }
+        self.draining = true;
+        let idle: Vec<usize> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(k, c)| (!c.drain()).then_some(k))
+            .collect();
+        for k in idle {
+            self.close(k, "drain");
+        }
+    }
+
+    /// Closes every connection whose deadline passed.
+    fn expire(&mut self) {
+        let now = self.io.now;
+        match self.next_check {
+            Some(t) if t <= now => {}
+            _ => return,
+        }
+        let mut expired = Vec::new();
+        let mut next: Option<Instant> = None;
+        for (k, c) in self.conns.iter() {
+            if c.deadline <= now {
+                expired.push(k);
+            } else {
+                next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
+            }
+        }
+        for k in expired {
+            let sh = Shared {
+                cfg: self.cfg,
+                site: &self.site,
+                date: &self.date,
+            };
+            let why = match self.conns.get_mut(k) {
+                Some(c) => c.timed_out(&sh),
+                None => continue,
+            };
+            self.close(k, why);
+        }
+        self.next_check = next.map(|n| n.max(now + TIMER_GRANULARITY));
+    }
+
+    /// Sends DONE for every connection closed since the last call. A send
+    /// that timed out (see [`CHANNEL_SEND_TIMEOUT`]) keeps the rest for the
+    /// next turn of the loop.
+    fn report_done(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
+        if self.closed {
+            self.done.clear();
+            return;
+        }
+        let mut sent = 0;
+        let mut broken = false;
+        for chunk in self.done.chunks(baton_sdk::proto::MAX_IDS) {
+            match self.worker.done_many(chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot report connections done; draining");
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        self.done.drain(..sent);
+        if broken {
+            self.closed = true;
+            self.done.clear();
+            self.start_drain();
+        }
+    }
+}
