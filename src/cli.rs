@@ -57,6 +57,13 @@ pub enum Sub {
     /// The audit's probe worker (internal).
     #[command(hide = true)]
     Probe,
+    /// The bundled static file worker, embedded (internal): what `baton`
+    /// runs by default, so that `cargo run` needs no other binary.
+    #[command(hide = true, name = "static-worker")]
+    StaticWorker {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
 }
 
 /// `baton check`.
@@ -162,7 +169,8 @@ pub struct RunArgs {
     #[arg(long, value_enum)]
     pub balance: Option<BalanceArg>,
 
-    /// Serve this directory with baton-static (when no worker command follows `--`).
+    /// Serve this directory with the embedded static worker (when no worker
+    /// command follows `--`).
     #[arg(long, value_name = "DIR")]
     pub root: Option<PathBuf>,
 
@@ -255,9 +263,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub worker_require_sandbox: bool,
 
-    /// The worker command and its arguments. [default: `baton-static
-    /// --demo`, or `baton-static --root DIR` with --root, found beside this
-    /// binary]
+    /// The worker command and its arguments. [default: the static file
+    /// worker embedded in this binary, serving the demo site, or DIR with
+    /// --root]
     #[arg(last = true, value_name = "WORKER COMMAND")]
     pub command: Vec<OsString>,
 }
@@ -285,12 +293,15 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like 10s or 500ms: {e}"))
 }
 
-/// Where the bundled workers live: beside the running `baton` binary.
-fn sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|p| p.parent().map(|d| d.join(name)))
-        .unwrap_or_else(|| PathBuf::from(name))
+/// The bundled static worker, embedded in this binary: `baton
+/// static-worker ARGS`.
+fn embedded_static(args: Vec<OsString>) -> WorkerCommand {
+    let mut all = vec![OsString::from("static-worker")];
+    all.extend(args);
+    WorkerCommand {
+        program: std::env::current_exe().unwrap_or_else(|_| PathBuf::from("baton")),
+        args: all,
+    }
 }
 
 impl RunArgs {
@@ -430,15 +441,14 @@ impl RunArgs {
                         root.display()
                     )));
                 }
-                WorkerCommand {
-                    program: sibling("baton-static"),
-                    args: vec!["--root".into(), root.into()],
-                }
+                // Absolute: the worker may chroot, and does not share our cwd
+                // assumptions.
+                let root = root.canonicalize().map_err(|e| {
+                    ConfigError::Invalid(format!("--root {}: {e}", root.display()))
+                })?;
+                embedded_static(vec!["--root".into(), root.into()])
             }
-            (None, None) => WorkerCommand {
-                program: sibling("baton-static"),
-                args: vec!["--demo".into()],
-            },
+            (None, None) => embedded_static(vec!["--demo".into()]),
         };
         command.check()?;
         let sandbox = self.sandbox.resolve(worker_connections)?;

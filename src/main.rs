@@ -22,6 +22,11 @@ fn main() -> ExitCode {
             }
         },
         Some(Sub::Probe) => ExitCode::from(baton::audit::probe()),
+        Some(Sub::StaticWorker { args }) => {
+            let mut argv = vec![std::ffi::OsString::from("baton-static")];
+            argv.extend(args);
+            baton_static::main_from(argv)
+        }
         Some(Sub::Audit(args)) => match baton::audit::run(&args) {
             Ok((text, pass)) => {
                 println!("{text}");

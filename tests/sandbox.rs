@@ -322,3 +322,84 @@ fn unprivileged_baton_works_and_audit_says_what_is_available() {
     assert_eq!(ok, 10, "{errors:?}");
     stop(&mut b);
 }
+
+#[test]
+fn baton_static_serves_files_from_its_chroot_with_the_full_sandbox_and_sendfile() {
+    need_root!("baton_static_serves_files_from_its_chroot_with_the_full_sandbox_and_sendfile");
+    use std::os::unix::fs::PermissionsExt;
+    let jail = common::tempdir("baton-static-jail");
+    std::fs::set_permissions(&jail, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    // 24 MiB of varied bytes: well above the sendfile threshold.
+    let big: Vec<u8> = (0..24u32 * 1024 * 1024)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(jail.join("big.bin"), &big).expect("write");
+    std::fs::write(jail.join("index.html"), b"<h1>jailed</h1>\n").expect("write");
+    for f in ["big.bin", "index.html"] {
+        std::fs::set_permissions(jail.join(f), std::fs::Permissions::from_mode(0o644))
+            .expect("chmod");
+    }
+    let jail_s = jail.display().to_string();
+    let worker = bin("baton-static").display().to_string();
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--user",
+            "nobody",
+            "--chroot",
+            &jail_s,
+            "--",
+            &worker,
+            "--root",
+            "/",
+            "--access-log",
+            "off",
+        ],
+        2,
+    );
+    for pid in b.worker_pids() {
+        assert_eq!(status_field(pid, "Seccomp"), "2");
+        assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+        assert_eq!(
+            std::fs::read_link(format!("/proc/{pid}/root")).expect("root"),
+            jail
+        );
+    }
+    let out = Command::new("curl")
+        .args(["-s", "-f", &format!("http://{}/big.bin", b.addr())])
+        .output()
+        .expect("curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), big.len());
+    assert!(
+        out.stdout == big,
+        "the large file arrives intact through sendfile"
+    );
+    let out = Command::new("curl")
+        .args(["-s", "-f", &format!("http://{}/", b.addr())])
+        .output()
+        .expect("curl");
+    assert_eq!(out.stdout, b"<h1>jailed</h1>\n");
+    // Nothing outside the jail: the host's /etc/passwd is not there.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}/etc/passwd", b.addr()),
+        ])
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    stop(&mut b);
+    let _ = std::fs::remove_dir_all(&jail);
+}

@@ -28,3 +28,35 @@ pub mod http;
 pub mod path;
 pub mod server;
 pub mod site;
+
+/// The whole `baton-static` program: parses `args` (the first is the
+/// program name), sets up logging, serves until drained. The `baton` binary
+/// embeds it too (`baton static-worker ...`), so that `cargo run` alone
+/// serves the demo site.
+pub fn main_from<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser;
+    use tracing_subscriber::EnvFilter;
+    let cfg = config::Config::parse_from(args);
+    // Plain text lines on stderr: the acceptor passes them through as
+    // worker output. RUST_LOG filters them.
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .try_init();
+    let span = tracing::info_span!("baton-static", pid = std::process::id());
+    let _entered = span.enter();
+    match server::run(cfg) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::from(e.exit_code())
+        }
+    }
+}

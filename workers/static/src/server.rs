@@ -64,6 +64,18 @@ pub enum Error {
     Poll(#[source] io::Error),
 }
 
+impl Error {
+    /// The process exit status for this error: the SDK's sandbox status
+    /// (the acceptor does not restart a worker that cannot be confined),
+    /// 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Join(e) | Error::Channel(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
 /// Raises the soft fd limit to the hard one: each connection is an fd.
 fn raise_nofile() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
