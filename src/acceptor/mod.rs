@@ -35,6 +35,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::socket::SockType;
 use nix::unistd::Pid;
 use slab::Slab;
 use tracing::{debug, error, info, warn};
@@ -78,6 +79,30 @@ struct Listener {
     sock: mio::net::TcpListener,
     addr: SocketAddr,
     registered: bool,
+}
+
+/// Binds one of the acceptor's local sockets and watches it. With no extra
+/// uid allowed the file is 0600; otherwise 0666, so that the other uids can
+/// connect() at all and be checked with SO_PEERCRED.
+fn open_local(
+    poll: &Poll,
+    path: &std::path::Path,
+    ty: SockType,
+    allowed: &[u32],
+    token: Token,
+    what: &'static str,
+) -> Result<UnixListener, Error> {
+    let mode = if allowed.is_empty() { 0o600 } else { 0o666 };
+    let l = UnixListener::bind(path, ty, mode).map_err(|source| Error::UnixSocket {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    poll.registry()
+        .register(&mut SourceFd(&l.fd.as_raw_fd()), token, Interest::READABLE)
+        .map_err(Error::Poll)?;
+    info!(path = %path.display(), "{what} listening");
+    Ok(l)
 }
 
 /// How the event loop ended.
@@ -147,57 +172,34 @@ impl Acceptor {
                 registered: false,
             });
         }
-        let worker_listener = match &cfg.worker_socket {
-            Some(path) => {
-                // Other uids must be able to connect() to be checked at all.
-                let mode = if cfg.worker_allow_uid.is_empty() {
-                    0o600
-                } else {
-                    0o666
-                };
-                let l = UnixListener::bind(path, nix::sys::socket::SockType::SeqPacket, mode)
-                    .map_err(|source| Error::UnixSocket {
-                        what: "worker socket",
-                        path: path.clone(),
-                        source,
-                    })?;
-                poll.registry()
-                    .register(
-                        &mut SourceFd(&l.fd.as_raw_fd()),
-                        WORKER_SOCKET,
-                        Interest::READABLE,
-                    )
-                    .map_err(Error::Poll)?;
-                info!(path = %path.display(), "worker socket listening");
-                Some(l)
-            }
-            None => None,
-        };
-        let control = match &cfg.control {
-            Some(path) => {
-                let mode = if cfg.control_allow_uid.is_empty() {
-                    0o600
-                } else {
-                    0o666
-                };
-                let l = UnixListener::bind(path, nix::sys::socket::SockType::Stream, mode)
-                    .map_err(|source| Error::UnixSocket {
-                        what: "control socket",
-                        path: path.clone(),
-                        source,
-                    })?;
-                poll.registry()
-                    .register(
-                        &mut SourceFd(&l.fd.as_raw_fd()),
-                        CONTROL,
-                        Interest::READABLE,
-                    )
-                    .map_err(Error::Poll)?;
-                info!(path = %path.display(), "control socket listening");
-                Some(l)
-            }
-            None => None,
-        };
+        let worker_listener = cfg
+            .worker_socket
+            .as_ref()
+            .map(|path| {
+                open_local(
+                    &poll,
+                    path,
+                    SockType::SeqPacket,
+                    &cfg.worker_allow_uid,
+                    WORKER_SOCKET,
+                    "worker socket",
+                )
+            })
+            .transpose()?;
+        let control = cfg
+            .control
+            .as_ref()
+            .map(|path| {
+                open_local(
+                    &poll,
+                    path,
+                    SockType::Stream,
+                    &cfg.control_allow_uid,
+                    CONTROL,
+                    "control socket",
+                )
+            })
+            .transpose()?;
         let metrics_listener = match cfg.metrics_listen {
             Some(addr) => {
                 let mut l =

@@ -36,17 +36,7 @@ impl Acceptor {
     // ---- control socket ------------------------------------------------
 
     pub(super) fn on_control_accept(&mut self) {
-        loop {
-            let Some(l) = &self.control else { return };
-            let (fd, peer) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!(error = %e, "control socket: accept failed");
-                    return;
-                }
-            };
+        while let Some((fd, peer)) = accept_local(self.control.as_ref(), "control socket") {
             let mut stream = UnixStream::from(fd);
             if !uid_allowed(peer.uid, self.own_uid, &self.cfg.control_allow_uid) {
                 warn!(
@@ -583,19 +573,7 @@ impl Acceptor {
     // ---- self-registering workers ----------------------------------------
 
     pub(super) fn on_worker_socket_accept(&mut self) {
-        loop {
-            let Some(l) = &self.worker_listener else {
-                return;
-            };
-            let (fd, peer) = match l.accept() {
-                Ok(x) => x,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    warn!(error = %e, "worker socket: accept failed");
-                    return;
-                }
-            };
+        while let Some((fd, peer)) = accept_local(self.worker_listener.as_ref(), "worker socket") {
             if !uid_allowed(peer.uid, self.own_uid, &self.cfg.worker_allow_uid) {
                 warn!(
                     uid = peer.uid,
@@ -788,6 +766,27 @@ impl Acceptor {
             }
         }
         m
+    }
+}
+
+/// The next pending connection on one of the acceptor's local sockets, or
+/// None when there is none (or the socket is not open). Errors other than
+/// EAGAIN are logged and end the round.
+fn accept_local(
+    l: Option<&crate::unix::UnixListener>,
+    what: &str,
+) -> Option<(std::os::fd::OwnedFd, Peer)> {
+    let l = l?;
+    loop {
+        match l.accept() {
+            Ok(x) => return Some(x),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(error = %e, "{what}: accept failed");
+                return None;
+            }
+        }
     }
 }
 
