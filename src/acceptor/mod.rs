@@ -365,14 +365,7 @@ impl Acceptor {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
         let sp = supervisor::spawn(&self.cfg.command, id, self.cfg.sandbox.profile.as_ref())?;
-        let wkey = self.pool.workers.vacant_key();
-        self.poll.registry().register(
-            &mut SourceFd(&sp.chan.as_raw_fd()),
-            Token(WORKER_BASE + wkey),
-            Interest::READABLE,
-        )?;
-        let w = crate::pool::Worker::new(id, sp.chan, Some(key), Some(sp.pid));
-        self.pool.workers.insert(w);
+        let wkey = self.add_to_pool(id, sp.chan, Some(key), sp.pid)?;
         let slot = &mut self.slots[key];
         slot.pid = Some(sp.pid);
         slot.worker_id = id;
@@ -381,6 +374,27 @@ impl Acceptor {
         slot.restart_at = None;
         info!(worker = id, pid = sp.pid, "worker started");
         Ok(())
+    }
+
+    /// Watches a worker's channel and adds it to the pool (state Starting:
+    /// no connection before its HELLO); returns its pool key.
+    fn add_to_pool(
+        &mut self,
+        id: u32,
+        chan: baton_sdk::Channel,
+        slot: Option<usize>,
+        pid: i32,
+    ) -> io::Result<usize> {
+        let key = self.pool.workers.vacant_key();
+        self.poll.registry().register(
+            &mut SourceFd(&chan.as_raw_fd()),
+            Token(WORKER_BASE + key),
+            Interest::READABLE,
+        )?;
+        Ok(self
+            .pool
+            .workers
+            .insert(crate::pool::Worker::new(id, chan, slot, Some(pid))))
     }
 
     // ---- signals and child exits -------------------------------------

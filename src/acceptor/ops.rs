@@ -14,10 +14,10 @@ use mio::{Interest, Token};
 use serde_json::json;
 use tracing::{debug, error, info, warn};
 
-use super::{Acceptor, CTL_BASE, WORKER_BASE};
+use super::{Acceptor, CTL_BASE};
 use crate::config::Config;
 use crate::control::{self, Reply, Request, WorkerRow, MAX_LINE};
-use crate::pool::{State, Worker};
+use crate::pool::State;
 use crate::unix::{uid_allowed, Peer};
 
 /// One connected `baton ctl` client.
@@ -591,18 +591,10 @@ impl Acceptor {
             };
             let id = self.next_worker_id;
             self.next_worker_id += 1;
-            let key = self.pool.workers.vacant_key();
-            if let Err(e) = self.poll.registry().register(
-                &mut SourceFd(&chan.as_raw_fd()),
-                Token(WORKER_BASE + key),
-                Interest::READABLE,
-            ) {
+            if let Err(e) = self.add_to_pool(id, chan, None, peer.pid) {
                 error!(error = %e, "worker socket: cannot watch a worker");
                 continue;
             }
-            self.pool
-                .workers
-                .insert(Worker::new(id, chan, None, Some(peer.pid)));
             info!(
                 worker = id,
                 pid = peer.pid,
