@@ -31,12 +31,6 @@ fn wait_exited(b: &mut Baton, id: u64) -> common::LogLine {
     .unwrap_or_else(|| panic!("worker {id} exits"))
 }
 
-fn stop(b: &mut Baton) {
-    b.signal(Signal::SIGTERM);
-    let st = b.wait_exit(Duration::from_secs(30));
-    assert!(st.success(), "{st:?}");
-}
-
 #[test]
 fn add_remove_and_restart_under_load_fail_no_request() {
     let echo = echo();
@@ -93,7 +87,7 @@ fn add_remove_and_restart_under_load_fail_no_request() {
         &failed[..failed.len().min(5)]
     );
     assert!(ok > 0);
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -147,7 +141,7 @@ fn a_draining_worker_finishes_its_connections_and_one_that_does_not_is_stopped_a
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
     assert!(rest.is_empty(), "the held connection is closed");
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -165,7 +159,7 @@ fn sigttin_adds_and_sigttou_removes_a_worker() {
     assert_eq!(rows(&b).len(), 1);
     let (ok, errors) = echo_many(b.addr(), 20);
     assert_eq!(ok, 20, "{errors:?}");
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -254,7 +248,7 @@ fn the_control_socket_survives_garbage_oversized_lines_and_silent_clients() {
     assert_eq!(ok, 10, "{errors:?}");
     let (ok, out, _) = b.ctl(&["status"]);
     assert!(ok && out.contains("handed_off"), "{out}");
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -329,7 +323,7 @@ fn registered_workers_serve_and_their_disconnect_loses_no_unacknowledged_connect
     .expect("its disconnect is seen");
     let r = rows(&b);
     assert!(r.iter().all(|w| w["origin"] == "spawned"), "{r:?}");
-    stop(&mut b);
+    b.stop();
     assert!(!sock.exists(), "worker socket file removed on exit");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -402,7 +396,7 @@ fn unauthorised_uids_are_refused_on_both_sockets() {
         .expect("refusal logged");
     assert_eq!(refused.field("uid").as_deref(), Some("65534"));
     assert_eq!(rows(&b).len(), 1, "no worker joined");
-    stop(&mut b);
+    b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -507,7 +501,7 @@ fn reload_applies_the_difference_under_load_without_failures() {
     let (ok, failed) = load.stop();
     assert!(failed.is_empty(), "{:?}", &failed[..failed.len().min(5)]);
     assert!(ok > 0);
-    stop(&mut b);
+    b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -563,7 +557,7 @@ fn autoscaling_adds_workers_when_full_and_retires_them_when_idle() {
     );
     b.wait_for("worker exited", Duration::from_secs(20));
     assert_eq!(rows(&b).len(), 1);
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -631,5 +625,5 @@ fn metrics_are_served_over_http_in_the_prometheus_format() {
         "{text}"
     );
     assert!(get("POST").starts_with("HTTP/1.1 405"));
-    stop(&mut b);
+    b.stop();
 }

@@ -9,7 +9,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{bin, echo_many, is_root, Baton};
-use nix::sys::signal::Signal;
 
 macro_rules! need_root {
     ($name:expr) => {
@@ -29,12 +28,6 @@ fn status_field(pid: i32, name: &str) -> String {
         .find_map(|l| l.strip_prefix(&format!("{name}:")))
         .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|| panic!("{name} in /proc/{pid}/status"))
-}
-
-fn stop(b: &mut Baton) {
-    b.signal(Signal::SIGTERM);
-    let st = b.wait_exit(Duration::from_secs(30));
-    assert!(st.success(), "{st:?}");
 }
 
 #[test]
@@ -94,7 +87,7 @@ fn workers_run_confined_as_proc_shows_and_serve_across_the_uid_boundary() {
         "acceptor dropped the rest"
     );
     assert_ne!(cap_eff, 0);
-    stop(&mut b);
+    b.stop();
     let _ = std::fs::remove_dir_all(&jail);
 }
 
@@ -198,7 +191,7 @@ fn a_forbidden_syscall_is_refused_and_the_worker_restarted_with_backoff() {
     b.wait_for("worker ready", Duration::from_secs(20));
     let (ok, errors) = echo_many(b.addr(), 20);
     assert_eq!(ok, 20, "{errors:?}");
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -320,7 +313,7 @@ fn unprivileged_baton_works_and_audit_says_what_is_available() {
     assert_eq!(status_field(pid, "Seccomp"), "2");
     let (ok, errors) = echo_many(b.addr(), 10);
     assert_eq!(ok, 10, "{errors:?}");
-    stop(&mut b);
+    b.stop();
 }
 
 #[test]
@@ -400,6 +393,6 @@ fn baton_static_serves_files_from_its_chroot_with_the_full_sandbox_and_sendfile(
         .output()
         .expect("curl");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
-    stop(&mut b);
+    b.stop();
     let _ = std::fs::remove_dir_all(&jail);
 }

@@ -187,6 +187,13 @@ impl Baton {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).expect("kill");
     }
 
+    /// SIGTERM, then asserts the graceful stop: exit status 0 within 30 s.
+    pub fn stop(&mut self) {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let st = self.wait_exit(Duration::from_secs(30));
+        assert!(st.success(), "baton exited with {st:?}");
+    }
+
     /// Waits for the acceptor to exit, up to `timeout`; kills it if it hangs.
     pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
