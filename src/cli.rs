@@ -190,6 +190,13 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub ack_timeout: Option<Duration>,
 
+    /// A worker that holds as many connections as it may and reports none
+    /// done for this long is logged as stalled (once, and in `ctl status`
+    /// and the metrics); it keeps its connections and gets no new one, and
+    /// the other workers serve. [default: 60s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stall_timeout: Option<Duration>,
+
     /// A spawned worker that exits this many times in a row, each time
     /// within --restart-window of its start, is not restarted again.
     /// [default: 5]
@@ -337,6 +344,7 @@ impl RunArgs {
             shutdown_timeout,
             hello_timeout,
             ack_timeout,
+            stall_timeout,
             restart_window,
             control_idle_timeout,
             drain_timeout
@@ -479,6 +487,7 @@ impl RunArgs {
             shutdown_timeout: self.shutdown_timeout.unwrap_or(Duration::from_secs(10)),
             hello_timeout: self.hello_timeout.unwrap_or(Duration::from_secs(10)),
             ack_timeout: self.ack_timeout.unwrap_or(Duration::from_secs(5)),
+            stall_timeout: self.stall_timeout.unwrap_or(Duration::from_secs(60)),
             max_restarts: self.max_restarts.unwrap_or(5),
             restart_window: self.restart_window.unwrap_or(Duration::from_secs(10)),
             control: if self.no_control {

@@ -123,6 +123,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     pub hello_timeout: Duration,
     pub ack_timeout: Duration,
+    /// A full worker that reports no DONE for this long is logged as stalled.
+    pub stall_timeout: Duration,
     pub max_restarts: u32,
     pub restart_window: Duration,
     /// Control socket path; None when disabled.

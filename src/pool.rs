@@ -8,13 +8,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use baton_sdk::proto::ConnInfo;
 use baton_sdk::Channel;
 use slab::Slab;
 
 use crate::config::Balance;
+
+/// A worker whose oldest unacknowledged connection was sent longer ago than
+/// this is lagging: while another worker has room, it gets no more. A live
+/// worker acknowledges in microseconds; one that takes this long is stuck
+/// in something, and every connection sent to it waits as long.
+pub const ACK_LAG: Duration = Duration::from_millis(100);
 
 /// An accepted connection the acceptor still owns: not yet handed to a
 /// worker, or handed but not acknowledged.
@@ -60,6 +66,17 @@ pub struct Worker {
     pub unacked_order: VecDeque<(Instant, u64)>,
     /// The socket's send buffer was full: skip until it is writable.
     pub blocked: bool,
+    /// Connections sent and not yet acknowledged (the `Some` entries of
+    /// `in_flight`): fds the acceptor still holds for this worker.
+    unacked: usize,
+    /// Since when it has been at its capacity without a DONE (for the
+    /// stall warning).
+    pub full_since: Option<Instant>,
+    /// It was reported stalled (full, no DONE for `--stall-timeout`).
+    pub stalled: bool,
+    /// CONN messages it was sent (a worker that was given work proved it
+    /// can start).
+    pub sent_total: u64,
     pub handled: u64,
     pub connected: Instant,
     /// While draining for removal: when it is stopped regardless.
@@ -80,6 +97,10 @@ impl Worker {
             in_flight: HashMap::new(),
             unacked_order: VecDeque::new(),
             blocked: false,
+            unacked: 0,
+            full_since: None,
+            stalled: false,
+            sent_total: 0,
             handled: 0,
             connected: Instant::now(),
             drain_deadline: None,
@@ -89,6 +110,18 @@ impl Worker {
     /// Whether it can take one more connection now.
     pub fn available(&self) -> bool {
         self.state == State::Ready && !self.blocked && (self.in_flight.len() as u32) < self.capacity
+    }
+
+    /// Connections sent and not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.unacked
+    }
+
+    /// Whether its oldest unacknowledged connection is older than
+    /// [`ACK_LAG`] at `now`.
+    pub fn lagging(&mut self, now: Instant) -> bool {
+        self.oldest_unacked()
+            .is_some_and(|t| now.saturating_duration_since(t) > ACK_LAG)
     }
 
     /// Send time of the oldest connection it has not acknowledged.
@@ -118,6 +151,11 @@ impl Worker {
         let id = held.info.id;
         self.unacked_order.push_back((now, id));
         self.in_flight.insert(id, Some(held));
+        self.unacked += 1;
+        self.sent_total += 1;
+        if self.full_since.is_none() && self.in_flight.len() as u32 >= self.capacity {
+            self.full_since = Some(now);
+        }
     }
 
     /// The worker acknowledged `id`: the acceptor's copy is closed.
@@ -126,6 +164,7 @@ impl Worker {
         match self.in_flight.get_mut(&id) {
             Some(slot @ Some(_)) => {
                 *slot = None;
+                self.unacked -= 1;
                 true
             }
             _ => false,
@@ -134,8 +173,13 @@ impl Worker {
 
     /// The worker finished `id`. Returns false for an unknown id.
     pub fn done(&mut self, id: u64) -> bool {
-        if self.in_flight.remove(&id).is_some() {
+        if let Some(held) = self.in_flight.remove(&id) {
+            if held.is_some() {
+                // DONE without ACK: it owned it all the same.
+                self.unacked -= 1;
+            }
             self.handled += 1;
+            self.full_since = None;
             if self.in_flight.is_empty() {
                 self.idle_since = Some(Instant::now());
             }
@@ -151,6 +195,7 @@ impl Worker {
         let mut held: Vec<Held> = self.in_flight.drain().filter_map(|(_, h)| h).collect();
         held.sort_by_key(|h| h.info.id);
         self.unacked_order.clear();
+        self.unacked = 0;
         held
     }
 }
@@ -180,23 +225,32 @@ impl Pool {
     }
 
     /// The worker for the next connection, or None if every one is full.
-    pub fn pick(&mut self) -> Option<usize> {
+    /// A worker that is [`lagging`](Worker::lagging) is chosen only when no
+    /// other has room.
+    pub fn pick(&mut self, now: Instant) -> Option<usize> {
+        let (key, _) = self
+            .best(|w| !w.lagging(now))
+            .or_else(|| self.best(|_| true))?;
+        self.next = key + 1;
+        Some(key)
+    }
+
+    /// The best available worker among those `eligible` accepts, by the
+    /// balancing policy, searching from the rotation point.
+    fn best(&mut self, mut eligible: impl FnMut(&mut Worker) -> bool) -> Option<(usize, usize)> {
         let cap = self.workers.capacity().max(1);
         let start = self.next % cap;
         let mut best: Option<(usize, usize)> = None;
         // Keys in rotation order: start..cap, then 0..start.
         for key in (start..cap).chain(0..start) {
-            let Some(w) = self.workers.get(key) else {
+            let Some(w) = self.workers.get_mut(key) else {
                 continue;
             };
-            if !w.available() {
+            if !w.available() || !eligible(w) {
                 continue;
             }
             match self.balance {
-                Balance::RoundRobin => {
-                    best = Some((key, 0));
-                    break;
-                }
+                Balance::RoundRobin => return Some((key, 0)),
                 Balance::LeastConn => {
                     let load = w.in_flight.len();
                     if best.is_none_or(|(_, b)| load < b) {
@@ -208,22 +262,17 @@ impl Pool {
                 }
             }
         }
-        let (key, _) = best?;
-        self.next = key + 1;
-        Some(key)
+        best
+    }
+
+    /// Connections sent to workers and not yet acknowledged, in all.
+    pub fn unacked(&self) -> usize {
+        self.workers.iter().map(|(_, w)| w.unacked).sum()
     }
 
     /// Whether any worker could take a connection now.
     pub fn has_capacity(&self) -> bool {
         self.workers.iter().any(|(_, w)| w.available())
-    }
-
-    /// Workers that are connected and not draining.
-    pub fn live(&self) -> usize {
-        self.workers
-            .iter()
-            .filter(|(_, w)| w.state != State::Draining)
-            .count()
     }
 }
 
@@ -263,7 +312,7 @@ mod tests {
         let now = Instant::now();
         let mut order = Vec::new();
         for id in 0..3 {
-            let k = p.pick().unwrap();
+            let k = p.pick(now).unwrap();
             p.workers[k].sent(held(id), now);
             order.push(k);
         }
@@ -272,19 +321,19 @@ mod tests {
         // Worker 1 finishes: it is the idlest.
         assert!(p.workers[1].ack(1));
         assert!(p.workers[1].done(1));
-        assert_eq!(p.pick(), Some(1));
+        assert_eq!(p.pick(now), Some(1));
     }
 
     #[test]
     fn full_workers_are_skipped_and_capacity_ends() {
         let mut p = pool(Balance::RoundRobin, 2, 1);
         let now = Instant::now();
-        let a = p.pick().unwrap();
+        let a = p.pick(now).unwrap();
         p.workers[a].sent(held(1), now);
-        let b = p.pick().unwrap();
+        let b = p.pick(now).unwrap();
         assert_ne!(a, b);
         p.workers[b].sent(held(2), now);
-        assert_eq!(p.pick(), None);
+        assert_eq!(p.pick(now), None);
         assert!(!p.has_capacity());
     }
 
@@ -302,8 +351,51 @@ mod tests {
         assert!(w.done(3));
         assert!(!w.done(3));
         assert_eq!(w.oldest_unacked(), Some(now));
+        assert_eq!(w.unacked(), 2);
         let back: Vec<u64> = w.take_unacked().iter().map(|h| h.info.id).collect();
         assert_eq!(back, vec![5, 9]);
         assert!(w.in_flight.is_empty());
+        assert_eq!(w.unacked(), 0);
+    }
+
+    #[test]
+    fn a_lagging_worker_gets_nothing_while_another_has_room() {
+        let mut p = pool(Balance::RoundRobin, 2, 10);
+        let t0 = Instant::now();
+        // Worker 0 took one and never acknowledged it.
+        p.workers[0].sent(held(1), t0);
+        let later = t0 + ACK_LAG + Duration::from_millis(1);
+        for id in 2..8 {
+            let k = p.pick(later).unwrap();
+            assert_eq!(k, 1, "connection {id} went to the lagging worker");
+            p.workers[k].sent(held(id), later);
+            assert!(p.workers[k].ack(id));
+        }
+        // Once the other is full, the lagging one is better than nothing.
+        let mut p = pool(Balance::RoundRobin, 2, 1);
+        p.workers[0].sent(held(1), t0);
+        p.workers[1].sent(held(2), later);
+        assert_eq!(p.pick(later), None, "both full");
+        assert!(p.workers[1].done(2));
+        assert_eq!(p.pick(later), Some(1));
+        // Within the bound it is an ordinary worker.
+        let mut p = pool(Balance::RoundRobin, 2, 10);
+        p.workers[0].sent(held(1), t0);
+        let soon = t0 + ACK_LAG / 2;
+        let picks: Vec<usize> = (0..4).map(|_| p.pick(soon).unwrap()).collect();
+        assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+    }
+
+    #[test]
+    fn a_full_worker_is_marked_until_its_next_done() {
+        let mut p = pool(Balance::LeastConn, 1, 2);
+        let now = Instant::now();
+        p.workers[0].sent(held(1), now);
+        assert_eq!(p.workers[0].full_since, None);
+        p.workers[0].sent(held(2), now);
+        assert_eq!(p.workers[0].full_since, Some(now));
+        assert!(p.workers[0].done(1), "DONE without ACK is accepted");
+        assert_eq!(p.workers[0].full_since, None);
+        assert_eq!(p.workers[0].unacked(), 1);
     }
 }

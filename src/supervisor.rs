@@ -25,6 +25,11 @@ use crate::config::WorkerCommand;
 pub const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest restart delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// Longest restart delay of a worker that had proved it works (said HELLO
+/// and was given connections): it is restarted for ever, as nginx does, with
+/// a short backoff so that a request that kills every worker cannot make
+/// them spin.
+pub const BACKOFF_PROVEN_MAX: Duration = Duration::from_secs(1);
 
 /// One spawned worker position in the pool.
 #[derive(Debug)]
@@ -44,6 +49,14 @@ pub struct Slot {
     pub given_up: bool,
     /// Being removed: its worker drains and is not restarted.
     pub retired: bool,
+    /// The current process said HELLO and was given connections: its exit
+    /// is never a crash loop.
+    pub proven: bool,
+    /// The current process was stopped for want of resources (fds) on the
+    /// acceptor's side: its exit is not its failure.
+    pub spared: bool,
+    /// Consecutive quick exits of proven processes (for their backoff).
+    pub proven_failures: u32,
 }
 
 /// What to do after a worker's process exited.
@@ -54,9 +67,50 @@ pub enum After {
 }
 
 impl Slot {
+    /// A slot for a worker about to be spawned.
+    pub fn new(now: Instant) -> Slot {
+        Slot {
+            pid: None,
+            worker_id: 0,
+            worker: None,
+            started: now,
+            failures: 0,
+            restarts: 0,
+            restart_at: None,
+            given_up: false,
+            retired: false,
+            proven: false,
+            spared: false,
+            proven_failures: 0,
+        }
+    }
+
     /// Applies the restart policy to an exit of this slot's process.
+    ///
+    /// * A process that proved itself (HELLO, then connections) is always
+    ///   restarted: it is no crash loop, whoever killed it. Quick
+    ///   successive exits back off up to [`BACKOFF_PROVEN_MAX`].
+    /// * A process stopped for want of resources is restarted and not
+    ///   counted.
+    /// * Otherwise (it never got as far as serving), exits within `window`
+    ///   of the start count; past `max_restarts` in a row it is given up.
     pub fn exited(&mut self, now: Instant, window: Duration, max_restarts: u32) -> After {
-        if now.duration_since(self.started) >= window {
+        let quick = now.duration_since(self.started) < window;
+        if std::mem::take(&mut self.spared) {
+            self.proven = false;
+            self.restart_at = Some(now + BACKOFF_START);
+            return After::Restart(BACKOFF_START);
+        }
+        if std::mem::take(&mut self.proven) {
+            self.failures = 0;
+            self.proven_failures = if quick { self.proven_failures + 1 } else { 1 };
+            let delay = BACKOFF_START
+                .saturating_mul(1 << (self.proven_failures - 1).min(16))
+                .min(BACKOFF_PROVEN_MAX);
+            self.restart_at = Some(now + delay);
+            return After::Restart(delay);
+        }
+        if !quick {
             self.failures = 0;
         }
         self.failures += 1;
@@ -125,6 +179,16 @@ pub fn spawn(
     })
 }
 
+/// Whether a failed system call failed for want of resources (fds, memory,
+/// processes) rather than because of what was asked: such a failure is
+/// retried, never counted against a worker.
+pub fn is_resource_error(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM | libc::EAGAIN | libc::ENOBUFS)
+    )
+}
+
 /// How a reaped process ended, for the logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exit {
@@ -181,17 +245,7 @@ mod tests {
     use super::*;
 
     fn slot(started: Instant) -> Slot {
-        Slot {
-            pid: None,
-            worker_id: 1,
-            worker: None,
-            started,
-            failures: 0,
-            restarts: 0,
-            restart_at: None,
-            given_up: false,
-            retired: false,
-        }
+        Slot::new(started)
     }
 
     #[test]
@@ -204,6 +258,43 @@ mod tests {
         assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START * 4));
         assert_eq!(s.exited(now, window, 3), After::GiveUp);
         assert!(s.given_up);
+    }
+
+    #[test]
+    fn a_worker_that_served_is_never_given_up() {
+        let now = Instant::now();
+        let mut s = slot(now);
+        let window = Duration::from_secs(10);
+        let mut delays = Vec::new();
+        for _ in 0..20 {
+            s.proven = true;
+            match s.exited(now, window, 2) {
+                After::Restart(d) => delays.push(d),
+                After::GiveUp => panic!("a proven worker was given up"),
+            }
+        }
+        assert_eq!(delays[0], BACKOFF_START);
+        assert_eq!(delays[1], BACKOFF_START * 2);
+        assert_eq!(*delays.last().unwrap(), BACKOFF_PROVEN_MAX, "capped");
+        assert!(!s.given_up);
+        // A process that never proved itself still counts.
+        assert_eq!(s.exited(now, window, 2), After::Restart(BACKOFF_START));
+        assert_eq!(s.exited(now, window, 2), After::Restart(BACKOFF_START * 2));
+        assert_eq!(s.exited(now, window, 2), After::GiveUp);
+    }
+
+    #[test]
+    fn a_resource_failure_is_not_a_crash() {
+        let now = Instant::now();
+        let mut s = slot(now);
+        for _ in 0..10 {
+            s.spared = true;
+            assert_eq!(
+                s.exited(now, Duration::from_secs(10), 1),
+                After::Restart(BACKOFF_START)
+            );
+        }
+        assert_eq!(s.failures, 0);
     }
 
     #[test]

@@ -9,30 +9,10 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
-use common::{bin, connect, echo_many, echo_once, payload, Baton, IO_TIMEOUT};
+use common::{
+    bin, chaos_cmd, connect, echo_args, echo_cmd, echo_many, echo_once, payload, Baton, IO_TIMEOUT,
+};
 use nix::sys::signal::Signal;
-
-fn echo_args<'a>(workers: &'a str, extra: &[&'a str], cmd: &'a [String]) -> Vec<&'a str> {
-    let mut v = vec!["--listen", "127.0.0.1:0", "--workers", workers];
-    v.extend_from_slice(extra);
-    v.push("--");
-    v.extend(cmd.iter().map(|s| s.as_str()));
-    v
-}
-
-fn echo_cmd() -> Vec<String> {
-    vec![bin("baton-echo").display().to_string()]
-}
-
-fn chaos_cmd(mode: &str, extra: &[&str]) -> Vec<String> {
-    let mut v = vec![
-        bin("baton-chaos").display().to_string(),
-        "--mode".to_string(),
-        mode.to_string(),
-    ];
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
 
 /// Stops baton with SIGTERM, checks it exits 0, and returns the handled
 /// count each worker reported on its way out.

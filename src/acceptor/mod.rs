@@ -64,15 +64,91 @@ const WORKER_BASE: usize = 1 << 20;
 const EMFILE_RETRY: Duration = Duration::from_millis(100);
 /// EMFILE is logged at most this often.
 const EMFILE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// File descriptors the acceptor keeps free for itself, whatever the load:
+/// spawning a worker (a socket pair, std's exec-error pipe, /dev/null),
+/// reading its /proc files for the sandbox check, one control client and
+/// one metrics scraper, with room to spare. Connections held (pending, or
+/// sent and not yet acknowledged) are bounded by the fd limit less this
+/// and the fds the acceptor holds anyway.
+pub const FD_RESERVE: usize = 32;
+/// A spawn that failed for want of resources is retried after this long.
+const RESOURCE_RETRY: Duration = Duration::from_millis(500);
 
-/// Counters for logs (and, later, metrics).
+/// Counters for logs, `ctl status` and metrics.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Stats {
     pub accepted: u64,
     pub handed_off: u64,
+    /// Connections taken back from a worker that left before acknowledging
+    /// them, and given to another.
     pub redispatched: u64,
+    /// Acknowledged connections whose worker died before it finished them.
+    pub lost: u64,
     pub capacity_pauses: u64,
     pub emfile_pauses: u64,
+    /// Times accepting paused because the connections held reached the fd
+    /// budget.
+    pub fd_pauses: u64,
+    /// Connections still open in workers killed at the shutdown timeout.
+    pub cut_at_shutdown: u64,
+}
+
+/// Why a worker leaves the pool. It decides whether its process is killed
+/// and how the departure is logged.
+#[derive(Debug, Clone)]
+enum Gone {
+    /// Its channel reached EOF: it exited or closed it.
+    ChannelClosed,
+    /// Its process was reaped.
+    ProcessExited,
+    /// It broke the protocol.
+    Protocol(String),
+    /// The channel failed with an error other than EOF.
+    ChannelError(String),
+    /// A message to it could not be sent.
+    SendFailed(String),
+    /// No HELLO or ACK in time, or its drain timed out.
+    Unresponsive(String),
+    /// Stopped before its HELLO (shutdown or removal).
+    StoppedBeforeHello,
+    /// Its process does not match the sandbox profile.
+    Sandbox(String),
+    /// Its sandbox could not be checked for want of fds on our side.
+    Unverifiable(String),
+    /// The shutdown timeout passed (its process was killed already).
+    ShutdownTimeout,
+}
+
+impl Gone {
+    /// Whether a spawned worker's process is killed.
+    fn kill(&self) -> bool {
+        !matches!(
+            self,
+            Gone::ChannelClosed | Gone::ProcessExited | Gone::ShutdownTimeout
+        )
+    }
+
+    /// Whether this is how a worker ends that was asked to.
+    fn orderly(&self) -> bool {
+        matches!(self, Gone::ChannelClosed | Gone::ProcessExited)
+    }
+}
+
+impl std::fmt::Display for Gone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Gone::ChannelClosed => f.write_str("channel closed"),
+            Gone::ProcessExited => f.write_str("its process exited"),
+            Gone::Protocol(why) => write!(f, "protocol violation: {why}"),
+            Gone::ChannelError(e) => write!(f, "channel error: {e}"),
+            Gone::SendFailed(why) => f.write_str(why),
+            Gone::Unresponsive(why) => write!(f, "unresponsive: {why}"),
+            Gone::StoppedBeforeHello => f.write_str("stopped before its HELLO"),
+            Gone::Sandbox(why) => write!(f, "sandbox check failed: {why}"),
+            Gone::Unverifiable(why) => write!(f, "sandbox check impossible: {why}"),
+            Gone::ShutdownTimeout => f.write_str("shutdown timeout"),
+        }
+    }
 }
 
 struct Listener {
@@ -84,6 +160,55 @@ struct Listener {
 /// Binds one of the acceptor's local sockets and watches it. With no extra
 /// uid allowed the file is 0600; otherwise 0666, so that the other uids can
 /// connect() at all and be checked with SO_PEERCRED.
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns it.
+fn raise_nofile() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                usize::try_from(hard).unwrap_or(usize::MAX)
+            } else {
+                usize::try_from(soft).unwrap_or(usize::MAX)
+            }
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// How many fds this process has open (from /proc/self/fd; the directory's
+/// own fd is not counted).
+fn count_open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count().saturating_sub(1))
+}
+
+/// Reads what a worker queued on its channel, to the end, after the channel
+/// was shut down: its ACKs and DONEs are applied, anything else is ignored
+/// (the worker is leaving either way).
+fn read_to_end(w: &mut crate::pool::Worker) {
+    // A shut-down channel cannot grow; the bound is only a guard.
+    for _ in 0..100_000 {
+        match w.chan.try_recv() {
+            Ok(Some(r)) => match r.msg {
+                Msg::Ack(ids) => {
+                    for id in ids {
+                        w.ack(id);
+                    }
+                }
+                Msg::Done(ids) => {
+                    for id in ids {
+                        w.done(id);
+                    }
+                }
+                _ => {}
+            },
+            Ok(None) => return,
+            Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => continue,
+            Err(RecvError::Proto(_) | RecvError::FdDropped(_)) => continue,
+            Err(_) => return,
+        }
+    }
+}
+
 fn open_local(
     poll: &Poll,
     path: &std::path::Path,
@@ -127,6 +252,14 @@ pub struct Acceptor {
     next_worker_id: u32,
     /// Accepting is paused after EMFILE until this instant.
     emfile_until: Option<Instant>,
+    /// RLIMIT_NOFILE (soft, raised to the hard limit at start).
+    fd_limit: usize,
+    /// Fds open besides listeners, worker channels, control clients and
+    /// scrapers (stdio, epoll, signalfd, local sockets), counted at start.
+    fd_fixed: usize,
+    /// Accepting is paused because held connections reached the budget.
+    paused_for_fds: bool,
+    fd_logged: Option<Instant>,
     /// When EMFILE was last logged, and how many pauses since: the warning
     /// is repeated at most once a minute, never per connection.
     emfile_logged: Option<Instant>,
@@ -141,6 +274,9 @@ pub struct Acceptor {
     /// `baton ctl` connects here.
     control: Option<UnixListener>,
     ctl: Slab<CtlClient>,
+    /// Refused peers of the control and worker sockets, for summary lines.
+    ctl_refused: ops::Refusals,
+    worker_refused: ops::Refusals,
     /// Rolling restart: slots still to replace, and the (old, new) pair
     /// under way (the old one drains once the new one is ready).
     rolling: VecDeque<usize>,
@@ -238,6 +374,7 @@ impl Acceptor {
             )
             .map_err(Error::Poll)?;
         let pool = Pool::new(cfg.balance);
+        let fd_limit = raise_nofile();
         Ok(Acceptor {
             cfg,
             poll,
@@ -249,6 +386,10 @@ impl Acceptor {
             next_conn_id: 1,
             next_worker_id: 1,
             emfile_until: None,
+            fd_limit,
+            fd_fixed: 0,
+            paused_for_fds: false,
+            fd_logged: None,
             emfile_logged: None,
             emfile_unlogged: 0,
             shutdown: None,
@@ -258,6 +399,8 @@ impl Acceptor {
             worker_listener,
             control,
             ctl: Slab::new(),
+            ctl_refused: ops::Refusals::default(),
+            worker_refused: ops::Refusals::default(),
             rolling: VecDeque::new(),
             rolling_current: None,
             started: Instant::now(),
@@ -282,6 +425,20 @@ impl Acceptor {
 
     /// Spawns the pool and runs until shutdown.
     pub fn run(mut self) -> Result<Outcome, Error> {
+        self.fd_fixed = count_open_fds().saturating_sub(self.listeners.len());
+        let needed = self.fd_fixed + self.listeners.len() + self.cfg.workers + FD_RESERVE + 16;
+        if self.fd_limit < needed {
+            return Err(Error::FdLimit {
+                limit: self.fd_limit,
+                needed,
+            });
+        }
+        info!(
+            fd_limit = self.fd_limit,
+            budget = self.fd_budget().saturating_sub(self.cfg.workers),
+            reserve = FD_RESERVE,
+            "file descriptors"
+        );
         for _ in 0..self.cfg.workers {
             // A worker that cannot even be spawned at start-up is a
             // configuration error, not something to retry.
@@ -343,17 +500,7 @@ impl Acceptor {
 
     /// A new slot in the pool, with its worker spawned; returns its key.
     fn add_slot(&mut self) -> io::Result<usize> {
-        let key = self.slots.insert(Slot {
-            pid: None,
-            worker_id: 0,
-            worker: None,
-            started: Instant::now(),
-            failures: 0,
-            restarts: 0,
-            restart_at: None,
-            given_up: false,
-            retired: false,
-        });
+        let key = self.slots.insert(Slot::new(Instant::now()));
         if let Err(e) = self.spawn_slot(key) {
             self.slots.remove(key);
             return Err(e);
@@ -372,6 +519,8 @@ impl Acceptor {
         slot.worker = Some(wkey);
         slot.started = Instant::now();
         slot.restart_at = None;
+        slot.proven = false;
+        slot.spared = false;
         info!(worker = id, pid = sp.pid, "worker started");
         Ok(())
     }
@@ -465,7 +614,10 @@ impl Acceptor {
             let worker_id = slot.worker_id;
             let uptime = now.duration_since(slot.started);
             if let Some(wkey) = slot.worker {
-                self.close_worker(wkey, "its process exited", false);
+                // close_worker reads what the worker queued before it died
+                // (its last ACKs and DONEs are facts) before anything of it
+                // is given to another worker.
+                self.close_worker(wkey, Gone::ProcessExited);
             }
             if self.shutdown.is_some() || self.slots[key].retired {
                 info!(worker = worker_id, pid = exit.pid, status = %exit.describe(), "worker exited");
@@ -561,7 +713,7 @@ impl Acceptor {
             // It has no connection and has not said HELLO: DRAIN would be
             // out of order, so it is simply stopped.
             State::Starting => {
-                self.close_worker(key, "stopped before its HELLO", true);
+                self.close_worker(key, Gone::StoppedBeforeHello);
                 return;
             }
             State::Ready => {}
@@ -570,7 +722,10 @@ impl Acceptor {
         let id = w.id;
         if let Err(e) = w.chan.send(&Msg::Drain, None) {
             // A worker that cannot take DRAIN is gone or stuck: stop it.
-            self.close_worker(key, &format!("DRAIN could not be sent: {e}"), true);
+            self.close_worker(
+                key,
+                Gone::SendFailed(format!("DRAIN could not be sent: {e}")),
+            );
         } else {
             debug!(worker = id, "drain sent");
         }
@@ -607,14 +762,22 @@ impl Acceptor {
                 return Ok(Some(Outcome::Graceful));
             }
             if Instant::now() >= deadline {
+                let cut: usize = self
+                    .pool
+                    .workers
+                    .iter()
+                    .map(|(_, w)| w.in_flight.len())
+                    .sum();
+                self.stats.cut_at_shutdown += cut as u64;
                 warn!(
                     workers = procs,
-                    "shutdown timeout reached: killing the workers that are still running"
+                    connections = cut,
+                    "shutdown timeout reached: killing the workers that are still running, cutting the connections they hold"
                 );
                 self.kill_all_and_reap();
                 let keys: Vec<usize> = self.pool.workers.iter().map(|(k, _)| k).collect();
                 for key in keys {
-                    self.close_worker(key, "shutdown timeout", false);
+                    self.close_worker(key, Gone::ShutdownTimeout);
                 }
                 self.log_stopped();
                 return Ok(Some(Outcome::Graceful));
@@ -640,8 +803,11 @@ impl Acceptor {
             accepted = s.accepted,
             handed_off = s.handed_off,
             redispatched = s.redispatched,
+            lost = s.lost,
             capacity_pauses = s.capacity_pauses,
             emfile_pauses = s.emfile_pauses,
+            fd_pauses = s.fd_pauses,
+            cut_at_shutdown = s.cut_at_shutdown,
             "stopped"
         );
     }
@@ -656,33 +822,38 @@ impl Acceptor {
             match w.chan.try_recv() {
                 Ok(Some(r)) => {
                     if let Err(why) = self.on_worker_msg(key, r.msg) {
-                        self.close_worker(key, &format!("protocol violation: {why}"), true);
+                        self.close_worker(key, why);
                         return;
                     }
                 }
                 Ok(None) => {
-                    self.close_worker(key, "channel closed", false);
+                    self.close_worker(key, Gone::ChannelClosed);
                     return;
                 }
                 Err(e) if e.would_block() => return,
+                // The worker exited with messages of ours unread. What it
+                // queued before that is still readable, then EOF: read on.
+                Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => continue,
                 Err(RecvError::Proto(p)) => {
-                    self.close_worker(key, &format!("protocol violation: {p}"), true);
+                    self.close_worker(key, Gone::Protocol(p.to_string()));
                     return;
                 }
-                Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    // The worker exited with messages of ours unread.
-                    self.close_worker(key, "channel closed", false);
+                Err(RecvError::FdDropped(m)) => {
+                    self.close_worker(
+                        key,
+                        Gone::Protocol(format!("{:?} with a file descriptor", m.kind())),
+                    );
                     return;
                 }
                 Err(RecvError::Io(e)) => {
-                    self.close_worker(key, &format!("channel error: {e}"), true);
+                    self.close_worker(key, Gone::ChannelError(e.to_string()));
                     return;
                 }
             }
         }
     }
 
-    fn on_worker_msg(&mut self, key: usize, msg: Msg) -> Result<(), String> {
+    fn on_worker_msg(&mut self, key: usize, msg: Msg) -> Result<(), Gone> {
         let max_cap = self.cfg.worker_connections;
         let drain_now = self.drain_sent;
         let w = &mut self.pool.workers[key];
@@ -695,15 +866,24 @@ impl Acceptor {
                 if let (true, Some(profile), Some(real)) =
                     (check, self.cfg.sandbox.profile.as_ref(), w.pid)
                 {
+                    // Out of fds on our side is not the worker's fault: it is
+                    // stopped and restarted, never given up for that.
+                    if let Err(e) = std::fs::File::open(format!("/proc/{real}/status")) {
+                        if supervisor::is_resource_error(&e) {
+                            if let Some(slot) = w.slot.and_then(|k| self.slots.get_mut(k)) {
+                                slot.spared = true;
+                            }
+                            return Err(Gone::Unverifiable(format!(
+                                "cannot open /proc/{real}/status: {e}"
+                            )));
+                        }
+                    }
                     if let Err(m) = baton_sdk::sandbox::verify(real, profile) {
                         // The same profile would fail the same way: no restart.
                         if let Some(slot) = w.slot.and_then(|k| self.slots.get_mut(k)) {
                             slot.given_up = true;
                         }
-                        return Err(format!(
-                            "sandbox check failed: {}",
-                            baton_sdk::sandbox::describe(&m)
-                        ));
+                        return Err(Gone::Sandbox(baton_sdk::sandbox::describe(&m)));
                     }
                 }
                 w.set_capacity(capacity, max_cap);
@@ -718,7 +898,7 @@ impl Acceptor {
                 }
                 w.chan
                     .send(&Msg::Welcome { worker_id: w.id }, None)
-                    .map_err(|e| format!("WELCOME could not be sent: {e}"))?;
+                    .map_err(|e| Gone::SendFailed(format!("WELCOME could not be sent: {e}")))?;
                 w.state = State::Ready;
                 info!(
                     worker = w.id,
@@ -731,13 +911,15 @@ impl Acceptor {
                 }
                 Ok(())
             }
-            (State::Starting, other) => Err(format!("{:?} before HELLO", other.kind())),
+            (State::Starting, other) => {
+                Err(Gone::Protocol(format!("{:?} before HELLO", other.kind())))
+            }
             (_, Msg::Ack(ids)) => {
                 for id in ids {
                     if !w.ack(id) {
-                        return Err(format!(
+                        return Err(Gone::Protocol(format!(
                             "ACK for connection {id}, which it does not hold unacknowledged"
-                        ));
+                        )));
                     }
                 }
                 // Our copies of those fds are closed now: if accepting was
@@ -750,26 +932,45 @@ impl Acceptor {
             (_, Msg::Done(ids)) => {
                 for id in ids {
                     if !w.done(id) {
-                        return Err(format!("DONE for connection {id}, which it does not hold"));
+                        return Err(Gone::Protocol(format!(
+                            "DONE for connection {id}, which it does not hold"
+                        )));
                     }
+                }
+                if w.stalled {
+                    w.stalled = false;
+                    info!(
+                        worker = w.id,
+                        in_flight = w.in_flight.len(),
+                        "worker no longer stalled: it finished a connection"
+                    );
                 }
                 Ok(())
             }
-            (_, Msg::Hello { .. }) => Err("second HELLO".to_string()),
-            (_, other) => Err(format!(
+            (_, Msg::Hello { .. }) => Err(Gone::Protocol("second HELLO".to_string())),
+            (_, other) => Err(Gone::Protocol(format!(
                 "{:?} is not a worker-to-acceptor message",
                 other.kind()
-            )),
+            ))),
         }
     }
 
     /// Removes a worker from the pool. Every connection it had not
     /// acknowledged goes back to the front of the queue for another worker;
-    /// `kill` also SIGKILLs a spawned worker's process.
-    fn close_worker(&mut self, key: usize, reason: &str, kill_it: bool) {
-        if !self.pool.workers.contains(key) {
+    /// a spawned worker's process is SIGKILLed when `why` says so.
+    ///
+    /// First the channel is shut down, so that the worker can send nothing
+    /// more, and read to its end: every ACK and DONE it sent is counted
+    /// before anything is given to another worker. A connection is then
+    /// re-dispatched only if the worker never said it owned it, and it can
+    /// no longer say so: nothing is served twice, and the counts (`lost`,
+    /// `handled`) are exact.
+    fn close_worker(&mut self, key: usize, why: Gone) {
+        let Some(w) = self.pool.workers.get_mut(key) else {
             return;
-        }
+        };
+        let _ = w.chan.shutdown();
+        read_to_end(w);
         let mut w = self.pool.workers.remove(key);
         let _ = self
             .poll
@@ -782,12 +983,15 @@ impl Acceptor {
             self.pending.push_front(h);
         }
         self.stats.redispatched += n as u64;
-        let orderly = w.state == State::Draining && reason == "channel closed";
-        if orderly || (n == 0 && lost == 0 && !kill_it && self.shutdown.is_some()) {
+        self.stats.lost += lost as u64;
+        let quiet = n == 0 && lost == 0 && !why.kill();
+        if (w.state == State::Draining && why.orderly() && quiet)
+            || (quiet && self.shutdown.is_some())
+        {
             info!(
                 worker = w.id,
                 pid = w.pid,
-                reason,
+                reason = %why,
                 handled = w.handled,
                 "worker disconnected"
             );
@@ -797,7 +1001,7 @@ impl Acceptor {
             warn!(
                 worker = w.id,
                 pid = w.pid,
-                reason,
+                reason = %why,
                 handled = w.handled,
                 redispatched = n,
                 lost,
@@ -806,7 +1010,10 @@ impl Acceptor {
         }
         if let Some(slot) = w.slot.and_then(|s| self.slots.get_mut(s)) {
             slot.worker = None;
-            if kill_it {
+            // Welcomed and given work: whatever happens to it now is no
+            // crash loop.
+            slot.proven |= w.state != State::Starting && w.sent_total > 0;
+            if why.kill() {
                 if let Some(pid) = slot.pid {
                     // The pid is still ours: it is only released when we reap
                     // it, which clears slot.pid first.
@@ -814,6 +1021,24 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// Connections the acceptor holds fds for: waiting for a worker, or
+    /// sent and not yet acknowledged.
+    fn held(&self) -> usize {
+        self.pending.len() + self.pool.unacked()
+    }
+
+    /// How many connections the acceptor may hold: its fd limit less the
+    /// fds it holds anyway and [`FD_RESERVE`].
+    fn fd_budget(&self) -> usize {
+        let fixed = self.fd_fixed
+            + self.listeners.len()
+            + self.pool.workers.len()
+            + self.ctl.len()
+            + self.scrapers.len()
+            + usize::from(self.metrics_listener.is_some());
+        self.fd_limit.saturating_sub(fixed + FD_RESERVE)
     }
 
     // ---- timers -----------------------------------------------------------
@@ -839,12 +1064,16 @@ impl Acceptor {
             }
         }
         let (hello, ack) = (self.cfg.hello_timeout, self.cfg.ack_timeout);
+        let stall = self.cfg.stall_timeout;
         for (_, w) in self.pool.workers.iter_mut() {
             if w.state == State::Starting {
                 consider(Some(w.connected + hello));
             }
             consider(w.oldest_unacked().map(|t| t + ack));
             consider(w.drain_deadline);
+            if !w.stalled {
+                consider(w.full_since.map(|t| t + stall));
+            }
         }
         if self.spawned_live() > self.cfg.min_workers {
             let idle = self.cfg.scale_idle_timeout;
@@ -862,8 +1091,19 @@ impl Acceptor {
             self.emfile_until = None;
         }
         let (hello, ack) = (self.cfg.hello_timeout, self.cfg.ack_timeout);
+        let stall = self.cfg.stall_timeout;
         let mut overdue = Vec::new();
         for (key, w) in self.pool.workers.iter_mut() {
+            if !w.stalled && w.full_since.is_some_and(|t| t + stall <= now) {
+                w.stalled = true;
+                warn!(
+                    worker = w.id,
+                    pid = w.pid,
+                    in_flight = w.in_flight.len(),
+                    stall_ms = stall.as_millis() as u64,
+                    "worker stalled: it is full and reported no connection done for the stall timeout; it gets no new connection until it finishes one (the others serve)"
+                );
+            }
             if w.state == State::Starting && w.connected + hello <= now {
                 overdue.push((key, format!("no HELLO within {hello:?}")));
             } else if w.oldest_unacked().is_some_and(|t| t + ack <= now) {
@@ -900,7 +1140,7 @@ impl Acceptor {
             self.close_scraper(key);
         }
         for (key, why) in overdue {
-            self.close_worker(key, &format!("unresponsive: {why}"), true);
+            self.close_worker(key, Gone::Unresponsive(why));
         }
         if self.shutdown.is_none() {
             let due: Vec<usize> = self
@@ -914,6 +1154,12 @@ impl Acceptor {
             for key in due {
                 self.slots[key].restarts += 1;
                 if let Err(e) = self.spawn_slot(key) {
+                    if supervisor::is_resource_error(&e) {
+                        // Not the worker's fault, and not a crash: try again.
+                        warn!(error = %e, retry_ms = RESOURCE_RETRY.as_millis() as u64, "cannot spawn a worker for want of resources; retrying");
+                        self.slots[key].restart_at = Some(now + RESOURCE_RETRY);
+                        continue;
+                    }
                     error!(error = %e, program = %self.cfg.command.program.display(), "cannot spawn worker");
                     let slot = &mut self.slots[key];
                     if slot.exited(now, self.cfg.restart_window, self.cfg.max_restarts)
@@ -929,15 +1175,15 @@ impl Acceptor {
     // ---- moving connections -------------------------------------------
 
     /// Hands `held` to a worker with room; gives it back if there is none.
-    fn dispatch(&mut self, held: Held) -> Result<(), Held> {
+    fn dispatch(&mut self, held: Held, now: Instant) -> Result<(), Held> {
         loop {
-            let Some(key) = self.pool.pick() else {
+            let Some(key) = self.pool.pick(now) else {
                 return Err(held);
             };
             let w = &mut self.pool.workers[key];
             match w.chan.send(&Msg::Conn(held.info), Some(held.fd.as_fd())) {
                 Ok(()) => {
-                    w.sent(held, Instant::now());
+                    w.sent(held, now);
                     self.stats.handed_off += 1;
                     return Ok(());
                 }
@@ -946,7 +1192,10 @@ impl Acceptor {
                     self.set_blocked(key, true);
                 }
                 Err(e) => {
-                    self.close_worker(key, &format!("CONN could not be sent: {e}"), true);
+                    self.close_worker(
+                        key,
+                        Gone::SendFailed(format!("CONN could not be sent: {e}")),
+                    );
                 }
             }
         }
@@ -981,8 +1230,9 @@ impl Acceptor {
     /// Moves queued connections to workers, then accepts new ones while
     /// there is room; pauses and resumes the listeners accordingly.
     fn pump(&mut self) {
+        let now = Instant::now();
         while let Some(h) = self.pending.pop_front() {
-            if let Err(h) = self.dispatch(h) {
+            if let Err(h) = self.dispatch(h, now) {
                 self.pending.push_front(h);
                 break;
             }
@@ -993,11 +1243,33 @@ impl Acceptor {
             }
             return;
         }
-        let mut accepting =
-            self.emfile_until.is_none() && self.pending.is_empty() && self.pool.has_capacity();
+        let mut accepting = self.emfile_until.is_none()
+            && self.pending.is_empty()
+            && self.pool.has_capacity()
+            && self.held() < self.fd_budget();
         if accepting {
             self.set_listening(true);
-            accepting = self.accept_all();
+            accepting = self.accept_all(now);
+        }
+        let fd_full = self.held() >= self.fd_budget();
+        if fd_full != self.paused_for_fds {
+            self.paused_for_fds = fd_full;
+            if fd_full {
+                self.stats.fd_pauses += 1;
+                if self
+                    .fd_logged
+                    .is_none_or(|t| now.duration_since(t) >= EMFILE_LOG_EVERY)
+                {
+                    self.fd_logged = Some(now);
+                    warn!(
+                        held = self.held(),
+                        fd_limit = self.fd_limit,
+                        reserve = FD_RESERVE,
+                        pauses = self.stats.fd_pauses,
+                        "holding as many connections as the fd limit allows: accepting paused until workers acknowledge (clients wait in the backlog)"
+                    );
+                }
+            }
         }
         if !accepting {
             self.set_listening(false);
@@ -1019,10 +1291,12 @@ impl Acceptor {
 
     /// Accepts on every listener until EAGAIN. Returns false if it had to
     /// stop early (no room left, or out of fds).
-    fn accept_all(&mut self) -> bool {
+    fn accept_all(&mut self, now: Instant) -> bool {
+        let budget = self.fd_budget();
+        let mut holding = self.held();
         for i in 0..self.listeners.len() {
             loop {
-                if !self.pool.has_capacity() {
+                if !self.pool.has_capacity() || holding >= budget {
                     return false;
                 }
                 let l = &self.listeners[i];
@@ -1045,9 +1319,10 @@ impl Acceptor {
                                 local,
                             },
                             fd,
-                            accepted: Instant::now(),
+                            accepted: now,
                         };
-                        if let Err(h) = self.dispatch(held) {
+                        holding += 1;
+                        if let Err(h) = self.dispatch(held, now) {
                             self.pending.push_back(h);
                             return false;
                         }

@@ -20,6 +20,44 @@ use crate::control::{self, Reply, Request, WorkerRow, MAX_LINE};
 use crate::pool::State;
 use crate::unix::{uid_allowed, Peer};
 
+/// Peers refused on one of the local sockets, logged in summary: the first
+/// refusal at once, then at most one line per [`Refusals::EVERY`] with how
+/// many were refused since, so that a flood of refused peers cannot flood
+/// the log.
+#[derive(Debug, Default)]
+pub struct Refusals {
+    unlogged: u64,
+    logged_at: Option<Instant>,
+    total: u64,
+}
+
+impl Refusals {
+    pub const EVERY: Duration = Duration::from_secs(60);
+
+    fn refused(&mut self, what: &str, peer: Peer, now: Instant) {
+        self.unlogged += 1;
+        self.total += 1;
+        if self
+            .logged_at
+            .is_none_or(|t| now.duration_since(t) >= Self::EVERY)
+        {
+            warn!(
+                uid = peer.uid,
+                pid = peer.pid,
+                refused = self.unlogged,
+                total = self.total,
+                "{what}: refused a peer whose uid is not allowed (refused: how many since the last such line; at most one line a minute)"
+            );
+            self.unlogged = 0;
+            self.logged_at = Some(now);
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// One connected `baton ctl` client.
 pub struct CtlClient {
     stream: UnixStream,
@@ -39,11 +77,8 @@ impl Acceptor {
         while let Some((fd, peer)) = accept_local(self.control.as_ref(), "control socket") {
             let mut stream = UnixStream::from(fd);
             if !uid_allowed(peer.uid, self.own_uid, &self.cfg.control_allow_uid) {
-                warn!(
-                    uid = peer.uid,
-                    pid = peer.pid,
-                    "control socket: refused a client whose uid is not allowed"
-                );
+                self.ctl_refused
+                    .refused("control socket", peer, Instant::now());
                 let _ =
                     stream.write_all(&Reply::err("permission denied: uid not allowed").to_line());
                 continue;
@@ -575,11 +610,8 @@ impl Acceptor {
     pub(super) fn on_worker_socket_accept(&mut self) {
         while let Some((fd, peer)) = accept_local(self.worker_listener.as_ref(), "worker socket") {
             if !uid_allowed(peer.uid, self.own_uid, &self.cfg.worker_allow_uid) {
-                warn!(
-                    uid = peer.uid,
-                    pid = peer.pid,
-                    "worker socket: refused a worker whose uid is not allowed"
-                );
+                self.worker_refused
+                    .refused("worker socket", peer, Instant::now());
                 continue;
             }
             let chan = match Channel::from_fd(fd) {
@@ -641,6 +673,32 @@ impl Acceptor {
                 }
             })
             .collect();
+        // Slots whose worker is not connected: waiting to restart, or given
+        // up (they will not come back without an operator).
+        for (_, s) in self.slots.iter() {
+            if s.worker.is_some() || s.retired {
+                continue;
+            }
+            let state = if s.given_up {
+                "given-up"
+            } else if s.pid.is_some() {
+                "exiting"
+            } else {
+                "restarting"
+            };
+            rows.push(WorkerRow {
+                id: s.worker_id,
+                pid: s.pid,
+                user: "-".to_string(),
+                state: state.to_string(),
+                origin: "spawned".to_string(),
+                in_flight: 0,
+                handled: 0,
+                restarts: s.restarts,
+                memory_kib: None,
+                age_s: 0.0,
+            });
+        }
         rows.sort_by_key(|r| r.id);
         rows
     }
@@ -662,15 +720,24 @@ impl Acceptor {
                 "ready": count(State::Ready),
                 "starting": count(State::Starting),
                 "draining": count(State::Draining),
+                "stalled": self.pool.workers.iter().filter(|(_, w)| w.stalled).count(),
+                "restarting": self.slots.iter().filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired).count(),
                 "crash_looped": self.slots.iter().filter(|(_, s)| s.given_up).count(),
             },
             "in_flight": self.pool.workers.iter().map(|(_, w)| w.in_flight.len()).sum::<usize>(),
             "pending": self.pending.len(),
+            "held": self.held(),
+            "fd_budget": self.fd_budget(),
+            "fd_limit": self.fd_limit,
             "accepted": s.accepted,
             "handed_off": s.handed_off,
             "redispatched": s.redispatched,
+            "lost": s.lost,
             "capacity_pauses": s.capacity_pauses,
             "emfile_pauses": s.emfile_pauses,
+            "fd_pauses": s.fd_pauses,
+            "refused_control": self.ctl_refused.total(),
+            "refused_workers": self.worker_refused.total(),
             "shutting_down": self.shutdown.is_some(),
             "rolling_restart": self.rolling_current.is_some() || !self.rolling.is_empty(),
         })
@@ -703,6 +770,16 @@ impl Acceptor {
             s.redispatched,
         );
         counter(
+            "connections_lost_total",
+            "Acknowledged connections whose worker died before finishing them.",
+            s.lost,
+        );
+        counter(
+            "fd_pauses_total",
+            "Times accepting paused because the connections held reached the fd budget.",
+            s.fd_pauses,
+        );
+        counter(
             "capacity_pauses_total",
             "Times accepting paused because every worker was full.",
             s.capacity_pauses,
@@ -713,6 +790,8 @@ impl Acceptor {
             s.emfile_pauses,
         );
         let _ = writeln!(m, "# HELP baton_connections_pending Accepted connections waiting for a worker.\n# TYPE baton_connections_pending gauge\nbaton_connections_pending {}", self.pending.len());
+        let _ = writeln!(m, "# HELP baton_connections_held Connections the acceptor holds an fd for (pending or not yet acknowledged).\n# TYPE baton_connections_held gauge\nbaton_connections_held {}", self.held());
+        let _ = writeln!(m, "# HELP baton_connections_held_limit The most connections the acceptor may hold (fd limit less its own fds and reserve).\n# TYPE baton_connections_held_limit gauge\nbaton_connections_held_limit {}", self.fd_budget());
         let _ = writeln!(
             m,
             "# HELP baton_workers Workers by state.\n# TYPE baton_workers gauge"
@@ -729,6 +808,23 @@ impl Acceptor {
                 .filter(|(_, w)| w.state == st)
                 .count();
             let _ = writeln!(m, "baton_workers{{state=\"{label}\"}} {n}");
+        }
+        let restarting = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired)
+            .count();
+        let given_up = self.slots.iter().filter(|(_, s)| s.given_up).count();
+        let _ = writeln!(m, "baton_workers{{state=\"restarting\"}} {restarting}");
+        let _ = writeln!(m, "baton_workers{{state=\"given_up\"}} {given_up}");
+        let _ = writeln!(m, "# HELP baton_worker_stalled 1 while a worker is full and has reported no DONE for the stall timeout.\n# TYPE baton_worker_stalled gauge");
+        for (_, w) in self.pool.workers.iter() {
+            let _ = writeln!(
+                m,
+                "baton_worker_stalled{{worker=\"{}\"}} {}",
+                w.id,
+                u8::from(w.stalled)
+            );
         }
         let _ = writeln!(m, "# HELP baton_worker_in_flight Connections a worker holds.\n# TYPE baton_worker_in_flight gauge");
         for (_, w) in self.pool.workers.iter() {

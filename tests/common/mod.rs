@@ -279,6 +279,32 @@ impl Drop for Baton {
     }
 }
 
+// ---- worker commands ----------------------------------------------------
+
+/// `--listen 127.0.0.1:0 --workers N EXTRA -- CMD`.
+pub fn echo_args<'a>(workers: &'a str, extra: &[&'a str], cmd: &'a [String]) -> Vec<&'a str> {
+    let mut v = vec!["--listen", "127.0.0.1:0", "--workers", workers];
+    v.extend_from_slice(extra);
+    v.push("--");
+    v.extend(cmd.iter().map(|s| s.as_str()));
+    v
+}
+
+pub fn echo_cmd() -> Vec<String> {
+    vec![bin("baton-echo").display().to_string()]
+}
+
+/// `baton-chaos --mode MODE EXTRA`: a worker that breaks a rule on purpose.
+pub fn chaos_cmd(mode: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = vec![
+        bin("baton-chaos").display().to_string(),
+        "--mode".to_string(),
+        mode.to_string(),
+    ];
+    v.extend(extra.iter().map(|s| s.to_string()));
+    v
+}
+
 // ---- echo clients -------------------------------------------------------
 
 pub const IO_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,6 +1,6 @@
 //! `baton-chaos`: a worker that breaks the protocol on purpose, for tests.
 //!
-//! Usage: `baton-chaos --mode MODE [--bad-workers 1,2] [--count N] [--register PATH]`
+//! Usage: `baton-chaos --mode MODE [--bad-workers 1,2] [--count N] [--delay-ms N] [--register PATH]`
 //!
 //! Workers whose id (`BATON_WORKER_ID`) is listed in `--bad-workers`
 //! (default: every worker) misbehave as MODE says; the others exec
@@ -20,7 +20,18 @@
 //! * `forbidden`: after HELLO, tries fork+execve: exits 4 if refused with
 //!   EPERM (as the seccomp filter does), 5 if it ran;
 //! * `threads-then-sandbox`: starts a thread, then applies its sandbox,
-//!   which refuses; exits with the sandbox failure status (78).
+//!   which refuses; exits with the sandbox failure status (78);
+//! * `ack-done-die`: takes one connection and waits (without reading) until
+//!   a second CONN is queued on its channel; then stops the acceptor
+//!   (SIGSTOP, so that it is "busy"), sends it a SIGCHLD (so that the
+//!   child-exit event comes first), ACKs the first connection, writes
+//!   `partial\n` to it, reports it DONE and exits with status 3, the second
+//!   CONN unread. The test continues the acceptor once this process is a
+//!   zombie. Needs `--no-sandbox` (seccomp refuses kill);
+//! * `slow-ack`: serves connections one at a time like an echo worker, but
+//!   waits `--delay-ms` (default 3000) before acknowledging each;
+//! * `no-done`: ACKs each connection, reads it to its end, writes
+//!   `no done\n`, closes it, and never reports it DONE.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -89,6 +100,20 @@ fn take_conn(chan: &Channel, keep: &mut Vec<OwnedFd>) -> io::Result<u64> {
     }
 }
 
+/// Blocks until a message is queued on the channel, without reading it.
+fn wait_readable(chan: &Channel) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::os::fd::AsFd;
+    loop {
+        let mut fds = [PollFd::new(chan.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 fn misbehave(mode: &str, count: usize) -> io::Result<()> {
     if mode == "crash" {
         std::process::exit(1);
@@ -149,6 +174,47 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
             )?;
         }
         "hang" => {}
+        "ack-done-die" => {
+            let first = take_conn(&chan, &mut keep)?;
+            wait_readable(&chan)?;
+            let parent = nix::unistd::getppid();
+            nix::sys::signal::kill(parent, nix::sys::signal::Signal::SIGSTOP)?;
+            nix::sys::signal::kill(parent, nix::sys::signal::Signal::SIGCHLD)?;
+            chan.send(&Msg::Ack(vec![first]), None)?;
+            let mut sock = std::net::TcpStream::from(keep.remove(0));
+            sock.set_nonblocking(false)?;
+            std::io::Write::write_all(&mut sock, b"partial\n")?;
+            drop(sock);
+            chan.send(&Msg::Done(vec![first]), None)?;
+            say("acknowledged, answered and reported one connection; dying with another unread");
+            std::process::exit(3);
+        }
+        "slow-ack" => {
+            let delay = arg("--delay-ms")
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(3000u64);
+            loop {
+                let id = take_conn(&chan, &mut keep)?;
+                std::thread::sleep(std::time::Duration::from_millis(delay));
+                chan.send(&Msg::Ack(vec![id]), None)?;
+                let mut sock = std::net::TcpStream::from(keep.remove(0));
+                sock.set_nonblocking(false)?;
+                let mut buf = Vec::new();
+                let _ = std::io::Read::read_to_end(&mut sock, &mut buf);
+                let _ = std::io::Write::write_all(&mut sock, &buf);
+                drop(sock);
+                chan.send(&Msg::Done(vec![id]), None)?;
+            }
+        }
+        "no-done" => loop {
+            let id = take_conn(&chan, &mut keep)?;
+            chan.send(&Msg::Ack(vec![id]), None)?;
+            let mut sock = std::net::TcpStream::from(keep.remove(0));
+            sock.set_nonblocking(false)?;
+            let mut buf = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut sock, &mut buf);
+            let _ = std::io::Write::write_all(&mut sock, b"no done\n");
+        },
         "forbidden" => {
             // A syscall the seccomp allowlist refuses: execve.
             let r = std::process::Command::new("/bin/true").status();

@@ -3,8 +3,11 @@
 //! It takes its channel from the acceptor that spawned it (or registers with
 //! `--register PATH`), and echoes every byte of every connection back to the
 //! client, one thread per connection. When a client closes, the worker
-//! reports the connection DONE. On DRAIN, or when the acceptor goes away, it
-//! stops taking connections, lets the open ones finish, and exits 0.
+//! reports the connection DONE. On DRAIN it stops taking connections, lets
+//! the open ones finish (the acceptor stops it at its drain timeout), and
+//! exits 0. When the acceptor goes away (even `kill -9`), the connections it
+//! holds are still its own: it finishes them, for at most `--drain-timeout`
+//! (the acceptor can no longer stop it), then exits.
 
 use std::fmt::Arguments;
 use std::io::{self, Read, Write};
@@ -13,28 +16,33 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use baton_sdk::{Connection, DoneSender, Event, Worker};
 
 const USAGE: &str = "\
 baton-echo: echoes every byte a client sends back to it
 
-Usage: baton-echo [--register PATH] [--capacity N]
+Usage: baton-echo [--register PATH] [--capacity N] [--drain-timeout SECS]
 
 Started by `baton ... -- baton-echo`, it takes its channel from the
 acceptor. With --register PATH it connects to the acceptor's worker socket
 instead and joins the pool. --capacity N caps its concurrent connections
-(0, the default, leaves the limit to the acceptor's --worker-connections).";
+(0, the default, leaves the limit to the acceptor's --worker-connections and
+this process's fd limit). If the acceptor goes away, open connections get
+--drain-timeout seconds (default 30) to finish before the worker exits.";
 
 struct Args {
     register: Option<PathBuf>,
     capacity: u32,
+    drain_timeout: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         register: None,
         capacity: 0,
+        drain_timeout: Duration::from_secs(30),
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -47,6 +55,19 @@ fn parse_args() -> Result<Args, String> {
                 args.capacity = v
                     .parse()
                     .map_err(|_| format!("--capacity: {v:?} is not a number"))?;
+            }
+            "--drain-timeout" => {
+                let v = it
+                    .next()
+                    .ok_or("--drain-timeout needs a number of seconds")?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| format!("--drain-timeout: {v:?} is not a number of seconds"))?;
+                args.drain_timeout = Duration::from_secs(secs);
+            }
+            "-V" | "--version" => {
+                println!("baton-echo {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
             }
             "-h" | "--help" => {
                 println!("{USAGE}");
@@ -91,7 +112,10 @@ fn serve(conn: Connection, done: DoneSender, inflight: Arc<InFlight>) {
     }
     // The stream is closed by now: only then is the connection done.
     if let Err(e) = done.done(id) {
-        log(format_args!("cannot report connection {id} done: {e}"));
+        // After the acceptor is gone there is nobody to tell.
+        if e.kind() != io::ErrorKind::BrokenPipe {
+            log(format_args!("cannot report connection {id} done: {e}"));
+        }
     }
     let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
     *n -= 1;
@@ -108,18 +132,49 @@ fn run(args: Args) -> Result<(), baton_sdk::Error> {
     let inflight = Arc::new(InFlight::default());
     static SERVED: AtomicUsize = AtomicUsize::new(0);
     // Connections until DRAIN or the acceptor goes away.
-    while let Event::Conn(conn) = worker.recv()? {
-        SERVED.fetch_add(1, Ordering::Relaxed);
-        *inflight.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        let done = worker.done_sender();
-        let inflight = inflight.clone();
-        std::thread::spawn(move || serve(conn, done, inflight));
-    }
-    // Finish what we have, then exit.
+    let orphaned = loop {
+        match worker.recv()? {
+            Event::Conn(conn) => {
+                SERVED.fetch_add(1, Ordering::Relaxed);
+                *inflight.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+                let done = worker.done_sender();
+                let inflight = inflight.clone();
+                std::thread::spawn(move || serve(conn, done, inflight));
+            }
+            Event::Drain => break false,
+            Event::Closed => break true,
+        }
+    };
+    // Finish what we have, then exit. Draining, the acceptor bounds this;
+    // orphaned, nobody else will, so the drain timeout does.
+    let deadline = orphaned.then(|| Instant::now() + args.drain_timeout);
     let mut n = inflight.count.lock().unwrap_or_else(|p| p.into_inner());
-    while *n > 0 {
-        n = inflight.zero.wait(n).unwrap_or_else(|p| p.into_inner());
+    if orphaned && *n > 0 {
+        log(format_args!(
+            "the acceptor is gone: finishing {} connection(s) (at most {:?})",
+            *n, args.drain_timeout
+        ));
     }
+    while *n > 0 {
+        match deadline {
+            None => n = inflight.zero.wait(n).unwrap_or_else(|p| p.into_inner()),
+            Some(d) => {
+                let left = d.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    log(format_args!(
+                        "drain timeout: exiting with {} connection(s) open",
+                        *n
+                    ));
+                    break;
+                }
+                n = inflight
+                    .zero
+                    .wait_timeout(n, left)
+                    .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            }
+        }
+    }
+    drop(n);
     log(format_args!(
         "worker {} exiting after {} connections",
         worker.id(),

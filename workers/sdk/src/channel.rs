@@ -4,10 +4,11 @@
 //! Both sides use this type: the acceptor on its non-blocking end, a worker
 //! usually on a blocking one. Each OS call is wrapped once here.
 //!
-//! We call `sendmsg`/`recvmsg` through nix rather than the `sendfd` crate:
-//! the protocol needs `MSG_CMSG_CLOEXEC` on receive and must see
-//! `MSG_CTRUNC`/`MSG_TRUNC` to refuse truncated messages, and `sendfd`'s
-//! receive passes no flags and reports neither.
+//! We call `sendmsg` through nix and `recvmsg` through libc rather than the
+//! `sendfd` crate: the protocol needs `MSG_CMSG_CLOEXEC` on receive and must
+//! see `MSG_CTRUNC`/`MSG_TRUNC`, and `sendfd`'s receive passes no flags and
+//! reports neither. (nix's receive refuses to walk control messages after
+//! `MSG_CTRUNC`, which would leak the fds the kernel did install.)
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -15,8 +16,7 @@ use std::path::Path;
 
 use nix::errno::Errno;
 use nix::sys::socket::{
-    self, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
-    UnixAddr,
+    self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
 use crate::proto::{self, Msg, ProtoError, MAX_MSG};
@@ -31,6 +31,11 @@ pub enum RecvError {
     /// The peer sent something the protocol refuses; the channel is unusable.
     #[error("protocol violation: {0}")]
     Proto(#[from] ProtoError),
+    /// A well-formed message arrived but the kernel could not install the
+    /// fd it carried: this process is out of file descriptors. Only that
+    /// message is affected; the channel is still usable.
+    #[error("{0:?} arrived without its file descriptor: this process is at its fd limit")]
+    FdDropped(Box<Msg>),
 }
 
 impl RecvError {
@@ -112,6 +117,15 @@ impl Channel {
         Ok(())
     }
 
+    /// Shuts the channel down both ways (`shutdown(2)`). The peer's sends
+    /// fail with `EPIPE` from then on, while what it had already queued
+    /// here can still be received, then EOF: after this, the queue holds
+    /// everything the peer will ever have said.
+    pub fn shutdown(&self) -> io::Result<()> {
+        socket::shutdown(self.fd.as_raw_fd(), socket::Shutdown::Both)?;
+        Ok(())
+    }
+
     /// Sends one message, with `fd` attached when the kind carries one.
     /// Never raises SIGPIPE; a closed peer is `BrokenPipe`.
     pub fn send(&self, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
@@ -157,49 +171,32 @@ impl Channel {
     /// Every fd that arrives is owned (and closed on drop) before any check,
     /// so a peer sending extra fds cannot leak them into this process.
     pub fn recv(&self) -> Result<Option<Received>, RecvError> {
-        self.recv_flags(MsgFlags::empty())
+        self.recv_flags(0)
     }
 
     /// Like [`Channel::recv`] but never blocks, whatever the channel's mode:
     /// `WouldBlock` when nothing is queued.
     pub fn try_recv(&self) -> Result<Option<Received>, RecvError> {
-        self.recv_flags(MsgFlags::MSG_DONTWAIT)
+        self.recv_flags(libc::MSG_DONTWAIT)
     }
 
-    fn recv_flags(&self, extra: MsgFlags) -> Result<Option<Received>, RecvError> {
+    fn recv_flags(&self, extra: libc::c_int) -> Result<Option<Received>, RecvError> {
         let mut buf = [0u8; MAX_MSG + 1];
-        let mut cmsg = nix::cmsg_space!([RawFd; RECV_FDS]);
-        let (bytes, flags, mut fds) = loop {
-            let mut iov = [io::IoSliceMut::new(&mut buf)];
-            match socket::recvmsg::<()>(
-                self.fd.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC | extra,
+        let (bytes, flags, mut fds) = recvmsg_fds(self.fd.as_fd(), &mut buf, extra)?;
+        if flags & libc::MSG_CTRUNC != 0 {
+            // The kernel could not install every fd the message carried:
+            // this process is at its fd limit (the buffer has room for the
+            // most a message can carry). The fds it did install are owned
+            // by `fds` and closed on return.
+            return match proto::decode(
+                &buf[..bytes.min(MAX_MSG)],
+                proto::kind_fd_count(&buf[..bytes]),
             ) {
-                Ok(r) => {
-                    let mut fds: Vec<OwnedFd> = Vec::new();
-                    // cmsgs() fails only on MSG_CTRUNC, which the buffer's size
-                    // rules out for SCM_RIGHTS (see RECV_FDS).
-                    let Ok(cmsgs) = r.cmsgs() else {
-                        return Err(ProtoError::Truncated.into());
-                    };
-                    for c in cmsgs {
-                        if let ControlMessageOwned::ScmRights(raws) = c {
-                            for raw in raws {
-                                // SAFETY: the kernel just installed `raw` in our
-                                // fd table for this message; nothing else owns it.
-                                fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
-                            }
-                        }
-                    }
-                    break (r.bytes, r.flags, fds);
-                }
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(RecvError::Io(e.into())),
-            }
-        };
-        if flags.intersects(MsgFlags::MSG_CTRUNC | MsgFlags::MSG_TRUNC) || bytes > MAX_MSG {
+                Ok(msg) => Err(RecvError::FdDropped(Box::new(msg))),
+                Err(_) => Err(ProtoError::Truncated.into()),
+            };
+        }
+        if flags & libc::MSG_TRUNC != 0 || bytes > MAX_MSG {
             return Err(ProtoError::Truncated.into());
         }
         if bytes == 0 && fds.is_empty() {
@@ -207,6 +204,79 @@ impl Channel {
         }
         let msg = proto::decode(&buf[..bytes], fds.len())?;
         Ok(Some(Received { msg, fd: fds.pop() }))
+    }
+}
+
+/// Room for [`RECV_FDS`] descriptors and their header, in u64 words so that
+/// the buffer is aligned for `cmsghdr` (CMSG_SPACE(253 * 4) is 1032 bytes on
+/// 64-bit Linux; this gives a header's worth more).
+const CMSG_WORDS: usize =
+    (RECV_FDS * std::mem::size_of::<RawFd>() + 2 * std::mem::size_of::<libc::cmsghdr>()) / 8 + 1;
+
+/// `recvmsg(2)` with `MSG_CMSG_CLOEXEC`, once, retried on EINTR. Returns
+/// the byte count, the returned `msg_flags` and every fd that arrived,
+/// owned.
+///
+/// Called directly rather than through nix: nix refuses to walk the control
+/// messages when `MSG_CTRUNC` is set, and then the fds the kernel did
+/// install would leak. The kernel only ever writes whole `cmsghdr`s, so
+/// walking them with `CMSG_FIRSTHDR`/`CMSG_NXTHDR` is safe either way.
+fn recvmsg_fds(
+    fd: BorrowedFd<'_>,
+    buf: &mut [u8],
+    extra: libc::c_int,
+) -> io::Result<(usize, libc::c_int, Vec<OwnedFd>)> {
+    let mut cbuf = [0u64; CMSG_WORDS];
+    loop {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: an all-zero msghdr is a valid empty header; the fields
+        // set below point at `iov` and `cbuf`, which outlive the call.
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = &mut iov;
+        mh.msg_iovlen = 1;
+        mh.msg_control = cbuf.as_mut_ptr().cast();
+        mh.msg_controllen = std::mem::size_of_val(&cbuf) as _;
+        // SAFETY: `mh` describes live buffers of the lengths it gives; the
+        // kernel writes at most that much into them.
+        let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut mh, libc::MSG_CMSG_CLOEXEC | extra) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        let mut fds = Vec::new();
+        // SAFETY: `mh` is the header the kernel just filled in; its
+        // msg_controllen covers only complete control messages it wrote.
+        let mut c = unsafe { libc::CMSG_FIRSTHDR(&mh) };
+        while !c.is_null() {
+            // SAFETY: CMSG_FIRSTHDR/CMSG_NXTHDR return either null or a
+            // pointer to a whole cmsghdr inside `cbuf`.
+            let h = unsafe { &*c };
+            if h.cmsg_level == libc::SOL_SOCKET && h.cmsg_type == libc::SCM_RIGHTS {
+                // SAFETY: CMSG_DATA points just past the header, inside the
+                // same control message.
+                let data = unsafe { libc::CMSG_DATA(c) };
+                let header = data as usize - c as usize;
+                let count =
+                    (h.cmsg_len as usize).saturating_sub(header) / std::mem::size_of::<RawFd>();
+                for i in 0..count {
+                    // SAFETY: `count` ints fit in this message's data (its
+                    // cmsg_len says so); they may be unaligned.
+                    let raw = unsafe { std::ptr::read_unaligned(data.cast::<RawFd>().add(i)) };
+                    // SAFETY: the kernel just installed `raw` in our fd
+                    // table for this message; nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+            // SAFETY: `c` is a valid header inside `mh`'s control buffer.
+            c = unsafe { libc::CMSG_NXTHDR(&mh, c) };
+        }
+        return Ok((n as usize, mh.msg_flags, fds));
     }
 }
 
@@ -279,6 +349,19 @@ mod tests {
         assert!(b.recv().unwrap_err().would_block());
         drop(a);
         assert!(b.recv().unwrap().is_none());
+    }
+
+    #[test]
+    fn after_shutdown_the_queue_is_all_the_peer_said() {
+        let (a, b) = Channel::pair().unwrap();
+        b.send(&Msg::Ack(vec![1]), None).unwrap();
+        b.send(&Msg::Done(vec![1]), None).unwrap();
+        a.shutdown().unwrap();
+        let e = b.send(&Msg::Done(vec![2]), None).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe, "{e}");
+        assert_eq!(a.try_recv().unwrap().unwrap().msg, Msg::Ack(vec![1]));
+        assert_eq!(a.try_recv().unwrap().unwrap().msg, Msg::Done(vec![1]));
+        assert!(a.try_recv().unwrap().is_none(), "then EOF");
     }
 
     #[test]

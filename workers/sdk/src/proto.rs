@@ -308,6 +308,15 @@ impl Msg {
     }
 }
 
+/// How many fds a message with this header should carry (0 for an unknown
+/// kind, which [`decode`] refuses anyway). For a receiver that lost the fds
+/// a message carried and wants to know what the message was.
+pub fn kind_fd_count(b: &[u8]) -> usize {
+    b.get(1)
+        .and_then(|k| Kind::from_u8(*k))
+        .map_or(0, Kind::fd_count)
+}
+
 fn expect_len(kind: Kind, len: usize, expected: usize) -> Result<(), ProtoError> {
     if len == expected {
         Ok(())

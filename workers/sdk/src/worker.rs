@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::channel::{Channel, RecvError};
-use crate::proto::{Msg, ProtoError, CHANNEL_FD_ENV, MAX_IDS};
+use crate::proto::{Msg, ProtoError, CHANNEL_FD_ENV};
 
 /// Errors of the worker library.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,7 @@ impl From<RecvError> for Error {
         match e {
             RecvError::Io(e) => Error::Io(e),
             RecvError::Proto(p) => Error::Proto(p),
+            RecvError::FdDropped(m) => Error::Proto(ProtoError::UnknownKind(m.kind() as u8)),
         }
     }
 }
@@ -127,8 +128,12 @@ impl DoneSender {
 pub struct Worker {
     chan: Arc<Channel>,
     id: u32,
+    /// What it announced in HELLO.
+    capacity: u32,
     queued: VecDeque<Event>,
     closed: bool,
+    /// CONNs that arrived without their fd, to acknowledge and report done.
+    dropped: Vec<u64>,
 }
 
 impl Worker {
@@ -141,6 +146,13 @@ impl Worker {
     /// before the worker starts a thread or opens a file. What the sandbox
     /// skipped is reported on stderr.
     pub fn from_env(capacity: u32) -> Result<Worker, Error> {
+        Worker::from_env_per_conn(capacity, 1)
+    }
+
+    /// Like [`Worker::from_env`], for a worker that needs `fds_per_conn`
+    /// fds per connection (2 for one that opens a file per request): the
+    /// capacity it announces fits its fd limit at that rate.
+    pub fn from_env_per_conn(capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
         if let Some(applied) = crate::sandbox::apply_from_env()? {
             for note in &applied.notes {
                 let line = format!("worker[{}]: sandbox: {note}\n", std::process::id());
@@ -171,21 +183,32 @@ impl Worker {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
         let chan = Channel::from_fd(owned).map_err(|source| Error::BadChannelFd { fd, source })?;
-        Worker::handshake(chan, capacity)
+        Worker::handshake(chan, capacity, fds_per_conn)
     }
 
     /// Connects to an acceptor's worker socket (`--worker-socket`) and joins
     /// its pool; the acceptor never restarts a worker that registered itself.
     pub fn register(path: &Path, capacity: u32) -> Result<Worker, Error> {
+        Worker::register_per_conn(path, capacity, 1)
+    }
+
+    /// Like [`Worker::register`], with `fds_per_conn` as in
+    /// [`Worker::from_env_per_conn`].
+    pub fn register_per_conn(
+        path: &Path,
+        capacity: u32,
+        fds_per_conn: u32,
+    ) -> Result<Worker, Error> {
         let chan = Channel::connect(path).map_err(|source| Error::Register {
             path: path.display().to_string(),
             source,
         })?;
-        Worker::handshake(chan, capacity)
+        Worker::handshake(chan, capacity, fds_per_conn)
     }
 
-    fn handshake(chan: Channel, capacity: u32) -> Result<Worker, Error> {
+    fn handshake(chan: Channel, capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
         chan.set_nonblocking(false)?;
+        let capacity = fit_capacity(capacity, fd_capacity(fds_per_conn));
         chan.send(
             &Msg::Hello {
                 pid: std::process::id(),
@@ -201,9 +224,17 @@ impl Worker {
         Ok(Worker {
             chan: Arc::new(chan),
             id,
+            capacity,
             queued: VecDeque::new(),
             closed: false,
+            dropped: Vec::new(),
         })
+    }
+
+    /// The capacity this worker announced in its HELLO: what it asked for,
+    /// lowered to what its fd limit can hold (see [`fd_capacity`]).
+    pub fn capacity(&self) -> u32 {
+        self.capacity
     }
 
     /// This worker's id in the acceptor's pool.
@@ -235,45 +266,79 @@ impl Worker {
 
     /// Blocks until the next event.
     pub fn recv(&mut self) -> Result<Event, Error> {
-        if let Some(ev) = self.queued.pop_front() {
-            return Ok(ev);
+        loop {
+            if let Some(ev) = self.queued.pop_front() {
+                return Ok(ev);
+            }
+            if self.closed {
+                return Ok(Event::Closed);
+            }
+            // Block for one message, then take whatever else is already
+            // queued so that one ACK covers the batch.
+            let mut batch = Vec::new();
+            let read = self.read_one(true, &mut batch);
+            let read = read.and_then(|_| self.drain_nonblocking(&mut batch));
+            let settled = self.settle(&mut batch, 0);
+            self.queued.extend(batch);
+            read?;
+            settled?;
         }
-        if self.closed {
-            return Ok(Event::Closed);
-        }
-        // Block for one message, then take whatever else is already queued
-        // so that one ACK covers the batch.
-        let first = self.chan.recv()?;
-        let mut batch = Vec::new();
-        self.take(first, &mut batch)?;
-        self.drain_nonblocking(&mut batch)?;
-        self.ack(&batch)?;
-        self.queued.extend(batch);
-        Ok(self.queued.pop_front().unwrap_or(Event::Closed))
     }
 
     /// Non-blocking: appends every event that is queued on the channel to
     /// `out`, after acknowledging every connection among them. Returns
     /// without error when nothing is queued.
+    ///
+    /// A connection whose ACK could not be sent is not returned (its fd is
+    /// closed): the acceptor still owns it and gives it to another worker.
+    /// If the acceptor is gone, [`Event::Closed`] follows.
     pub fn poll_events(&mut self, out: &mut Vec<Event>) -> Result<(), Error> {
         out.extend(self.queued.drain(..));
         if self.closed {
             return Ok(());
         }
         let start = out.len();
-        self.drain_nonblocking(out)?;
-        self.ack(&out[start..])
+        let read = self.drain_nonblocking(out);
+        self.settle(out, start)?;
+        read
     }
 
     fn drain_nonblocking(&mut self, out: &mut Vec<Event>) -> Result<(), Error> {
-        while !self.closed {
-            match self.chan.try_recv() {
-                Ok(r) => self.take(r, out)?,
-                Err(e) if e.would_block() => break,
-                Err(e) => return Err(e.into()),
-            }
-        }
+        while !self.closed && self.read_one(false, out)? {}
         Ok(())
+    }
+
+    /// Receives one message into `out`. Returns false when nothing is
+    /// queued (non-blocking only).
+    fn read_one(&mut self, blocking: bool, out: &mut Vec<Event>) -> Result<bool, Error> {
+        let r = if blocking {
+            self.chan.recv()
+        } else {
+            self.chan.try_recv()
+        };
+        match r {
+            Ok(r) => {
+                self.take(r, out)?;
+                Ok(true)
+            }
+            Err(e) if e.would_block() => Ok(false),
+            // The acceptor went away with messages of ours unread. What it
+            // had queued for us before that is still readable (CONNs among
+            // them), and EOF follows: keep reading.
+            Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ok(true),
+            // This process is at its fd limit: that one connection is lost
+            // (acknowledged and reported done at once, so that the acceptor
+            // closes its copy and the client is not left hanging), the
+            // channel goes on.
+            Err(RecvError::FdDropped(m)) => match *m {
+                Msg::Conn(info) => {
+                    self.dropped.push(info.id);
+                    Ok(true)
+                }
+                other => Err(Error::Proto(ProtoError::UnknownKind(other.kind() as u8))),
+            },
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn take(
@@ -304,18 +369,104 @@ impl Worker {
         Ok(())
     }
 
-    fn ack(&self, events: &[Event]) -> Result<(), Error> {
-        let ids: Vec<u64> = events
+    /// Acknowledges the connections in `events[start..]`; the ones whose
+    /// ACK could not be sent are removed (and closed). Reports connections
+    /// whose fd never arrived.
+    fn settle(&mut self, events: &mut Vec<Event>, start: usize) -> Result<(), Error> {
+        if !self.dropped.is_empty() {
+            let ids = std::mem::take(&mut self.dropped);
+            let line = format!(
+                "worker[{}]: {} connection(s) arrived without their fd (this process is at its fd limit); closed\n",
+                std::process::id(),
+                ids.len()
+            );
+            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+            // Best effort: if the channel is gone, so is the acceptor's copy.
+            let _ =
+                send_ids(&self.chan, &ids, false).and_then(|_| send_ids(&self.chan, &ids, true));
+        }
+        let ids: Vec<u64> = events[start..]
             .iter()
             .filter_map(|e| match e {
                 Event::Conn(c) => Some(c.id),
                 _ => None,
             })
             .collect();
-        for chunk in ids.chunks(MAX_IDS) {
-            send_reliably(&self.chan, &Msg::Ack(chunk.to_vec()))?;
+        let Err((acked, e)) = send_ids(&self.chan, &ids, false) else {
+            return Ok(());
+        };
+        // Never serve what the acceptor was not told we own: it may give
+        // those to another worker.
+        let keep: std::collections::HashSet<u64> = ids[..acked].iter().copied().collect();
+        let mut idx = 0;
+        events.retain(|ev| {
+            let kept = idx < start || !matches!(ev, Event::Conn(c) if !keep.contains(&c.id));
+            idx += 1;
+            kept
+        });
+        if matches!(
+            e.kind(),
+            io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected
+        ) {
+            // The acceptor is gone, or took this channel back.
+            if !self.closed {
+                self.closed = true;
+                events.push(Event::Closed);
+            }
+            return Ok(());
         }
-        Ok(())
+        Err(Error::Io(e))
+    }
+}
+
+/// Sends `ids` as ACK (or DONE) messages of at most [`crate::proto::MAX_IDS`]. On error,
+/// says how many ids went out before it.
+fn send_ids(chan: &Channel, ids: &[u64], done: bool) -> Result<(), (usize, io::Error)> {
+    let mut sent = 0;
+    for m in Msg::id_batches(ids, done) {
+        let n = match &m {
+            Msg::Ack(v) | Msg::Done(v) => v.len(),
+            _ => 0,
+        };
+        send_reliably(chan, &m).map_err(|e| (sent, e))?;
+        sent += n;
+    }
+    Ok(())
+}
+
+/// Fds a worker keeps for itself (its channel, stdio, logs, a file or two)
+/// beyond one per connection.
+const FD_MARGIN: u64 = 16;
+
+/// How many connections this process can hold within its `RLIMIT_NOFILE`
+/// (soft limit), given the fds already open and `fds_per_conn` fds per
+/// connection (1 for the socket; 2 for a worker that opens a file per
+/// request). None when the limit is infinite. At least 1.
+///
+/// A worker must not announce more than this: past its fd limit the kernel
+/// drops the fd of the next CONN (see [`RecvError::FdDropped`]).
+pub fn fd_capacity(fds_per_conn: u32) -> Option<u32> {
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let (soft, _) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft == RLIM_INFINITY {
+        return None;
+    }
+    // Under a chroot /proc may be missing; the sandbox has closed every fd
+    // but a few by then.
+    let open = std::fs::read_dir("/proc/self/fd").map_or(8, |d| d.count() as u64);
+    let room = soft.saturating_sub(open + FD_MARGIN) / u64::from(fds_per_conn.max(1));
+    Some(room.clamp(1, u64::from(u32::MAX)) as u32)
+}
+
+/// The capacity to announce: the one asked for (0: none of its own), never
+/// more than the fd limit allows.
+fn fit_capacity(asked: u32, fd_room: Option<u32>) -> u32 {
+    match (asked, fd_room) {
+        (0, Some(room)) => room,
+        (asked, Some(room)) => asked.min(room),
+        (asked, None) => asked,
     }
 }
 
@@ -365,6 +516,76 @@ impl AsRawFd for Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsFd;
+
+    fn worker(chan: Channel) -> Worker {
+        Worker {
+            chan: Arc::new(chan),
+            id: 1,
+            capacity: 0,
+            queued: VecDeque::new(),
+            closed: false,
+            dropped: Vec::new(),
+        }
+    }
+
+    fn conn_msg(id: u64) -> Msg {
+        Msg::Conn(crate::proto::ConnInfo {
+            id,
+            listener: 0,
+            peer: "127.0.0.1:1".parse().unwrap(),
+            local: "127.0.0.1:2".parse().unwrap(),
+        })
+    }
+
+    #[test]
+    fn a_connection_whose_ack_cannot_be_sent_is_never_returned() {
+        // The acceptor sends a CONN, then takes the channel back
+        // (shutdown) before the worker acknowledges it: the worker must not
+        // serve it, because the acceptor gives it to another worker.
+        let (acceptor, w) = Channel::pair().unwrap();
+        let (_client, sock) = std::os::unix::net::UnixStream::pair().unwrap();
+        acceptor.send(&conn_msg(7), Some(sock.as_fd())).unwrap();
+        nix::sys::socket::shutdown(acceptor.as_raw_fd(), nix::sys::socket::Shutdown::Both).unwrap();
+        let mut w = worker(w);
+        let mut out = Vec::new();
+        w.poll_events(&mut out)
+            .expect("a revoked channel is not an error");
+        assert!(
+            !out.iter().any(|e| matches!(e, Event::Conn(_))),
+            "unacknowledged connection returned: {out:?}"
+        );
+        assert!(matches!(out.last(), Some(Event::Closed)), "{out:?}");
+    }
+
+    #[test]
+    fn queued_connections_are_read_after_the_acceptor_vanished() {
+        // The acceptor queued a CONN, then died with an ACK of ours unread:
+        // the worker's next read reports ECONNRESET first. The CONN is
+        // still delivered (the worker cannot ACK it any more, so it is not
+        // served), and Closed follows instead of an error.
+        let (acceptor, w) = Channel::pair().unwrap();
+        let mut w = worker(w);
+        let (_client, sock) = std::os::unix::net::UnixStream::pair().unwrap();
+        w.chan.send(&Msg::Ack(vec![1]), None).unwrap();
+        acceptor.send(&conn_msg(9), Some(sock.as_fd())).unwrap();
+        drop(acceptor);
+        match w.recv() {
+            Ok(Event::Closed) => {}
+            other => panic!("expected Closed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn capacity_never_exceeds_the_fd_limit() {
+        assert_eq!(fit_capacity(0, Some(200)), 200);
+        assert_eq!(fit_capacity(1024, Some(200)), 200);
+        assert_eq!(fit_capacity(50, Some(200)), 50);
+        assert_eq!(fit_capacity(0, None), 0);
+        let room = fd_capacity(1).expect("a finite fd limit");
+        assert!(room >= 1);
+        assert!(fd_capacity(2).unwrap() <= room);
+    }
 
     #[test]
     fn acks_and_dones_survive_a_full_channel() {

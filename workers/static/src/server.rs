@@ -156,8 +156,9 @@ fn bound_channel_sends(worker: &Worker) -> io::Result<()> {
 pub fn run(cfg: Config) -> Result<(), Error> {
     raise_nofile();
     let worker = match &cfg.register {
-        Some(path) => Worker::register(path, cfg.capacity),
-        None => Worker::from_env(cfg.capacity),
+        // A socket and, while a body goes out, its file: two fds each.
+        Some(path) => Worker::register_per_conn(path, cfg.capacity, 2),
+        None => Worker::from_env_per_conn(cfg.capacity, 2),
     }
     .map_err(Error::Join)?;
     bound_channel_sends(&worker).map_err(|e| Error::Channel(e.into()))?;
