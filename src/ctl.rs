@@ -48,8 +48,8 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
     }
     Ok(match req {
         Request::Workers {} => {
-            let rows: Vec<WorkerRow> = serde_json::from_value(result)
-                .map_err(|e| format!("unexpected reply: {e}"))?;
+            let rows: Vec<WorkerRow> =
+                serde_json::from_value(result).map_err(|e| format!("unexpected reply: {e}"))?;
             workers_table(&rows)
         }
         Request::Metrics {} => result.as_str().unwrap_or_default().trim_end().to_string(),
@@ -62,10 +62,17 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
             None => compact(&result),
         },
         Request::Add { .. } => format!("added workers {}", compact(&result["added"])),
-        Request::Remove { .. } => format!(
-            "draining workers {} (they stop once their connections finish, or at the drain timeout)",
-            compact(&result["draining"])
-        ),
+        Request::Remove { .. } => {
+            let mut out = format!(
+                "draining workers {} (they stop once their connections finish, or at the drain timeout)",
+                compact(&result["draining"])
+            );
+            if let Some(w) = result["warning"].as_str() {
+                out.push_str("\nwarning: ");
+                out.push_str(w);
+            }
+            out
+        }
         Request::Reload {} => {
             let changes = result["changes"].as_array().cloned().unwrap_or_default();
             if changes.is_empty() {

@@ -365,6 +365,31 @@ fn a_second_signal_stops_at_once() {
 }
 
 #[test]
+fn one_sigterm_delivered_twice_is_still_a_graceful_stop() {
+    // GNU timeout sends its signal to the process and to its group: baton
+    // sees the same SIGTERM from the same sender twice within a moment.
+    let cmd = echo_cmd();
+    let mut b = Baton::start(&echo_args("1", &["--shutdown-timeout", "60s"], &cmd), 1);
+    let mut open = connect(b.addr()).expect("connect");
+    open.write_all(b"x").expect("write");
+    let mut one = [0u8; 1];
+    open.read_exact(&mut one).expect("echo");
+    b.signal(Signal::SIGTERM);
+    b.wait_for(
+        "shutting down: no new connections; workers finish what they have",
+        Duration::from_secs(10),
+    );
+    b.signal(Signal::SIGTERM);
+    b.wait_until(Duration::from_secs(10), |l| {
+        l.message().starts_with("the same stop signal again")
+    })
+    .expect("the duplicate is recognised");
+    drop(open);
+    let st = b.wait_exit(Duration::from_secs(20));
+    assert_eq!(st.code(), Some(0), "still graceful");
+}
+
+#[test]
 fn out_of_file_descriptors_the_acceptor_pauses_and_recovers() {
     let cmd = echo_cmd();
     let mut b = Baton::start(&echo_args("2", &[], &cmd), 2);

@@ -71,6 +71,9 @@ const EMFILE_LOG_EVERY: Duration = Duration::from_secs(60);
 /// sent and not yet acknowledged) are bounded by the fd limit less this
 /// and the fds the acceptor holds anyway.
 pub const FD_RESERVE: usize = 32;
+/// A stop signal from the same sender within this long of the first is the
+/// same signal delivered twice (to the process and to its group).
+const DUPLICATE_SIGNAL: Duration = Duration::from_secs(1);
 /// A spawn that failed for want of resources is retried after this long.
 const RESOURCE_RETRY: Duration = Duration::from_millis(500);
 
@@ -266,6 +269,8 @@ pub struct Acceptor {
     emfile_unlogged: u64,
     /// Shutdown deadline, once a stop signal arrived.
     shutdown: Option<Instant>,
+    /// The stop signal that began the shutdown: when, which, from which pid.
+    stop_signal: Option<(Instant, Signal, u32)>,
     drain_sent: bool,
     paused_for_capacity: bool,
     stats: Stats,
@@ -393,6 +398,7 @@ impl Acceptor {
             emfile_logged: None,
             emfile_unlogged: 0,
             shutdown: None,
+            stop_signal: None,
             drain_sent: false,
             paused_for_capacity: false,
             stats: Stats::default(),
@@ -577,11 +583,23 @@ impl Acceptor {
                             }
                         }
                         Some(s @ (Signal::SIGTERM | Signal::SIGINT)) => {
-                            if self.shutdown.is_some() {
+                            let now = Instant::now();
+                            if let Some((at, first, from)) = self.stop_signal {
+                                // One signal sent both to the process and to
+                                // its group (GNU timeout does) arrives twice:
+                                // that is not a second request.
+                                if first == s
+                                    && from == info.ssi_pid
+                                    && now.duration_since(at) < DUPLICATE_SIGNAL
+                                {
+                                    info!(signal = s.as_str(), pid = from, "the same stop signal again from the same sender (to the process and its group): not a second request");
+                                    continue;
+                                }
                                 warn!(signal = s.as_str(), "second signal: stopping at once");
                                 self.kill_all_and_reap();
                                 return Some(Outcome::Forced);
                             }
+                            self.stop_signal = Some((now, s, info.ssi_pid));
                             self.begin_shutdown(s);
                         }
                         _ => {}

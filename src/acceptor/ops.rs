@@ -259,7 +259,21 @@ impl Acceptor {
                 drain_timeout_ms,
             } => {
                 match self.remove_workers(id, count, drain_timeout_ms.map(Duration::from_millis)) {
-                    Ok(ids) => Reply::ok(json!({ "draining": ids })),
+                    Ok(ids) => {
+                        let left = self
+                            .pool
+                            .workers
+                            .iter()
+                            .filter(|(_, w)| w.state != State::Draining)
+                            .count();
+                        if left == 0 {
+                            let warning = "that was the last worker: no connection will be served until a worker is added (`baton ctl add`) or registers";
+                            warn!(workers = ?ids, "{warning}");
+                            Reply::ok(json!({ "draining": ids, "warning": warning }))
+                        } else {
+                            Reply::ok(json!({ "draining": ids }))
+                        }
+                    }
                     Err(e) => Reply::err(e),
                 }
             }
