@@ -485,3 +485,88 @@ fn a_worker_started_by_hand_registers_and_serves() {
     .unwrap();
     assert!(hand.wait().unwrap().success());
 }
+
+#[test]
+fn rolling_restart_and_remove_under_keep_alive_load_lose_no_request() {
+    // Workers that drain keep an idle keep-alive connection open for its
+    // next request (answered with `Connection: close`) instead of closing
+    // it under a client whose request may already be on its way.
+    let site = Site::new("drain");
+    let worker = bin("baton-static");
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--",
+            worker.to_str().unwrap(),
+            "--root",
+            site.www(),
+        ],
+        2,
+    );
+    let addr = b.addr();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let (mut ok, mut errors) = (0u64, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut c = Client::connect(addr);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if let Err(e) =
+                        c.reader
+                            .get_mut()
+                            .write_all(&request_bytes("GET", "/hello.txt", &[]))
+                    {
+                        errors.push(format!("send after {ok}: {e}"));
+                        c = Client::connect(addr);
+                        continue;
+                    }
+                    match c.read(false) {
+                        Ok(r) if r.status == 200 && r.body == b"hello, world\n" => {
+                            ok += 1;
+                            if r.closes() {
+                                c = Client::connect(addr);
+                            }
+                        }
+                        Ok(r) => errors.push(format!("status {}", r.status)),
+                        Err(e) => {
+                            errors.push(format!("after {ok} requests: {e}"));
+                            c = Client::connect(addr);
+                        }
+                    }
+                }
+                (ok, errors)
+            })
+        })
+        .collect();
+    let (ok, _, err) = b.ctl(&["restart"]);
+    assert!(ok, "{err}");
+    b.wait_for(
+        "rolling restart finished: every worker replaced",
+        Duration::from_secs(30),
+    );
+    // Both old workers drained and left (some lines may be read already).
+    let mut left = b.count("worker disconnected");
+    while left < 2 {
+        b.wait_for("worker disconnected", Duration::from_secs(30));
+        left += 1;
+    }
+    let (ok, _, err) = b.ctl(&["remove", "--count", "1"]);
+    assert!(ok, "{err}");
+    b.wait_for("worker disconnected", Duration::from_secs(30));
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut errors = Vec::new();
+    for c in clients {
+        let (n, e) = c.join().expect("client");
+        total += n;
+        errors.extend(e);
+    }
+    assert!(total > 100, "the load ran: {total}");
+    assert!(errors.is_empty(), "{} errors: {errors:?}", errors.len());
+    b.stop();
+}

@@ -66,6 +66,14 @@ pub enum Next {
     /// Close it now.
     Close,
 }
+/// Draining, an idle keep-alive connection that was active this recently
+/// stays open this long for its next request, which it gets answered with
+/// `Connection: close`. Closing it at once races with a request already on
+/// its way (the client sees a reset or an empty reply, nginx's reload race);
+/// a client idle longer than this meets the same race as at any idle
+/// timeout, no more.
+pub const DRAIN_IDLE_GRACE: Duration = Duration::from_secs(1);
+
 /// Read buffers kept for reuse by the next connection that needs one.
 const POOL_MAX: usize = 256;
 
@@ -238,11 +246,19 @@ impl Conn {
         self.rlen == 0 && self.discard == 0 && self.output_empty() && self.requests > 0
     }
 
-    /// Asks the connection to close after the response in progress (or
-    /// now, if idle). Returns false when it should be closed now.
-    pub fn drain(&mut self) -> bool {
+    /// Asks the connection to close after the response in progress, or
+    /// after the next request if it is idle and was active within
+    /// [`DRAIN_IDLE_GRACE`]. Returns false when it should be closed now.
+    pub fn drain(&mut self, cfg: &Config, now: Instant) -> bool {
         self.draining = true;
-        !(self.is_idle() || self.lingering)
+        if self.lingering
+            || (self.is_idle()
+                && now.saturating_duration_since(self.last_active) >= DRAIN_IDLE_GRACE)
+        {
+            return false;
+        }
+        self.set_deadline(cfg);
+        true
     }
 
     fn wants_input(&self) -> bool {
@@ -302,7 +318,10 @@ impl Conn {
                 if self.read_eof && !progress {
                     return Next::Close;
                 }
-                if self.draining && self.is_idle() {
+                if self.draining
+                    && self.is_idle()
+                    && io.now.saturating_duration_since(self.last_active) >= DRAIN_IDLE_GRACE
+                {
                     return Next::Close;
                 }
             }
@@ -572,6 +591,8 @@ impl Conn {
             later(self.last_active, cfg.send_timeout)
         } else if self.rlen > 0 || self.discard > 0 || self.requests == 0 {
             later(self.req_start, cfg.header_timeout)
+        } else if self.draining {
+            later(self.last_active, cfg.idle_timeout.min(DRAIN_IDLE_GRACE))
         } else {
             later(self.last_active, cfg.idle_timeout)
         };

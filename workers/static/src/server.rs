@@ -19,8 +19,11 @@
 //! scan is a linear pass over plain structs, far cheaper than a timer heap
 //! updated on every request.
 //!
-//! **Draining** (DRAIN, the channel closing, or SIGTERM/SIGINT): idle
-//! keep-alive connections are closed at once; a connection with a request
+//! **Draining** (DRAIN, the channel closing, or SIGTERM/SIGINT): a
+//! keep-alive connection idle for [`DRAIN_IDLE_GRACE`](crate::conn::DRAIN_IDLE_GRACE)
+//! or longer is closed at once; one active more recently gets that long for
+//! its next request (closing it at once would race with a request already
+//! on its way: the client would see a reset); a connection with a request
 //! in progress finishes it, answers with `Connection: close`, and closes; a
 //! fresh connection still gets an answer to its first request (bounded by
 //! the header timeout). When the last connection is gone, the worker exits.
@@ -348,7 +351,7 @@ impl Server<'_> {
         let key = self.conns.insert(Conn::new(id, sock, c.peer, self.io.now));
         if self.draining {
             if let Some(conn) = self.conns.get_mut(key) {
-                conn.drain();
+                conn.drain(self.cfg, self.io.now);
             }
         }
         // The request has usually arrived already: serve it now, and watch
@@ -420,11 +423,21 @@ impl Server<'_> {
             return;
         }
         self.draining = true;
+        let (cfg, now) = (self.cfg, self.io.now);
+        let mut next = self.next_check;
         let idle: Vec<usize> = self
             .conns
             .iter_mut()
-            .filter_map(|(k, c)| (!c.drain()).then_some(k))
+            .filter_map(|(k, c)| {
+                if c.drain(cfg, now) {
+                    next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
+                    None
+                } else {
+                    Some(k)
+                }
+            })
             .collect();
+        self.next_check = next;
         for k in idle {
             self.close(k, "drain");
         }
