@@ -133,6 +133,7 @@ import array
 import collections
 import enum
 import os
+import resource
 import socket
 import struct
 import threading
@@ -526,6 +527,36 @@ def _send_message(sock, msg):
         raise OSError(f"short sendmsg: {sent} of {len(data)} bytes")
 
 
+#: Fds a worker keeps for itself beyond one per connection.
+_FD_MARGIN = 16
+
+
+def fd_capacity():
+    """How many connections this process can hold within its soft
+    ``RLIMIT_NOFILE``, given the fds already open (``None``: no limit).
+
+    A worker must not announce more: past its fd limit the kernel drops the
+    fd of the next CONN, and that client is lost.
+    """
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    try:
+        open_fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        open_fds = 8
+    return max(1, soft - open_fds - _FD_MARGIN)
+
+
+def _fit_capacity(asked):
+    """The capacity to announce: ``asked`` (0: none of its own), never more
+    than :func:`fd_capacity`."""
+    room = fd_capacity()
+    if room is None:
+        return asked
+    return room if asked == 0 else min(asked, room)
+
+
 def _check_channel(sock):
     if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_SEQPACKET:
         raise WorkerError(
@@ -547,6 +578,7 @@ class Worker:
         WELCOME. The worker owns ``sock`` from here on (it is closed if the
         handshake fails). Prefer :meth:`register` and :meth:`from_env`."""
         _check_int("capacity", capacity, _U32)
+        capacity = _fit_capacity(capacity)
         self._sock = sock
         self._queued = collections.deque()
         self._closed = False

@@ -277,6 +277,20 @@ class Channel(unittest.TestCase):
         self.assertEqual(self.acc.read(), Hello(os.getpid(), 5))
         self.acc.assert_nothing_more(self)
 
+    def test_capacity_never_exceeds_the_fd_limit(self):
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        w = self.acc.worker(worker_id=1, capacity=0)
+        got = self.acc.read()
+        self.assertTrue(0 < got.capacity < soft, got)
+        w.close()
+        acc = FakeAcceptor()
+        self.addCleanup(acc.close)
+        w = acc.worker(worker_id=2, capacity=soft * 2)
+        self.assertLess(acc.read().capacity, soft)
+        w.close()
+
     def test_handshake_refuses_anything_but_welcome(self):
         self.acc.send(Drain())
         with self.assertRaises(ProtocolError) as cm:
