@@ -110,6 +110,9 @@ pub struct WorkerRow {
     pub origin: String,
     pub in_flight: usize,
     pub handled: u64,
+    /// Idle connections it handed back to the acceptor (PARK).
+    #[serde(default)]
+    pub parked: u64,
     pub restarts: u32,
     /// Resident memory in KiB (VmRSS), when readable.
     pub memory_kib: Option<u64>,

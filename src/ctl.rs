@@ -98,12 +98,22 @@ fn compact(v: &serde_json::Value) -> String {
 
 fn workers_table(rows: &[WorkerRow]) -> String {
     let mut out = format!(
-        "{:>4} {:>8} {:<10} {:<9} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8}\n",
-        "ID", "PID", "USER", "STATE", "ORIGIN", "IN-FLIGHT", "HANDLED", "RESTARTS", "MEMORY", "AGE"
+        "{:>4} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
+        "ID",
+        "PID",
+        "USER",
+        "STATE",
+        "ORIGIN",
+        "IN-FLIGHT",
+        "HANDLED",
+        "PARKED",
+        "RESTARTS",
+        "MEMORY",
+        "AGE"
     );
     for r in rows {
         out.push_str(&format!(
-            "{:>4} {:>8} {:<10} {:<9} {:<10} {:>9} {:>8} {:>8} {:>10} {:>8}\n",
+            "{:>4} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
             r.id,
             r.pid.map_or("-".to_string(), |p| p.to_string()),
             r.user,
@@ -111,6 +121,7 @@ fn workers_table(rows: &[WorkerRow]) -> String {
             r.origin,
             r.in_flight,
             r.handled,
+            r.parked,
             r.restarts,
             r.memory_kib
                 .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),

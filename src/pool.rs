@@ -66,6 +66,13 @@ pub struct Worker {
     pub unacked_order: VecDeque<(Instant, u64)>,
     /// The socket's send buffer was full: skip until it is writable.
     pub blocked: bool,
+    /// Connections assigned to it and not sent yet, in order: the acceptor
+    /// sends them in as few messages as the worker's version allows once
+    /// the current round of accepting is over (they are in `in_flight`,
+    /// unacknowledged, meanwhile).
+    pub outbox: Vec<u64>,
+    /// Connections it handed back idle (PARK).
+    pub parked: u64,
     /// Connections sent and not yet acknowledged (the `Some` entries of
     /// `in_flight`): fds the acceptor still holds for this worker.
     unacked: usize,
@@ -97,6 +104,8 @@ impl Worker {
             in_flight: HashMap::new(),
             unacked_order: VecDeque::new(),
             blocked: false,
+            outbox: Vec::new(),
+            parked: 0,
             unacked: 0,
             full_since: None,
             stalled: false,
@@ -171,6 +180,17 @@ impl Worker {
         }
     }
 
+    /// The worker handed `id` back idle (PARK): it is finished with it, as
+    /// with DONE. Returns false unless the worker owned it (acknowledged).
+    pub fn parked(&mut self, id: u64) -> bool {
+        if matches!(self.in_flight.get(&id), Some(None)) {
+            self.parked += 1;
+            self.done(id)
+        } else {
+            false
+        }
+    }
+
     /// The worker finished `id`. Returns false for an unknown id.
     pub fn done(&mut self, id: u64) -> bool {
         if let Some(held) = self.in_flight.remove(&id) {
@@ -195,6 +215,7 @@ impl Worker {
         let mut held: Vec<Held> = self.in_flight.drain().filter_map(|(_, h)| h).collect();
         held.sort_by_key(|h| h.info.id);
         self.unacked_order.clear();
+        self.outbox.clear();
         self.unacked = 0;
         held
     }

@@ -29,7 +29,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use baton_sdk::proto::ConnInfo;
+use baton_sdk::proto::{ConnInfo, MAX_BATCH};
 use baton_sdk::{Msg, RecvError};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -59,6 +59,10 @@ const LISTENER_BASE: usize = 16;
 const SCRAPE_BASE: usize = 1 << 18;
 const CTL_BASE: usize = 1 << 19;
 const WORKER_BASE: usize = 1 << 20;
+const PARKED_BASE: usize = 1 << 21;
+/// A parked connection whose worker gave no idle time left is closed after
+/// this long without a request.
+const PARKED_IDLE: Duration = Duration::from_secs(60);
 
 /// How long accepting pauses after EMFILE/ENFILE before it is retried.
 const EMFILE_RETRY: Duration = Duration::from_millis(100);
@@ -94,6 +98,20 @@ pub struct Stats {
     pub fd_pauses: u64,
     /// Connections still open in workers killed at the shutdown timeout.
     pub cut_at_shutdown: u64,
+    /// CONN/CONNS messages sent (with `handed_off`: the batch size).
+    pub sends: u64,
+    /// Idle connections handed back by workers (PARK).
+    pub parked: u64,
+    /// Parked connections whose client sent its next request: handed to a
+    /// worker again.
+    pub unparked: u64,
+    /// Parked connections the client closed (or that could not be held at
+    /// shutdown).
+    pub parked_closed: u64,
+    /// Parked connections closed at their idle timeout.
+    pub parked_expired: u64,
+    /// Parked connections closed to make room for new ones.
+    pub parked_evicted: u64,
 }
 
 /// Why a worker leaves the pool. It decides whether its process is killed
@@ -154,6 +172,14 @@ impl std::fmt::Display for Gone {
     }
 }
 
+/// An idle keep-alive connection the acceptor holds for its client's next
+/// request.
+struct ParkedConn {
+    info: ConnInfo,
+    fd: OwnedFd,
+    deadline: Instant,
+}
+
 struct Listener {
     sock: mio::net::TcpListener,
     addr: SocketAddr,
@@ -206,7 +232,7 @@ fn read_to_end(w: &mut crate::pool::Worker) {
             },
             Ok(None) => return,
             Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => continue,
-            Err(RecvError::Proto(_) | RecvError::FdDropped(_)) => continue,
+            Err(RecvError::Proto(_) | RecvError::FdDropped { .. }) => continue,
             Err(_) => return,
         }
     }
@@ -251,6 +277,12 @@ pub struct Acceptor {
     slots: Slab<Slot>,
     /// Accepted connections waiting for a worker, oldest first.
     pending: VecDeque<Held>,
+    /// Idle keep-alive connections handed back by workers (PARK), watched
+    /// for the client's next request or hang-up, never read.
+    parked: Slab<ParkedConn>,
+    /// The same, by idle deadline: the first is the next to expire, and the
+    /// one evicted when the fd budget needs room.
+    parked_order: std::collections::BTreeSet<(Instant, usize)>,
     next_conn_id: u64,
     next_worker_id: u32,
     /// Accepting is paused after EMFILE until this instant.
@@ -388,6 +420,8 @@ impl Acceptor {
             pool,
             slots: Slab::new(),
             pending: VecDeque::new(),
+            parked: Slab::new(),
+            parked_order: std::collections::BTreeSet::new(),
             next_conn_id: 1,
             next_worker_id: 1,
             emfile_until: None,
@@ -481,10 +515,14 @@ impl Acceptor {
                     Token(t) if (CTL_BASE..WORKER_BASE).contains(&t) => {
                         self.on_ctl_event(t - CTL_BASE, ev.is_readable(), ev.is_writable());
                     }
+                    Token(t) if t >= PARKED_BASE => {
+                        self.on_parked_event(t - PARKED_BASE, ev.is_read_closed() || ev.is_error());
+                    }
                     Token(t) if t >= WORKER_BASE => {
                         let key = t - WORKER_BASE;
                         if ev.is_writable() {
                             self.set_blocked(key, false);
+                            self.flush(key);
                         }
                         if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
                             self.on_worker_readable(key);
@@ -685,6 +723,7 @@ impl Acceptor {
 
     fn begin_shutdown(&mut self, sig: Signal) {
         self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
+        self.close_all_parked();
         for l in self.listeners.drain(..) {
             let mut sock = l.sock;
             if l.registered {
@@ -826,6 +865,9 @@ impl Acceptor {
             emfile_pauses = s.emfile_pauses,
             fd_pauses = s.fd_pauses,
             cut_at_shutdown = s.cut_at_shutdown,
+            sends = s.sends,
+            parked = s.parked,
+            unparked = s.unparked,
             "stopped"
         );
     }
@@ -839,7 +881,7 @@ impl Acceptor {
             };
             match w.chan.try_recv() {
                 Ok(Some(r)) => {
-                    if let Err(why) = self.on_worker_msg(key, r.msg) {
+                    if let Err(why) = self.on_worker_msg(key, r) {
                         self.close_worker(key, why);
                         return;
                     }
@@ -856,12 +898,37 @@ impl Acceptor {
                     self.close_worker(key, Gone::Protocol(p.to_string()));
                     return;
                 }
-                Err(RecvError::FdDropped(m)) => {
-                    self.close_worker(
-                        key,
-                        Gone::Protocol(format!("{:?} with a file descriptor", m.kind())),
-                    );
-                    return;
+                Err(RecvError::FdDropped { msg, fds }) => {
+                    // A PARK whose fds we could not all take (out of fds):
+                    // the ones that arrived are parked, the others are gone
+                    // (the worker closed its copies).
+                    let Msg::Park(ps) = *msg else {
+                        self.close_worker(
+                            key,
+                            Gone::Protocol(format!("{:?} with a file descriptor", msg.kind())),
+                        );
+                        return;
+                    };
+                    let got = fds.len();
+                    let lost: Vec<u64> = ps[got..].iter().map(|p| p.info.id).collect();
+                    let r = baton_sdk::Received {
+                        msg: Msg::Park(ps[..got].to_vec()),
+                        fds,
+                        version: baton_sdk::proto::VERSION,
+                    };
+                    if got > 0 {
+                        if let Err(why) = self.on_worker_msg(key, r) {
+                            self.close_worker(key, why);
+                            return;
+                        }
+                    }
+                    if let Some(w) = self.pool.workers.get_mut(key) {
+                        for id in lost {
+                            if w.parked(id) {
+                                self.stats.parked_closed += 1;
+                            }
+                        }
+                    }
                 }
                 Err(RecvError::Io(e)) => {
                     self.close_worker(key, Gone::ChannelError(e.to_string()));
@@ -871,11 +938,15 @@ impl Acceptor {
         }
     }
 
-    fn on_worker_msg(&mut self, key: usize, msg: Msg) -> Result<(), Gone> {
+    fn on_worker_msg(&mut self, key: usize, r: baton_sdk::Received) -> Result<(), Gone> {
         let max_cap = self.cfg.worker_connections;
         let drain_now = self.drain_sent;
         let w = &mut self.pool.workers[key];
-        match (w.state, msg) {
+        match (w.state, r.msg) {
+            (State::Starting, Msg::Hello { .. }) if r.version > baton_sdk::proto::VERSION => {
+                // decode() refuses versions it does not know; belt and braces.
+                Err(Gone::Protocol(format!("HELLO of version {}", r.version)))
+            }
             (State::Starting, Msg::Hello { pid, capacity }) => {
                 // Checked from outside before its first connection: the
                 // process (as spawned, or as SO_PEERCRED saw it) must be
@@ -914,6 +985,10 @@ impl Acceptor {
                         "worker announced another pid"
                     );
                 }
+                // The version both speak: what the worker's HELLO says, at
+                // most ours. WELCOME goes out in it, and so does everything
+                // after.
+                w.chan.set_version(r.version.min(baton_sdk::proto::VERSION));
                 w.chan
                     .send(&Msg::Welcome { worker_id: w.id }, None)
                     .map_err(|e| Gone::SendFailed(format!("WELCOME could not be sent: {e}")))?;
@@ -922,6 +997,7 @@ impl Acceptor {
                     worker = w.id,
                     pid = pid,
                     capacity = w.capacity,
+                    protocol = w.chan.version(),
                     "worker ready"
                 );
                 if drain_now {
@@ -962,6 +1038,20 @@ impl Acceptor {
                         in_flight = w.in_flight.len(),
                         "worker no longer stalled: it finished a connection"
                     );
+                }
+                Ok(())
+            }
+            (_, Msg::Park(ps)) => {
+                let now = Instant::now();
+                for (p, fd) in ps.into_iter().zip(r.fds) {
+                    let w = &mut self.pool.workers[key];
+                    if !w.parked(p.info.id) {
+                        return Err(Gone::Protocol(format!(
+                            "PARK of connection {}, which it does not own",
+                            p.info.id
+                        )));
+                    }
+                    self.park(p, fd, now);
                 }
                 Ok(())
             }
@@ -1041,10 +1131,115 @@ impl Acceptor {
         }
     }
 
-    /// Connections the acceptor holds fds for: waiting for a worker, or
-    /// sent and not yet acknowledged.
+    /// Connections the acceptor holds fds for: waiting for a worker, sent
+    /// and not yet acknowledged, or parked.
     fn held(&self) -> usize {
+        self.held_active() + self.parked.len()
+    }
+
+    /// Held connections that cannot be let go to make room: all but the
+    /// parked ones.
+    fn held_active(&self) -> usize {
         self.pending.len() + self.pool.unacked()
+    }
+
+    // ---- parked connections -------------------------------------------
+
+    /// Holds a connection a worker handed back idle, watching it for the
+    /// client's next request. With the fd budget full, the connection idle
+    /// the longest makes room (as nginx reuses idle connections): a new
+    /// client never waits because old ones sit idle.
+    fn park(&mut self, p: baton_sdk::proto::Parked, fd: OwnedFd, now: Instant) {
+        if self.shutdown.is_some() {
+            self.stats.parked_closed += 1;
+            return;
+        }
+        if self.held() >= self.fd_budget() && !self.evict_parked() {
+            // Nothing to let go: this one cannot be held.
+            self.stats.parked_evicted += 1;
+            return;
+        }
+        let idle = match p.idle_ms {
+            0 => PARKED_IDLE,
+            ms => Duration::from_millis(u64::from(ms)),
+        };
+        let deadline = now + idle;
+        let key = self.parked.vacant_key();
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd.as_raw_fd()),
+            Token(PARKED_BASE + key),
+            Interest::READABLE,
+        ) {
+            warn!(error = %e, conn = p.info.id, "cannot watch a parked connection; closing it");
+            return;
+        }
+        self.parked.insert(ParkedConn {
+            info: p.info,
+            fd,
+            deadline,
+        });
+        self.parked_order.insert((deadline, key));
+        self.stats.parked += 1;
+    }
+
+    /// Takes a parked connection out of the set (and out of epoll).
+    fn unpark(&mut self, key: usize) -> Option<ParkedConn> {
+        let p = self.parked.try_remove(key)?;
+        self.parked_order.remove(&(p.deadline, key));
+        let _ = self
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&p.fd.as_raw_fd()));
+        Some(p)
+    }
+
+    /// Closes the parked connection idle the longest; false if none.
+    fn evict_parked(&mut self) -> bool {
+        let Some(&(_, key)) = self.parked_order.first() else {
+            return false;
+        };
+        self.unpark(key);
+        self.stats.parked_evicted += 1;
+        true
+    }
+
+    /// A parked connection became readable (the client's next request) or
+    /// hung up.
+    fn on_parked_event(&mut self, key: usize, closed: bool) {
+        let Some(p) = self.unpark(key) else {
+            return;
+        };
+        if closed {
+            // Dropped: closed.
+            self.stats.parked_closed += 1;
+            return;
+        }
+        self.stats.unparked += 1;
+        // Like a new connection, to the least loaded worker (pump).
+        self.pending.push_back(Held {
+            info: p.info,
+            fd: p.fd,
+            accepted: Instant::now(),
+        });
+    }
+
+    /// Closes every parked connection whose idle time ran out.
+    fn expire_parked(&mut self, now: Instant) {
+        while let Some(&(deadline, key)) = self.parked_order.first() {
+            if deadline > now {
+                break;
+            }
+            self.unpark(key);
+            self.stats.parked_expired += 1;
+        }
+    }
+
+    fn close_all_parked(&mut self) {
+        let keys: Vec<usize> = self.parked.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            self.unpark(key);
+            self.stats.parked_closed += 1;
+        }
     }
 
     /// How many connections the acceptor may hold: its fd limit less the
@@ -1070,6 +1265,7 @@ impl Acceptor {
         };
         consider(self.emfile_until);
         consider(self.shutdown);
+        consider(self.parked_order.first().map(|(t, _)| *t));
         for (_, c) in self.ctl.iter() {
             consider(Some(c.deadline));
         }
@@ -1108,6 +1304,7 @@ impl Acceptor {
         if self.emfile_until.is_some_and(|t| t <= now) {
             self.emfile_until = None;
         }
+        self.expire_parked(now);
         let (hello, ack) = (self.cfg.hello_timeout, self.cfg.ack_timeout);
         let stall = self.cfg.stall_timeout;
         let mut overdue = Vec::new();
@@ -1192,30 +1389,88 @@ impl Acceptor {
 
     // ---- moving connections -------------------------------------------
 
-    /// Hands `held` to a worker with room; gives it back if there is none.
+    /// Assigns `held` to a worker with room; gives it back if there is
+    /// none. The CONN goes out with the worker's other new connections at
+    /// the end of the round ([`Acceptor::flush`]), or at once when a full
+    /// batch is waiting.
     fn dispatch(&mut self, held: Held, now: Instant) -> Result<(), Held> {
+        let Some(key) = self.pool.pick(now) else {
+            return Err(held);
+        };
+        let w = &mut self.pool.workers[key];
+        let id = held.info.id;
+        w.sent(held, now);
+        w.outbox.push(id);
+        self.stats.handed_off += 1;
+        if w.outbox.len() >= MAX_BATCH {
+            self.flush(key);
+        }
+        Ok(())
+    }
+
+    /// Sends a worker the connections assigned to it: version 2, up to
+    /// [`MAX_BATCH`] in one CONNS message (one `sendmsg` for all their fds);
+    /// version 1, one CONN each. A full channel keeps the rest for when it
+    /// is writable (they stay unacknowledged, so they are counted, timed
+    /// and given to another worker if this one leaves).
+    fn flush(&mut self, key: usize) {
         loop {
-            let Some(key) = self.pool.pick(now) else {
-                return Err(held);
+            let Some(w) = self.pool.workers.get_mut(key) else {
+                return;
             };
-            let w = &mut self.pool.workers[key];
-            match w.chan.send(&Msg::Conn(held.info), Some(held.fd.as_fd())) {
+            if w.outbox.is_empty() {
+                return;
+            }
+            let batch = if w.chan.version() >= 2 { MAX_BATCH } else { 1 };
+            let n = w.outbox.len().min(batch);
+            let mut infos = Vec::with_capacity(n);
+            let mut fds = Vec::with_capacity(n);
+            for id in &w.outbox[..n] {
+                // Only an id the worker was sent can be acknowledged, so an
+                // entry is missing only if a worker guessed ids; skip it.
+                if let Some(Some(h)) = w.in_flight.get(id) {
+                    infos.push(h.info);
+                    fds.push(h.fd.as_fd());
+                }
+            }
+            self.stats.sends += 1;
+            let sent = match infos.len() {
+                0 => Ok(()),
+                1 if batch == 1 => w.chan.send_fds(&Msg::Conn(infos[0]), &fds),
+                _ => w.chan.send_fds(&Msg::Conns(infos), &fds),
+            };
+            match sent {
                 Ok(()) => {
-                    w.sent(held, now);
-                    self.stats.handed_off += 1;
-                    return Ok(());
+                    w.outbox.drain(..n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // Its queue is full: skip it until it is writable again.
+                    // Its queue is full: no more for it until it is
+                    // writable again.
                     self.set_blocked(key, true);
+                    return;
                 }
                 Err(e) => {
                     self.close_worker(
                         key,
                         Gone::SendFailed(format!("CONN could not be sent: {e}")),
                     );
+                    return;
                 }
             }
+        }
+    }
+
+    /// Sends every worker what was assigned to it in this round.
+    fn flush_all(&mut self) {
+        let keys: Vec<usize> = self
+            .pool
+            .workers
+            .iter()
+            .filter(|(_, w)| !w.outbox.is_empty() && !w.blocked)
+            .map(|(k, _)| k)
+            .collect();
+        for key in keys {
+            self.flush(key);
         }
     }
 
@@ -1256,6 +1511,7 @@ impl Acceptor {
             }
         }
         if self.shutdown.is_some() {
+            self.flush_all();
             if self.pending.is_empty() && !self.drain_sent {
                 self.send_drain();
             }
@@ -1264,12 +1520,13 @@ impl Acceptor {
         let mut accepting = self.emfile_until.is_none()
             && self.pending.is_empty()
             && self.pool.has_capacity()
-            && self.held() < self.fd_budget();
+            && self.held_active() < self.fd_budget();
         if accepting {
             self.set_listening(true);
             accepting = self.accept_all(now);
         }
-        let fd_full = self.held() >= self.fd_budget();
+        self.flush_all();
+        let fd_full = self.held_active() >= self.fd_budget();
         if fd_full != self.paused_for_fds {
             self.paused_for_fds = fd_full;
             if fd_full {
@@ -1314,8 +1571,15 @@ impl Acceptor {
         let mut holding = self.held();
         for i in 0..self.listeners.len() {
             loop {
-                if !self.pool.has_capacity() || holding >= budget {
+                if !self.pool.has_capacity() {
                     return false;
+                }
+                if holding >= budget {
+                    // Idle parked connections make room; nothing else may.
+                    if !self.evict_parked() {
+                        return false;
+                    }
+                    holding -= 1;
                 }
                 let l = &self.listeners[i];
                 match l.sock.accept() {

@@ -681,6 +681,7 @@ impl Acceptor {
                     .to_string(),
                     in_flight: w.in_flight.len(),
                     handled: w.handled,
+                    parked: w.parked,
                     restarts: slot.map_or(0, |s| s.restarts),
                     memory_kib: status.and_then(|s| s.rss_kib),
                     age_s: now.duration_since(w.connected).as_secs_f64(),
@@ -708,6 +709,7 @@ impl Acceptor {
                 origin: "spawned".to_string(),
                 in_flight: 0,
                 handled: 0,
+                parked: 0,
                 restarts: s.restarts,
                 memory_kib: None,
                 age_s: 0.0,
@@ -747,6 +749,13 @@ impl Acceptor {
             "handed_off": s.handed_off,
             "redispatched": s.redispatched,
             "lost": s.lost,
+            "parked": self.parked.len(),
+            "parked_total": s.parked,
+            "unparked": s.unparked,
+            "parked_closed": s.parked_closed,
+            "parked_expired": s.parked_expired,
+            "parked_evicted": s.parked_evicted,
+            "sends": s.sends,
             "capacity_pauses": s.capacity_pauses,
             "emfile_pauses": s.emfile_pauses,
             "fd_pauses": s.fd_pauses,
@@ -789,6 +798,36 @@ impl Acceptor {
             s.lost,
         );
         counter(
+            "conn_messages_total",
+            "CONN and CONNS messages sent (handed_off / this: connections per message).",
+            s.sends,
+        );
+        counter(
+            "parked_total",
+            "Idle keep-alive connections workers handed back to the acceptor.",
+            s.parked,
+        );
+        counter(
+            "unparked_total",
+            "Parked connections whose client sent its next request, handed to a worker again.",
+            s.unparked,
+        );
+        counter(
+            "parked_closed_total",
+            "Parked connections closed by their client.",
+            s.parked_closed,
+        );
+        counter(
+            "parked_expired_total",
+            "Parked connections closed at their idle timeout.",
+            s.parked_expired,
+        );
+        counter(
+            "parked_evicted_total",
+            "Parked connections closed to make room for new connections.",
+            s.parked_evicted,
+        );
+        counter(
             "fd_pauses_total",
             "Times accepting paused because the connections held reached the fd budget.",
             s.fd_pauses,
@@ -804,6 +843,7 @@ impl Acceptor {
             s.emfile_pauses,
         );
         let _ = writeln!(m, "# HELP baton_connections_pending Accepted connections waiting for a worker.\n# TYPE baton_connections_pending gauge\nbaton_connections_pending {}", self.pending.len());
+        let _ = writeln!(m, "# HELP baton_connections_parked Idle keep-alive connections the acceptor holds for their next request.\n# TYPE baton_connections_parked gauge\nbaton_connections_parked {}", self.parked.len());
         let _ = writeln!(m, "# HELP baton_connections_held Connections the acceptor holds an fd for (pending or not yet acknowledged).\n# TYPE baton_connections_held gauge\nbaton_connections_held {}", self.held());
         let _ = writeln!(m, "# HELP baton_connections_held_limit The most connections the acceptor may hold (fd limit less its own fds and reserve).\n# TYPE baton_connections_held_limit gauge\nbaton_connections_held_limit {}", self.fd_budget());
         let _ = writeln!(

@@ -9,6 +9,9 @@
 //! With `--register PATH` it joins through the acceptor's worker socket
 //! instead of an inherited channel (and always misbehaves).
 //!
+//! Every mode speaks protocol version 1 (its HELLO says 1), so the
+//! acceptor sends it one CONN per message.
+//!
 //! Modes:
 //! * `die-before-ack`: takes `--count` connections without acknowledging
 //!   any, then exits with status 3;
@@ -31,7 +34,10 @@
 //! * `slow-ack`: serves connections one at a time like an echo worker, but
 //!   waits `--delay-ms` (default 3000) before acknowledging each;
 //! * `no-done`: ACKs each connection, reads it to its end, writes
-//!   `no done\n`, closes it, and never reports it DONE.
+//!   `no done\n`, closes it, and never reports it DONE;
+//! * `v1-echo`: a well-behaved echo worker that speaks protocol version 1
+//!   only (its HELLO says 1), one connection at a time: the acceptor must
+//!   keep sending it one CONN per message.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -70,6 +76,22 @@ fn channel() -> io::Result<Channel> {
     Ok(chan)
 }
 
+/// Echoes connections one at a time, in protocol version 1.
+fn v1_echo(chan: &Channel) -> io::Result<()> {
+    let mut keep = Vec::new();
+    loop {
+        let id = take_conn(chan, &mut keep)?;
+        chan.send(&Msg::Ack(vec![id]), None)?;
+        let mut sock = std::net::TcpStream::from(keep.remove(0));
+        sock.set_nonblocking(false)?;
+        let mut buf = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut sock, &mut buf);
+        let _ = std::io::Write::write_all(&mut sock, &buf);
+        drop(sock);
+        chan.send(&Msg::Done(vec![id]), None)?;
+    }
+}
+
 fn hello(chan: &Channel) -> io::Result<()> {
     chan.send(
         &Msg::Hello {
@@ -89,7 +111,7 @@ fn take_conn(chan: &Channel, keep: &mut Vec<OwnedFd>) -> io::Result<u64> {
     loop {
         match chan.recv() {
             Ok(Some(r)) => {
-                if let (Msg::Conn(info), Some(fd)) = (r.msg, r.fd) {
+                if let (Msg::Conn(info), Some(fd)) = (r.msg, r.fds.into_iter().next()) {
                     keep.push(fd);
                     return Ok(info.id);
                 }
@@ -138,6 +160,13 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
         loop {
             std::thread::park();
         }
+    }
+    // Misbehaving workers speak protocol version 1 (one CONN per message):
+    // the simplest peer to break rules with. `v1-echo` is a well-behaved one.
+    chan.set_version(1);
+    if mode == "v1-echo" {
+        hello(&chan)?;
+        return v1_echo(&chan);
     }
     hello(&chan)?;
     let mut keep = Vec::new();

@@ -13,6 +13,7 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -31,11 +32,12 @@ pub enum RecvError {
     /// The peer sent something the protocol refuses; the channel is unusable.
     #[error("protocol violation: {0}")]
     Proto(#[from] ProtoError),
-    /// A well-formed message arrived but the kernel could not install the
-    /// fd it carried: this process is out of file descriptors. Only that
-    /// message is affected; the channel is still usable.
-    #[error("{0:?} arrived without its file descriptor: this process is at its fd limit")]
-    FdDropped(Box<Msg>),
+    /// A well-formed message arrived but the kernel could not install every
+    /// fd it carried: this process is out of file descriptors. `fds` are
+    /// the ones it did install, in order (the first of the message's). Only
+    /// that message is affected; the channel is still usable.
+    #[error("{msg:?} arrived without all its file descriptors: this process is at its fd limit")]
+    FdDropped { msg: Box<Msg>, fds: Vec<OwnedFd> },
 }
 
 impl RecvError {
@@ -44,17 +46,22 @@ impl RecvError {
     }
 }
 
-/// One received message, with the fd it carried (only CONN carries one).
+/// One received message, with the fds it carried (CONN one, CONNS and PARK
+/// one per record, in order) and the version in its header.
 #[derive(Debug)]
 pub struct Received {
     pub msg: Msg,
-    pub fd: Option<OwnedFd>,
+    pub fds: Vec<OwnedFd>,
+    pub version: u8,
 }
 
 /// One end of a handoff channel.
 #[derive(Debug)]
 pub struct Channel {
     fd: OwnedFd,
+    /// The protocol version agreed in the handshake; 0 until then (every
+    /// supported version is received, and [`proto::VERSION`] is sent).
+    version: AtomicU8,
 }
 
 /// How many fds the receive buffer has room for: the kernel's SCM_MAX_FD,
@@ -72,7 +79,7 @@ impl Channel {
             None,
             SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         )?;
-        Ok((Channel { fd: a }, Channel { fd: b }))
+        Ok((Channel::wrap(a), Channel::wrap(b)))
     }
 
     /// Wraps an fd that must be a connected `AF_UNIX` `SOCK_SEQPACKET`
@@ -87,7 +94,35 @@ impl Channel {
                 format!("channel is a {ty:?} socket, expected SeqPacket"),
             ));
         }
-        Ok(Channel { fd })
+        Ok(Channel::wrap(fd))
+    }
+
+    fn wrap(fd: OwnedFd) -> Channel {
+        Channel {
+            fd,
+            version: AtomicU8::new(0),
+        }
+    }
+
+    /// Records the protocol version agreed in the handshake: messages are
+    /// sent with it from now on, and a message of another version is a
+    /// protocol violation.
+    pub fn set_version(&self, version: u8) {
+        self.version.store(version, Ordering::Relaxed);
+    }
+
+    /// The agreed version (0 before the handshake).
+    pub fn version(&self) -> u8 {
+        self.version.load(Ordering::Relaxed)
+    }
+
+    /// The version messages go out with: the agreed one, or before the
+    /// handshake the highest this library speaks.
+    fn send_version(&self) -> u8 {
+        match self.version() {
+            0 => proto::VERSION,
+            v => v,
+        }
     }
 
     /// Connects to a listening SEQPACKET socket at `path` (blocking, close-on-exec).
@@ -100,7 +135,7 @@ impl Channel {
         )?;
         let addr = UnixAddr::new(path)?;
         socket::connect(fd.as_raw_fd(), &addr)?;
-        Ok(Channel { fd })
+        Ok(Channel::wrap(fd))
     }
 
     /// Switches the channel between blocking and non-blocking mode.
@@ -129,19 +164,24 @@ impl Channel {
     /// Sends one message, with `fd` attached when the kind carries one.
     /// Never raises SIGPIPE; a closed peer is `BrokenPipe`.
     pub fn send(&self, msg: &Msg, fd: Option<BorrowedFd<'_>>) -> io::Result<()> {
-        debug_assert_eq!(msg.kind().fd_count(), usize::from(fd.is_some()));
+        self.send_fds(msg, fd.as_slice())
+    }
+
+    /// Sends one message with `fds` attached, in order (as many as the
+    /// message has records), in the channel's agreed version. Never raises
+    /// SIGPIPE; a closed peer is `BrokenPipe`.
+    pub fn send_fds(&self, msg: &Msg, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
+        debug_assert_eq!(msg.fd_count(), fds.len());
         let mut buf = [0u8; MAX_MSG];
-        let n = proto::encode(msg, &mut buf);
+        let n = proto::encode_v(msg, self.send_version(), &mut buf);
         let iov = [io::IoSlice::new(&buf[..n])];
-        let raw: [RawFd; 1];
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
         let cmsg_storage;
-        let cmsgs: &[ControlMessage] = match fd {
-            Some(fd) => {
-                raw = [fd.as_raw_fd()];
-                cmsg_storage = [ControlMessage::ScmRights(&raw)];
-                &cmsg_storage
-            }
-            None => &[],
+        let cmsgs: &[ControlMessage] = if raw.is_empty() {
+            &[]
+        } else {
+            cmsg_storage = [ControlMessage::ScmRights(&raw)];
+            &cmsg_storage
         };
         loop {
             match socket::sendmsg::<()>(
@@ -182,18 +222,19 @@ impl Channel {
 
     fn recv_flags(&self, extra: libc::c_int) -> Result<Option<Received>, RecvError> {
         let mut buf = [0u8; MAX_MSG + 1];
-        let (bytes, flags, mut fds) = recvmsg_fds(self.fd.as_fd(), &mut buf, extra)?;
+        let (bytes, flags, fds) = recvmsg_fds(self.fd.as_fd(), &mut buf, extra)?;
         if flags & libc::MSG_CTRUNC != 0 {
             // The kernel could not install every fd the message carried:
             // this process is at its fd limit (the buffer has room for the
             // most a message can carry). The fds it did install are owned
-            // by `fds` and closed on return.
-            return match proto::decode(
-                &buf[..bytes.min(MAX_MSG)],
-                proto::kind_fd_count(&buf[..bytes]),
-            ) {
-                Ok(msg) => Err(RecvError::FdDropped(Box::new(msg))),
-                Err(_) => Err(ProtoError::Truncated.into()),
+            // by `fds`.
+            let b = &buf[..bytes.min(MAX_MSG)];
+            return match proto::decode(b, proto::kind_fd_count(b)) {
+                Ok(msg) if fds.len() < msg.fd_count() => Err(RecvError::FdDropped {
+                    msg: Box::new(msg),
+                    fds,
+                }),
+                _ => Err(ProtoError::Truncated.into()),
             };
         }
         if flags & libc::MSG_TRUNC != 0 || bytes > MAX_MSG {
@@ -203,7 +244,16 @@ impl Channel {
             return Ok(None);
         }
         let msg = proto::decode(&buf[..bytes], fds.len())?;
-        Ok(Some(Received { msg, fd: fds.pop() }))
+        let version = proto::version_of(&buf[..bytes]);
+        let agreed = self.version();
+        if agreed != 0 && version != agreed {
+            return Err(ProtoError::WrongVersion {
+                got: version,
+                agreed,
+            }
+            .into());
+        }
+        Ok(Some(Received { msg, fds, version }))
     }
 }
 
@@ -319,7 +369,7 @@ mod tests {
         drop(y);
         let r = b.recv().unwrap().unwrap();
         assert_eq!(r.msg, Msg::Conn(info));
-        let mut passed = UnixStream::from(r.fd.unwrap());
+        let mut passed = UnixStream::from(r.fds.into_iter().next().unwrap());
         x.write_all(b"hi").unwrap();
         let mut got = [0u8; 2];
         passed.read_exact(&mut got).unwrap();

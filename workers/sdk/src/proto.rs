@@ -10,28 +10,58 @@
 //! [`CHANNEL_FD_ENV`]; a worker started by someone else connects to the
 //! acceptor's worker socket (`--worker-socket`) and says HELLO.
 //!
-//! # Wire format (version 1)
+//! # Wire format (versions 1 and 2)
 //!
 //! All integers are little-endian. Every message starts with a 4-byte header:
 //!
 //! | offset | size | field                                   |
 //! |-------:|-----:|-----------------------------------------|
-//! | 0      | 1    | protocol version, [`VERSION`] (1)        |
+//! | 0      | 1    | protocol version: 1, or 2 ([`VERSION`]) |
 //! | 1      | 1    | kind (table below)                      |
 //! | 2      | 2    | reserved, must be 0                     |
 //!
-//! | kind | name    | direction         | length      | fds | body (offsets from 0)                                   |
-//! |-----:|---------|-------------------|-------------|----:|---------------------------------------------------------|
-//! | 1    | HELLO   | worker → acceptor | 16          | 0   | pid u32 @4, capacity u32 @8 (0: no limit of its own), flags u32 @12 (0) |
-//! | 2    | WELCOME | acceptor → worker | 8           | 0   | worker id u32 @4                                        |
-//! | 3    | CONN    | acceptor → worker | 64          | 1   | conn id u64 @4, listener index u16 @12, reserved u16 @14, peer addr @16, local addr @40 |
-//! | 4    | ACK     | worker → acceptor | 8 + 8·n     | 0   | n u16 @4 (1..=64), reserved u16 @6, n × conn id u64 @8  |
-//! | 5    | DONE    | worker → acceptor | 8 + 8·n     | 0   | same layout as ACK                                      |
-//! | 6    | DRAIN   | acceptor → worker | 4           | 0   | none                                                    |
+//! | kind | name    | since | direction         | length      | fds | body (offsets from 0)                                   |
+//! |-----:|---------|------:|-------------------|-------------|----:|---------------------------------------------------------|
+//! | 1    | HELLO   | 1     | worker → acceptor | 16          | 0   | pid u32 @4, capacity u32 @8 (0: no limit of its own), flags u32 @12 (0) |
+//! | 2    | WELCOME | 1     | acceptor → worker | 8           | 0   | worker id u32 @4                                        |
+//! | 3    | CONN    | 1     | acceptor → worker | 64          | 1   | conn record (60 bytes, below) @4                        |
+//! | 4    | ACK     | 1     | worker → acceptor | 8 + 8·n     | 0   | n u16 @4 (1..=64), reserved u16 @6, n × conn id u64 @8  |
+//! | 5    | DONE    | 1     | worker → acceptor | 8 + 8·n     | 0   | same layout as ACK                                      |
+//! | 6    | DRAIN   | 1     | acceptor → worker | 4           | 0   | none                                                    |
+//! | 7    | CONNS   | 2     | acceptor → worker | 8 + 60·n    | n   | n u16 @4 (1..=64), reserved u16 @6, n × conn record @8; the i-th fd is the i-th connection's |
+//! | 8    | PARK    | 2     | worker → acceptor | 8 + 64·n    | n   | n u16 @4 (1..=64), reserved u16 @6, n × (conn record, idle ms u32) @8 |
+//!
+//! A conn record is 60 bytes: conn id u64 @0, listener index u16 @8,
+//! reserved u16 @10 (0), peer addr @12, local addr @36.
 //!
 //! A socket address is 24 bytes: family u8 (4 or 6) @0, reserved u8 @1
 //! (0), port u16 @2, IPv6 scope id u32 @4 (0 for IPv4), address @8 (16
 //! bytes; an IPv4 address uses the first 4 and the rest must be 0).
+//!
+//! # Versions
+//!
+//! The worker's HELLO carries, in its header, the highest version it
+//! speaks; the acceptor's WELCOME carries the version both will use (the
+//! lower of the two), and every later message on the channel carries that
+//! version. A message whose version is not the channel's, or whose kind is
+//! newer than its version, ends the channel. So a version 1 worker (its
+//! HELLO says 1) keeps working with a version 2 acceptor, unchanged.
+//!
+//! Version 2 adds:
+//!
+//! * **CONNS**: several connections in one message, one record and one fd
+//!   each, in the same order. When one wake-up accepts several connections
+//!   for the same worker, one `sendmsg` carries them all. Ownership is as
+//!   for CONN: the acceptor keeps each fd until that id is acknowledged.
+//! * **PARK**: the worker hands idle keep-alive connections back (each
+//!   record as the acceptor sent it, with the fd, and how many ms are left of
+//!   its idle timeout; 0: the acceptor's default). It sends PARK only for a
+//!   connection whose response is fully written and of which it has
+//!   buffered nothing, and closes its copy after. For the acceptor a parked
+//!   connection is finished by that worker (as with DONE); it holds the fd
+//!   without reading from it, closes it when the client does or when the
+//!   idle time runs out, and hands it to a worker, like a new connection,
+//!   when the client sends its next request.
 //!
 //! # Rules
 //!
@@ -56,19 +86,29 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-/// The protocol version this library speaks.
-pub const VERSION: u8 = 1;
+/// The highest protocol version this library speaks.
+pub const VERSION: u8 = 2;
+/// The lowest version it still speaks (a version 1 peer keeps working).
+pub const VERSION_MIN: u8 = 1;
+/// The most connections one CONNS or PARK message carries (SCM_RIGHTS
+/// could carry 253; 64 keeps a message within 4 KiB and is past the point
+/// where batching stops paying).
+pub const MAX_BATCH: usize = 64;
 /// The environment variable naming the inherited channel fd of a spawned worker.
 pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 /// The environment variable naming the worker's id in the pool (informational).
 pub const WORKER_ID_ENV: &str = "BATON_WORKER_ID";
 /// The most connection ids one ACK or DONE message may carry.
 pub const MAX_IDS: usize = 64;
-/// The largest valid message, in bytes.
-pub const MAX_MSG: usize = 8 + 8 * MAX_IDS;
+/// The largest valid message, in bytes (a full PARK).
+pub const MAX_MSG: usize = 8 + PARK_RECORD * MAX_BATCH;
 
 const HDR: usize = 4;
 const ADDR_LEN: usize = 24;
+/// A conn record: id, listener, reserved, peer, local.
+const RECORD: usize = 60;
+/// A PARK record: a conn record and the idle ms left.
+const PARK_RECORD: usize = RECORD + 4;
 const HELLO_LEN: usize = 16;
 const WELCOME_LEN: usize = 8;
 const CONN_LEN: usize = 64;
@@ -84,6 +124,8 @@ pub enum Kind {
     Ack = 4,
     Done = 5,
     Drain = 6,
+    Conns = 7,
+    Park = 8,
 }
 
 impl Kind {
@@ -95,17 +137,37 @@ impl Kind {
             4 => Kind::Ack,
             5 => Kind::Done,
             6 => Kind::Drain,
+            7 => Kind::Conns,
+            8 => Kind::Park,
             _ => return None,
         })
     }
 
-    /// How many file descriptors a message of this kind carries.
+    /// The first protocol version that has this kind.
+    pub fn since(self) -> u8 {
+        match self {
+            Kind::Conns | Kind::Park => 2,
+            _ => 1,
+        }
+    }
+
+    /// How many file descriptors a message of this kind carries, for the
+    /// kinds that carry a fixed number (CONNS and PARK carry one per record).
     pub fn fd_count(self) -> usize {
         match self {
             Kind::Conn => 1,
             _ => 0,
         }
     }
+}
+
+/// A connection a worker hands back to the acceptor (PARK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parked {
+    pub info: ConnInfo,
+    /// Milliseconds left of its keep-alive idle timeout (0: the acceptor's
+    /// default).
+    pub idle_ms: u32,
 }
 
 /// What a CONN message says about the connection besides its fd.
@@ -124,12 +186,21 @@ pub struct ConnInfo {
 /// One decoded protocol message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Msg {
-    Hello { pid: u32, capacity: u32 },
-    Welcome { worker_id: u32 },
+    Hello {
+        pid: u32,
+        capacity: u32,
+    },
+    Welcome {
+        worker_id: u32,
+    },
     Conn(ConnInfo),
     Ack(Vec<u64>),
     Done(Vec<u64>),
     Drain,
+    /// Several connections, one fd each, in order (version 2).
+    Conns(Vec<ConnInfo>),
+    /// Idle connections handed back, one fd each, in order (version 2).
+    Park(Vec<Parked>),
 }
 
 impl Msg {
@@ -141,6 +212,18 @@ impl Msg {
             Msg::Ack(_) => Kind::Ack,
             Msg::Done(_) => Kind::Done,
             Msg::Drain => Kind::Drain,
+            Msg::Conns(_) => Kind::Conns,
+            Msg::Park(_) => Kind::Park,
+        }
+    }
+
+    /// How many file descriptors this message carries.
+    pub fn fd_count(&self) -> usize {
+        match self {
+            Msg::Conn(_) => 1,
+            Msg::Conns(c) => c.len(),
+            Msg::Park(p) => p.len(),
+            _ => 0,
         }
     }
 }
@@ -150,8 +233,12 @@ impl Msg {
 pub enum ProtoError {
     #[error("message of {0} bytes is shorter than the 4-byte header")]
     Short(usize),
-    #[error("unsupported protocol version {0} (this side speaks {VERSION})")]
+    #[error("unsupported protocol version {0} (this side speaks {VERSION_MIN} to {VERSION})")]
     Version(u8),
+    #[error("message of protocol version {got} on a channel that agreed on version {agreed}")]
+    WrongVersion { got: u8, agreed: u8 },
+    #[error("{kind:?} needs protocol version {since}, the message says {version}")]
+    KindVersion { kind: Kind, version: u8, since: u8 },
     #[error("unknown message kind {0}")]
     UnknownKind(u8),
     #[error("{kind:?} message has length {len}, expected {expected}")]
@@ -248,14 +335,52 @@ fn get_addr(b: &[u8], at: usize) -> Result<SocketAddr, ProtoError> {
     }
 }
 
-/// Encodes `msg` into `buf` and returns the encoded length.
+fn put_record(b: &mut [u8], at: usize, c: &ConnInfo) {
+    put_u64(b, at, c.id);
+    put_u16(b, at + 8, c.listener);
+    put_u16(b, at + 10, 0);
+    put_addr(b, at + 12, &c.peer);
+    put_addr(b, at + 36, &c.local);
+}
+
+fn get_record(b: &[u8], at: usize, kind: Kind) -> Result<ConnInfo, ProtoError> {
+    if get_u16(b, at + 10) != 0 {
+        return Err(ProtoError::Reserved { kind });
+    }
+    Ok(ConnInfo {
+        id: get_u64(b, at),
+        listener: get_u16(b, at + 8),
+        peer: get_addr(b, at + 12)?,
+        local: get_addr(b, at + 36)?,
+    })
+}
+
+/// Encodes `msg` in version [`VERSION`] into `buf` and returns the encoded
+/// length.
 ///
 /// # Panics
 ///
-/// If an ACK or DONE carries no id or more than [`MAX_IDS`]: that is a bug
-/// in the caller, which must split its batches (see [`Msg::id_batches`]).
+/// See [`encode_v`].
 pub fn encode(msg: &Msg, buf: &mut [u8; MAX_MSG]) -> usize {
-    buf[0] = VERSION;
+    encode_v(msg, VERSION, buf)
+}
+
+/// Encodes `msg` with `version` in its header into `buf` and returns the
+/// encoded length.
+///
+/// # Panics
+///
+/// If an ACK or DONE carries no id or more than [`MAX_IDS`], a CONNS or
+/// PARK no record or more than [`MAX_BATCH`], or the kind is newer than
+/// `version`: that is a bug in the caller, which must split its batches
+/// (see [`Msg::id_batches`]) and know the channel's version.
+pub fn encode_v(msg: &Msg, version: u8, buf: &mut [u8; MAX_MSG]) -> usize {
+    assert!(
+        (VERSION_MIN..=VERSION).contains(&version) && msg.kind().since() <= version,
+        "{:?} in protocol version {version}",
+        msg.kind()
+    );
+    buf[0] = version;
     buf[1] = msg.kind() as u8;
     buf[2] = 0;
     buf[3] = 0;
@@ -271,12 +396,36 @@ pub fn encode(msg: &Msg, buf: &mut [u8; MAX_MSG]) -> usize {
             WELCOME_LEN
         }
         Msg::Conn(c) => {
-            put_u64(buf, 4, c.id);
-            put_u16(buf, 12, c.listener);
-            put_u16(buf, 14, 0);
-            put_addr(buf, 16, &c.peer);
-            put_addr(buf, 40, &c.local);
+            put_record(buf, 4, c);
             CONN_LEN
+        }
+        Msg::Conns(cs) => {
+            assert!(
+                !cs.is_empty() && cs.len() <= MAX_BATCH,
+                "CONNS batch of {}",
+                cs.len()
+            );
+            put_u16(buf, 4, cs.len() as u16);
+            put_u16(buf, 6, 0);
+            for (i, c) in cs.iter().enumerate() {
+                put_record(buf, 8 + RECORD * i, c);
+            }
+            8 + RECORD * cs.len()
+        }
+        Msg::Park(ps) => {
+            assert!(
+                !ps.is_empty() && ps.len() <= MAX_BATCH,
+                "PARK batch of {}",
+                ps.len()
+            );
+            put_u16(buf, 4, ps.len() as u16);
+            put_u16(buf, 6, 0);
+            for (i, p) in ps.iter().enumerate() {
+                let at = 8 + PARK_RECORD * i;
+                put_record(buf, at, &p.info);
+                put_u32(buf, at + RECORD, p.idle_ms);
+            }
+            8 + PARK_RECORD * ps.len()
         }
         Msg::Ack(ids) | Msg::Done(ids) => {
             assert!(
@@ -308,13 +457,41 @@ impl Msg {
     }
 }
 
-/// How many fds a message with this header should carry (0 for an unknown
+/// How many fds a message with these bytes should carry (0 for an unknown
 /// kind, which [`decode`] refuses anyway). For a receiver that lost the fds
 /// a message carried and wants to know what the message was.
 pub fn kind_fd_count(b: &[u8]) -> usize {
-    b.get(1)
-        .and_then(|k| Kind::from_u8(*k))
-        .map_or(0, Kind::fd_count)
+    match b.get(1).and_then(|k| Kind::from_u8(*k)) {
+        Some(Kind::Conns | Kind::Park) if b.len() >= 6 => usize::from(get_u16(b, 4)),
+        Some(k) => k.fd_count(),
+        None => 0,
+    }
+}
+
+/// The version in a message's header (0 for a message too short to have
+/// one).
+pub fn version_of(b: &[u8]) -> u8 {
+    b.first().copied().unwrap_or(0)
+}
+
+/// The record count of a CONNS or PARK message, checked against the length.
+fn batch_count(kind: Kind, b: &[u8], record: usize) -> Result<usize, ProtoError> {
+    if b.len() < 8 {
+        return Err(ProtoError::Length {
+            kind,
+            len: b.len(),
+            expected: 8 + record,
+        });
+    }
+    let n = usize::from(get_u16(b, 4));
+    if n == 0 || n > MAX_BATCH {
+        return Err(ProtoError::Count { kind, count: n });
+    }
+    expect_len(kind, b.len(), 8 + record * n)?;
+    if get_u16(b, 6) != 0 {
+        return Err(ProtoError::Reserved { kind });
+    }
+    Ok(n)
 }
 
 fn expect_len(kind: Kind, len: usize, expected: usize) -> Result<(), ProtoError> {
@@ -337,14 +514,22 @@ pub fn decode(b: &[u8], fds: usize) -> Result<Msg, ProtoError> {
     if b.len() > MAX_MSG {
         return Err(ProtoError::Oversized(b.len()));
     }
-    if b[0] != VERSION {
-        return Err(ProtoError::Version(b[0]));
+    let version = b[0];
+    if !(VERSION_MIN..=VERSION).contains(&version) {
+        return Err(ProtoError::Version(version));
     }
     let kind = Kind::from_u8(b[1]).ok_or(ProtoError::UnknownKind(b[1]))?;
+    if kind.since() > version {
+        return Err(ProtoError::KindVersion {
+            kind,
+            version,
+            since: kind.since(),
+        });
+    }
     if get_u16(b, 2) != 0 {
         return Err(ProtoError::Reserved { kind });
     }
-    if fds != kind.fd_count() {
+    if !matches!(kind, Kind::Conns | Kind::Park) && fds != kind.fd_count() {
         return Err(ProtoError::FdCount {
             kind,
             got: fds,
@@ -370,15 +555,39 @@ pub fn decode(b: &[u8], fds: usize) -> Result<Msg, ProtoError> {
         }
         Kind::Conn => {
             expect_len(kind, b.len(), CONN_LEN)?;
-            if get_u16(b, 14) != 0 {
-                return Err(ProtoError::Reserved { kind });
+            Ok(Msg::Conn(get_record(b, 4, kind)?))
+        }
+        Kind::Conns | Kind::Park => {
+            let record = if kind == Kind::Conns {
+                RECORD
+            } else {
+                PARK_RECORD
+            };
+            let n = batch_count(kind, b, record)?;
+            if fds != n {
+                return Err(ProtoError::FdCount {
+                    kind,
+                    got: fds,
+                    expected: n,
+                });
             }
-            Ok(Msg::Conn(ConnInfo {
-                id: get_u64(b, 4),
-                listener: get_u16(b, 12),
-                peer: get_addr(b, 16)?,
-                local: get_addr(b, 40)?,
-            }))
+            if kind == Kind::Conns {
+                let cs = (0..n)
+                    .map(|i| get_record(b, 8 + RECORD * i, kind))
+                    .collect::<Result<_, _>>()?;
+                Ok(Msg::Conns(cs))
+            } else {
+                let ps = (0..n)
+                    .map(|i| {
+                        let at = 8 + PARK_RECORD * i;
+                        Ok(Parked {
+                            info: get_record(b, at, kind)?,
+                            idle_ms: get_u32(b, at + RECORD),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Msg::Park(ps))
+            }
         }
         Kind::Ack | Kind::Done => {
             if b.len() < 8 {
@@ -417,7 +626,69 @@ mod tests {
     fn roundtrip(m: Msg) {
         let mut buf = [0u8; MAX_MSG];
         let n = encode(&m, &mut buf);
-        assert_eq!(decode(&buf[..n], m.kind().fd_count()), Ok(m));
+        assert_eq!(decode(&buf[..n], m.fd_count()), Ok(m.clone()));
+        if m.kind().since() == 1 {
+            let n = encode_v(&m, 1, &mut buf);
+            assert_eq!(buf[0], 1);
+            assert_eq!(decode(&buf[..n], m.fd_count()), Ok(m));
+        }
+    }
+
+    fn info(id: u64) -> ConnInfo {
+        ConnInfo {
+            id,
+            listener: 1,
+            peer: "127.0.0.1:5555".parse().unwrap(),
+            local: "[::1]:80".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn version_2_batches_roundtrip_and_need_version_2() {
+        roundtrip(Msg::Conns(vec![info(1)]));
+        roundtrip(Msg::Conns((0..MAX_BATCH as u64).map(info).collect()));
+        roundtrip(Msg::Park(vec![Parked {
+            info: info(7),
+            idle_ms: 59_000,
+        }]));
+        let full: Vec<Parked> = (0..MAX_BATCH as u64)
+            .map(|i| Parked {
+                info: info(i),
+                idle_ms: 0,
+            })
+            .collect();
+        let mut buf = [0u8; MAX_MSG];
+        let n = encode(&Msg::Park(full), &mut buf);
+        assert_eq!(n, MAX_MSG, "a full PARK is the largest message");
+        // A version 1 header cannot carry a version 2 kind.
+        let n = encode(&Msg::Conns(vec![info(1), info(2)]), &mut buf);
+        assert_eq!(decode(&buf[..n], 2).map(|m| m.kind()), Ok(Kind::Conns));
+        buf[0] = 1;
+        assert!(matches!(
+            decode(&buf[..n], 2),
+            Err(ProtoError::KindVersion { .. })
+        ));
+        buf[0] = 2;
+        // One fd per record, exactly.
+        assert!(matches!(
+            decode(&buf[..n], 1),
+            Err(ProtoError::FdCount { expected: 2, .. })
+        ));
+        assert_eq!(kind_fd_count(&buf[..n]), 2);
+        // The count must match the length.
+        buf[4] = 3;
+        assert!(matches!(
+            decode(&buf[..n], 3),
+            Err(ProtoError::Length { .. })
+        ));
+        buf[4] = 0;
+        assert!(matches!(
+            decode(&buf[..n], 0),
+            Err(ProtoError::Count { .. })
+        ));
+        // Unknown versions are refused.
+        buf[0] = 3;
+        assert_eq!(decode(&buf[..n], 2), Err(ProtoError::Version(3)));
     }
 
     #[test]
@@ -452,8 +723,10 @@ mod tests {
             Err(ProtoError::FdCount { .. })
         ));
         let mut bad = buf;
-        bad[0] = 2;
-        assert_eq!(decode(&bad[..n], 0), Err(ProtoError::Version(2)));
+        bad[0] = 9;
+        assert_eq!(decode(&bad[..n], 0), Err(ProtoError::Version(9)));
+        bad[0] = 0;
+        assert_eq!(decode(&bad[..n], 0), Err(ProtoError::Version(0)));
         let mut bad = buf;
         bad[1] = 99;
         assert_eq!(decode(&bad[..n], 0), Err(ProtoError::UnknownKind(99)));

@@ -17,12 +17,12 @@
 use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::channel::{Channel, RecvError};
-use crate::proto::{Msg, ProtoError, CHANNEL_FD_ENV};
+use crate::proto::{ConnInfo, Msg, Parked, ProtoError, CHANNEL_FD_ENV, MAX_BATCH};
 
 /// Errors of the worker library.
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +72,9 @@ impl From<RecvError> for Error {
         match e {
             RecvError::Io(e) => Error::Io(e),
             RecvError::Proto(p) => Error::Proto(p),
-            RecvError::FdDropped(m) => Error::Proto(ProtoError::UnknownKind(m.kind() as u8)),
+            RecvError::FdDropped { msg, .. } => {
+                Error::Proto(ProtoError::UnknownKind(msg.kind() as u8))
+            }
         }
     }
 }
@@ -89,6 +91,28 @@ pub struct Connection {
     /// The client socket. It arrives in non-blocking mode (the acceptor
     /// accepted it that way); blocking workers call `set_nonblocking(false)`.
     pub stream: TcpStream,
+}
+
+impl Connection {
+    fn new(info: ConnInfo, fd: OwnedFd) -> Connection {
+        Connection {
+            id: info.id,
+            listener: info.listener,
+            peer: info.peer,
+            local: info.local,
+            stream: TcpStream::from(fd),
+        }
+    }
+
+    /// What the acceptor said of this connection (for [`Worker::park`]).
+    pub fn info(&self) -> ConnInfo {
+        ConnInfo {
+            id: self.id,
+            listener: self.listener,
+            peer: self.peer,
+            local: self.local,
+        }
+    }
 }
 
 /// What the acceptor asked of this worker.
@@ -221,6 +245,9 @@ impl Worker {
             Msg::Welcome { worker_id } => worker_id,
             other => return Err(Error::NoWelcome(Box::new(other))),
         };
+        // The acceptor chose the version (decode() checked it is one we
+        // speak): everything from now on is in it.
+        chan.set_version(r.version);
         Ok(Worker {
             chan: Arc::new(chan),
             id,
@@ -235,6 +262,42 @@ impl Worker {
     /// lowered to what its fd limit can hold (see [`fd_capacity`]).
     pub fn capacity(&self) -> u32 {
         self.capacity
+    }
+
+    /// The protocol version agreed with the acceptor.
+    pub fn version(&self) -> u8 {
+        self.chan.version()
+    }
+
+    /// Whether the acceptor takes parked connections (version 2).
+    pub fn can_park(&self) -> bool {
+        self.chan.version() >= 2 && !self.closed
+    }
+
+    /// Hands idle keep-alive connections back to the acceptor (PARK): each
+    /// with what the acceptor said of it, the milliseconds left of its idle
+    /// timeout, and its fd. Only for a connection whose response is fully
+    /// written and of which nothing is buffered; after `Ok`, the acceptor
+    /// holds it and the worker closes its own copy and does not report it
+    /// DONE. Deregister it from your poller first: the acceptor's copy keeps
+    /// it open, so an epoll registration would outlive the close.
+    ///
+    /// On error nothing was parked past the first failed batch: the worker
+    /// still owns those connections (serve or close them, and report them
+    /// DONE).
+    pub fn park(&self, conns: &[(Parked, BorrowedFd<'_>)]) -> io::Result<()> {
+        if self.chan.version() < 2 {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "the acceptor speaks protocol version 1: no parking",
+            ));
+        }
+        for chunk in conns.chunks(MAX_BATCH) {
+            let msg = Msg::Park(chunk.iter().map(|(p, _)| *p).collect());
+            let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, fd)| *fd).collect();
+            send_reliably_fds(&self.chan, &msg, &fds)?;
+        }
+        Ok(())
     }
 
     /// This worker's id in the acceptor's pool.
@@ -330,13 +393,20 @@ impl Worker {
             // (acknowledged and reported done at once, so that the acceptor
             // closes its copy and the client is not left hanging), the
             // channel goes on.
-            Err(RecvError::FdDropped(m)) => match *m {
-                Msg::Conn(info) => {
-                    self.dropped.push(info.id);
-                    Ok(true)
+            Err(RecvError::FdDropped { msg, fds }) => {
+                let infos = match *msg {
+                    Msg::Conn(info) => vec![info],
+                    Msg::Conns(infos) => infos,
+                    other => return Err(Error::Proto(ProtoError::UnknownKind(other.kind() as u8))),
+                };
+                // The kernel installs fds in order: the first ones arrived.
+                let got = fds.len();
+                for (info, fd) in infos.iter().zip(fds) {
+                    out.push(Event::Conn(Connection::new(*info, fd)));
                 }
-                other => Err(Error::Proto(ProtoError::UnknownKind(other.kind() as u8))),
-            },
+                self.dropped.extend(infos[got..].iter().map(|i| i.id));
+                Ok(true)
+            }
             Err(e) => Err(e.into()),
         }
     }
@@ -351,18 +421,21 @@ impl Worker {
             out.push(Event::Closed);
             return Ok(());
         };
-        match (r.msg, r.fd) {
-            (Msg::Conn(info), Some(fd)) => out.push(Event::Conn(Connection {
-                id: info.id,
-                listener: info.listener,
-                peer: info.peer,
-                local: info.local,
-                stream: TcpStream::from(fd),
-            })),
-            (Msg::Drain, None) => out.push(Event::Drain),
-            // decode() already checked fd counts; anything else is a kind
-            // only a worker may send.
-            (other, _) => {
+        // decode() already checked that the fds match the records.
+        match r.msg {
+            Msg::Conn(info) => {
+                for fd in r.fds {
+                    out.push(Event::Conn(Connection::new(info, fd)));
+                }
+            }
+            Msg::Conns(infos) => {
+                for (info, fd) in infos.into_iter().zip(r.fds) {
+                    out.push(Event::Conn(Connection::new(info, fd)));
+                }
+            }
+            Msg::Drain => out.push(Event::Drain),
+            // Anything else is a kind only a worker may send.
+            other => {
                 return Err(Error::Proto(ProtoError::UnknownKind(other.kind() as u8)));
             }
         }
@@ -479,10 +552,15 @@ const SEND_TIMEOUT_MS: u16 = 5000;
 /// instead of failing. Losing an ACK would make the acceptor hand the same
 /// connections to another worker.
 fn send_reliably(chan: &Channel, msg: &Msg) -> io::Result<()> {
+    send_reliably_fds(chan, msg, &[])
+}
+
+/// [`send_reliably`] with fds attached.
+fn send_reliably_fds(chan: &Channel, msg: &Msg, fds: &[BorrowedFd<'_>]) -> io::Result<()> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     use std::os::fd::AsFd;
     loop {
-        match chan.send(msg, None) {
+        match chan.send_fds(msg, fds) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 let mut fds = [PollFd::new(chan.as_fd(), PollFlags::POLLOUT)];
                 match poll(&mut fds, PollTimeout::from(SEND_TIMEOUT_MS)) {
