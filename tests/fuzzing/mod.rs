@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestError, TestRng, TestRunner};
 
 /// Cases per target: `BATON_FUZZ_CASES`, else `default`.
 pub fn cases(default: u32) -> u32 {
@@ -65,8 +65,16 @@ where
             }
             Some(_) => TestRunner::new(config),
         };
-        if let Err(e) = runner.run(&strategy, &test) {
-            panic!("fuzz {name}: FAILED after {total} earlier cases: {e}");
+        match runner.run(&strategy, &test) {
+            Ok(()) => {}
+            // One line for the input (proptest's own message spreads a byte
+            // vector over a line per byte).
+            Err(TestError::Fail(why, input)) => panic!(
+                "fuzz {name}: FAILED after {total} earlier cases: {why}\n\
+                 minimal failing input: {}",
+                readable(&format!("{input:?}"))
+            ),
+            Err(e) => panic!("fuzz {name}: FAILED after {total} earlier cases: {e}"),
         }
         total += u64::from(batch);
         match budget {
@@ -78,6 +86,36 @@ where
         "fuzz {name}: {total} cases passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// `Debug` text with every list of 4 or more bytes (`[71, 69, ...]`)
+/// shown as a byte string (`b"GE..."`), so that a failing input reads.
+pub fn readable(debug: &str) -> String {
+    let mut out = String::new();
+    let mut rest = debug;
+    while let Some(open) = rest.find('[') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        let bytes = after.find(']').and_then(|close| {
+            let v: Option<Vec<u8>> = after[..close]
+                .split(',')
+                .map(|n| n.trim().parse::<u8>().ok())
+                .collect();
+            v.filter(|v| v.len() >= 4).map(|v| (v, close))
+        });
+        match bytes {
+            Some((v, close)) => {
+                out.push_str(&format!("b\"{}\"", v.escape_ascii()));
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('[');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// One byte-level edit of an input.
