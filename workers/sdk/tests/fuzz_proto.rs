@@ -163,7 +163,10 @@ fn arbitrary_bytes_never_panic_and_ok_reencodes() {
     fuzzing::run(
         "proto-bytes",
         512,
-        (fuzzing::bytes(0..MAX_MSG + 32), 0usize..300),
+        (
+            fuzzing::bytes(0..MAX_MSG + 32),
+            prop_oneof![0usize..300, any::<usize>()],
+        ),
         |(b, fds)| check_decode(&b, fds),
     );
 }
