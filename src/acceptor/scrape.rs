@@ -77,11 +77,14 @@ impl Acceptor {
         };
         if s.out.is_empty() {
             let mut chunk = [0u8; 1024];
+            let mut eof = false;
             loop {
                 match s.stream.read(&mut chunk) {
+                    // The client half-closed (a one-shot `nc -N`): answer
+                    // what it sent, if that is a whole request head.
                     Ok(0) => {
-                        self.close_scraper(key);
-                        return;
+                        eof = true;
+                        break;
                     }
                     Ok(n) => {
                         s.buf.extend_from_slice(&chunk[..n]);
@@ -100,6 +103,10 @@ impl Acceptor {
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
             let (status, body) = match req.parse(&s.buf) {
+                Ok(httparse::Status::Partial) if eof => {
+                    self.close_scraper(key);
+                    return;
+                }
                 Ok(httparse::Status::Partial) if s.buf.len() <= MAX_HEAD => return,
                 Ok(httparse::Status::Complete(_)) if req.method == Some("GET") => {
                     ("200 OK", String::new())
