@@ -67,6 +67,14 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
+    /// A keep-alive connection idle this long is handed back to the
+    /// acceptor (protocol v2 PARK), which holds it for the rest of its idle
+    /// timeout without counting it against any worker, and gives it to the
+    /// least loaded worker when the client's next request comes. A draining
+    /// worker parks its idle connections at once. 0 never parks.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub park_after: Duration,
+
     /// How long a response may make no progress because the client does not
     /// read it before the connection is closed.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]

@@ -149,6 +149,11 @@ pub struct Conn {
     pub id: u64,
     pub sock: mio::net::TcpStream,
     pub peer: SocketAddr,
+    /// The acceptor's listener index and the local address (for PARK).
+    pub listener: u16,
+    pub local: SocketAddr,
+    /// Hand it back to the acceptor once idle this long (None: never).
+    pub park_after: Option<Duration>,
     /// Whether the socket is registered with the event loop yet.
     pub registered: bool,
     rbuf: Option<Box<[u8]>>,
@@ -197,6 +202,9 @@ impl Conn {
             id,
             sock,
             peer,
+            listener: 0,
+            local: peer,
+            park_after: None,
             registered: false,
             rbuf: None,
             rlen: 0,
@@ -259,6 +267,28 @@ impl Conn {
         }
         self.set_deadline(cfg);
         true
+    }
+
+    /// Whether it may be handed back to the acceptor now: idle (its
+    /// response fully written, nothing of the next request buffered), and
+    /// neither closing nor closed by the client.
+    pub fn parkable(&self) -> bool {
+        self.is_idle() && !self.lingering && !self.close_after && !self.read_eof && !self.peer_fin
+    }
+
+    /// Whether it has been idle long enough to be parked at `now`.
+    pub fn park_due(&self, now: Instant) -> bool {
+        self.parkable()
+            && self
+                .park_after
+                .is_some_and(|d| now.saturating_duration_since(self.last_active) >= d)
+    }
+
+    /// What is left of its idle timeout at `now`, in ms (at least 1), for
+    /// the acceptor to keep it no longer than this worker would have.
+    pub fn idle_left_ms(&self, cfg: &Config, now: Instant) -> u32 {
+        let left = later(self.last_active, cfg.idle_timeout).saturating_duration_since(now);
+        left.as_millis().clamp(1, u128::from(u32::MAX)) as u32
     }
 
     fn wants_input(&self) -> bool {
@@ -584,6 +614,12 @@ impl Conn {
         }
     }
 
+    /// Recomputes the deadline for the current state (after `park_after`
+    /// changed).
+    pub fn drive_deadline(&mut self, cfg: &Config) {
+        self.set_deadline(cfg);
+    }
+
     fn set_deadline(&mut self, cfg: &Config) {
         self.deadline = if self.lingering {
             later(self.linger_since, cfg.linger_timeout)
@@ -593,6 +629,9 @@ impl Conn {
             later(self.req_start, cfg.header_timeout)
         } else if self.draining {
             later(self.last_active, cfg.idle_timeout.min(DRAIN_IDLE_GRACE))
+        } else if let Some(park) = self.park_after.filter(|p| *p < cfg.idle_timeout) {
+            // Parked when this passes (see `park_due`).
+            later(self.last_active, park)
         } else {
             later(self.last_active, cfg.idle_timeout)
         };

@@ -208,6 +208,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         next_check: None,
         again: Vec::new(),
         served: 0,
+        parked: 0,
     };
     server.run()
 }
@@ -232,6 +233,8 @@ struct Server<'a> {
     /// Connections that used up their turn with work left.
     again: Vec<usize>,
     served: u64,
+    /// Connections handed back to the acceptor idle.
+    parked: u64,
 }
 
 impl Server<'_> {
@@ -285,6 +288,7 @@ impl Server<'_> {
         tracing::info!(
             worker = self.worker.id(),
             connections = self.served,
+            parked = self.parked,
             "drained, exiting"
         );
         match self.channel_error.take() {
@@ -348,7 +352,11 @@ impl Server<'_> {
         // costs no extra system call. mio only watches the fd: its own I/O
         // methods, which would need O_NONBLOCK, are never used.
         let sock = mio::net::TcpStream::from_std(c.stream);
-        let key = self.conns.insert(Conn::new(id, sock, c.peer, self.io.now));
+        let mut conn = Conn::new(id, sock, c.peer, self.io.now);
+        conn.listener = c.listener;
+        conn.local = c.local;
+        conn.park_after = self.park_after();
+        let key = self.conns.insert(conn);
         if self.draining {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.drain(self.cfg, self.io.now);
@@ -400,6 +408,76 @@ impl Server<'_> {
         }
     }
 
+    /// How long a connection idles before it is parked, if this worker
+    /// parks at all (the acceptor speaks version 2 and is still there).
+    fn park_after(&self) -> Option<Duration> {
+        let d = self.cfg.park_after;
+        (!d.is_zero() && !self.closed && self.worker.can_park()).then_some(d)
+    }
+
+    /// Hands idle connections back to the acceptor (PARK), a batch per
+    /// message. A connection that cannot be parked is closed (and reported
+    /// DONE) instead: it was idle, so no request is cut.
+    fn park(&mut self, keys: Vec<usize>) {
+        for chunk in keys.chunks(baton_sdk::proto::MAX_BATCH) {
+            let mut list = Vec::with_capacity(chunk.len());
+            let now = self.io.now;
+            for &k in chunk {
+                let Some(c) = self.conns.get_mut(k) else {
+                    continue;
+                };
+                // Its registration would outlive our close: the acceptor's
+                // copy keeps the socket open.
+                if c.registered {
+                    let _ = self.poll.registry().deregister(&mut c.sock);
+                    c.registered = false;
+                }
+                let parked = baton_sdk::proto::Parked {
+                    info: baton_sdk::ConnInfo {
+                        id: c.id,
+                        listener: c.listener,
+                        peer: c.peer,
+                        local: c.local,
+                    },
+                    idle_ms: c.idle_left_ms(self.cfg, now),
+                };
+                list.push((k, parked));
+            }
+            let sent = {
+                let with_fds: Vec<_> = list
+                    .iter()
+                    .filter_map(|(k, p)| {
+                        let c = self.conns.get(*k)?;
+                        // SAFETY: the fd is the connection's socket, open
+                        // for as long as the Conn, which outlives this call.
+                        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(c.sock.as_raw_fd()) };
+                        Some((*p, fd))
+                    })
+                    .collect();
+                self.worker.park(&with_fds)
+            };
+            match sent {
+                Ok(()) => {
+                    for (k, _) in list {
+                        if self.conns.contains(k) {
+                            let mut c = self.conns.remove(k);
+                            c.close(&mut self.io);
+                            self.parked += 1;
+                            // Dropped: our copy closes; the acceptor holds
+                            // the connection. No DONE: PARK said it all.
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot park; closing the idle connections instead");
+                    for (k, _) in list {
+                        self.close(k, "idle (parking failed)");
+                    }
+                }
+            }
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         if !self.conns.contains(key) {
             return;
@@ -424,6 +502,18 @@ impl Server<'_> {
         }
         self.draining = true;
         let (cfg, now) = (self.cfg, self.io.now);
+        // With an acceptor to take them, idle connections go back to it at
+        // once: their next request goes to another worker, and none is
+        // closed under its client.
+        if self.park_after().is_some() {
+            let idle: Vec<usize> = self
+                .conns
+                .iter()
+                .filter(|(_, c)| c.parkable())
+                .map(|(k, _)| k)
+                .collect();
+            self.park(idle);
+        }
         let mut next = self.next_check;
         let idle: Vec<usize> = self
             .conns
@@ -451,13 +541,27 @@ impl Server<'_> {
             _ => return,
         }
         let mut expired = Vec::new();
+        let mut to_park = Vec::new();
         let mut next: Option<Instant> = None;
-        for (k, c) in self.conns.iter() {
+        let parking = self.park_after().is_some();
+        for (k, c) in self.conns.iter_mut() {
             if c.deadline <= now {
-                expired.push(k);
+                if parking && c.park_due(now) {
+                    to_park.push(k);
+                } else if c.park_after.is_some() && !parking && c.is_idle() {
+                    // It can no longer be parked: wait out its idle timeout.
+                    c.park_after = None;
+                    c.drive_deadline(self.cfg);
+                    next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
+                } else {
+                    expired.push(k);
+                }
             } else {
                 next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
             }
+        }
+        if !to_park.is_empty() {
+            self.park(to_park);
         }
         for k in expired {
             let sh = Shared {

@@ -87,6 +87,9 @@ impl Fake {
             other => panic!("expected HELLO, got {other:?}"),
         };
         assert_eq!(pid, child.id());
+        // A version 1 acceptor: one CONN per message, no parking, so that
+        // these tests see the worker's own drain and timeouts.
+        ours.set_version(1);
         ours.send(&Msg::Welcome { worker_id: 1 }, None)
             .expect("welcome");
         let chan = Arc::new(ours);
