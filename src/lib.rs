@@ -14,7 +14,8 @@
 //!         |   acceptor    |   and worker sockets, signalfd
 //!         +---------------+
 //!          |      |      |    one SEQPACKET channel per worker;
-//!       worker  worker  worker   each CONN message carries one fd;
+//!       worker  worker  worker   a CONNS message carries a batch of fds;
+//!                                idle keep-alives come back (PARK);
 //!                                workers confine themselves (uid, chroot,
 //!                                caps, no_new_privs, seccomp) before HELLO
 //! ```
