@@ -37,8 +37,12 @@
 //! * [`control`] and [`ctl`]: the control socket's JSON-lines protocol and
 //!   its client; the server side is `acceptor::ops`, with worker
 //!   registration, add/remove/rolling restart, reload and autoscaling.
-//! * [`config`], [`cli`], [`file`](mod@file) (TOML), [`listener`], [`unix`],
-//!   [`logging`]: the edges.
+//! * [`options`]: every option declared once, as flag, file key and
+//!   default; [`options::Loader`] lays the command line over the
+//!   [`file`](mod@file) (TOML) and builds the validated [`config`] (at
+//!   start-up, for `baton check`, and on reload). [`cli`] holds the
+//!   subcommands.
+//! * [`listener`], [`unix`], [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
 //! protocol's living example) and `baton-static` (HTTP static files).
@@ -52,6 +56,7 @@ pub mod ctl;
 pub mod file;
 pub mod listener;
 pub mod logging;
+pub mod options;
 pub mod pool;
 pub mod sandbox;
 pub mod supervisor;
