@@ -101,6 +101,9 @@ fn run(loader: Loader) -> ExitCode {
         eprintln!("baton: error: {e}");
         return ExitCode::from(2);
     }
+    // Every worker spawned from now on logs in the same format. Set while
+    // this process is still single-threaded.
+    std::env::set_var(baton_sdk::log::FORMAT_ENV, cfg.log_format.as_str());
     if let Some(note) = &cfg.sandbox.note {
         tracing::info!("{note}");
     }
