@@ -81,6 +81,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// What to do about a local socket another process holds.
+fn in_use_hint(what: &str, e: &io::Error) -> &'static str {
+    match (what, e.kind()) {
+        ("control socket", io::ErrorKind::AddrInUse) => {
+            " (another baton is running there: give this one its own with --control PATH, or none with --no-control)"
+        }
+        (_, io::ErrorKind::AddrInUse) => {
+            " (another process listens there: pick another path)"
+        }
+        _ => "",
+    }
+}
+
 /// Why the acceptor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -92,7 +105,7 @@ pub enum Error {
     Signals(io::Error),
     #[error("cannot spawn worker {program}: {source}")]
     Spawn { program: String, source: io::Error },
-    #[error("cannot open the {what} {path}: {source}")]
+    #[error("cannot open the {what} {path}: {source}{}", in_use_hint(what, source))]
     UnixSocket {
         what: &'static str,
         path: std::path::PathBuf,
