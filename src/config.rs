@@ -9,19 +9,63 @@ use std::time::Duration;
 
 use crate::ConfigError;
 
-/// How the acceptor picks a worker for a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How the acceptor picks a worker for a connection (`--balance`,
+/// `balance = "..."` in the `[pool]` table). Its names are what the flag,
+/// the file and every message use.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum Balance {
-    /// Fewest connections in flight; ties go round the pool.
+    /// The worker with the fewest connections in flight; ties go round the pool.
     LeastConn,
     /// Each worker in turn, skipping full ones.
     RoundRobin,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl Balance {
+    /// The name the flag and the file use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::LeastConn => "least-conn",
+            Balance::RoundRobin => "round-robin",
+        }
+    }
+}
+
+impl std::fmt::Display for Balance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The log format of the acceptor and of every worker it spawns
+/// (`--log-format`; workers read it from `BATON_LOG_FORMAT`).
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "kebab-case")]
 pub enum LogFormat {
+    /// Human-readable lines (colours only on a terminal).
     Text,
+    /// One JSON object per line.
     Json,
+}
+
+impl LogFormat {
+    /// The name the flag, the file and `BATON_LOG_FORMAT` use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One listening address.

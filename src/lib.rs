@@ -38,8 +38,12 @@
 //! * [`control`] and [`ctl`]: the control socket's JSON-lines protocol and
 //!   its client; the server side is `acceptor::ops`, with worker
 //!   registration, add/remove/rolling restart, reload and autoscaling.
-//! * [`config`], [`cli`], [`file`](mod@file) (TOML), [`listener`], [`unix`],
-//!   [`logging`]: the edges.
+//! * [`options`]: every option declared once, as flag, file key and
+//!   default; [`options::Loader`] lays the command line over the
+//!   [`file`](mod@file) (TOML) and builds the validated [`config`] (at
+//!   start-up, for `baton check`, and on reload). [`cli`] holds the
+//!   subcommands.
+//! * [`listener`], [`unix`], [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
 //! protocol's living example) and `baton-static` (HTTP static files).
@@ -53,6 +57,7 @@ pub mod ctl;
 pub mod file;
 pub mod listener;
 pub mod logging;
+pub mod options;
 pub mod pool;
 pub mod sandbox;
 pub mod supervisor;
@@ -77,6 +82,19 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// What to do about a local socket another process holds.
+fn in_use_hint(what: &str, e: &io::Error) -> &'static str {
+    match (what, e.kind()) {
+        ("control socket", io::ErrorKind::AddrInUse) => {
+            " (another baton is running there: give this one its own with --control PATH, or none with --no-control)"
+        }
+        (_, io::ErrorKind::AddrInUse) => {
+            " (another process listens there: pick another path)"
+        }
+        _ => "",
+    }
+}
+
 /// Why the acceptor stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -88,7 +106,7 @@ pub enum Error {
     Signals(io::Error),
     #[error("cannot spawn worker {program}: {source}")]
     Spawn { program: String, source: io::Error },
-    #[error("cannot open the {what} {path}: {source}")]
+    #[error("cannot open the {what} {path}: {source}{}", in_use_hint(what, source))]
     UnixSocket {
         what: &'static str,
         path: std::path::PathBuf,

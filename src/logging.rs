@@ -1,4 +1,8 @@
-//! Log set-up: tracing to stderr, human-readable or JSON lines.
+//! Log set-up: tracing to stderr, human-readable or JSON lines, colour only
+//! when stderr is a terminal. The workers baton spawns get the format in
+//! `BATON_LOG_FORMAT` (see `baton_sdk::log`) and log in the same one.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -14,7 +18,8 @@ pub fn init(format: LogFormat, level: &str) -> Result<(), String> {
     };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(format == LogFormat::Text && std::io::stderr().is_terminal());
     let r = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

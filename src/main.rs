@@ -5,11 +5,16 @@
 use std::process::ExitCode;
 
 use baton::acceptor::{Acceptor, Outcome};
-use baton::cli::{Cli, RunArgs, Sub};
-use clap::Parser;
+use baton::cli::{Cli, Sub};
+use baton::options::Loader;
+use clap::{CommandFactory, FromArgMatches};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     match cli.sub {
         Some(Sub::Ctl(args)) => match baton::ctl::run(&args) {
             Ok(out) => {
@@ -42,17 +47,19 @@ fn main() -> ExitCode {
             }
         },
         Some(Sub::Check(args)) => {
-            let Some(path) = args.run.config.clone() else {
-                eprintln!("baton check: error: give the file to check with --config FILE");
-                return ExitCode::from(2);
-            };
-            match args.run.load() {
-                Ok(cfg) => {
+            let sub = matches.subcommand_matches("check").unwrap_or(&matches);
+            match Loader::new(&args.run, sub).and_then(|l| l.load().map(|c| (l, c))) {
+                Ok((loader, cfg)) => {
+                    let what = match loader.config_path() {
+                        Some(p) => format!("{} and the flags", p.display()),
+                        None => "the flags (no --config)".to_string(),
+                    };
                     println!(
-                        "{}: ok ({} listener(s), {} worker(s) of {}, balance {:?})",
-                        path.display(),
+                        "{what}: ok ({} listener{}, {} worker{} of {}, balance {})",
                         cfg.listen.len(),
+                        plural(cfg.listen.len()),
                         cfg.workers,
+                        plural(cfg.workers),
                         cfg.command.program.display(),
                         cfg.balance
                     );
@@ -64,12 +71,26 @@ fn main() -> ExitCode {
                 }
             }
         }
-        None => run(cli.run),
+        None => match Loader::new(&cli.run, &matches) {
+            Ok(loader) => run(loader),
+            Err(e) => {
+                eprintln!("baton: error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    let cfg = match args.clone().load() {
+fn plural(n: usize) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
+}
+
+fn run(loader: Loader) -> ExitCode {
+    let cfg = match loader.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("baton: error: {e}");
@@ -80,6 +101,9 @@ fn run(args: RunArgs) -> ExitCode {
         eprintln!("baton: error: {e}");
         return ExitCode::from(2);
     }
+    // Every worker spawned from now on logs in the same format. Set while
+    // this process is still single-threaded.
+    std::env::set_var(baton_sdk::log::FORMAT_ENV, cfg.log_format.as_str());
     if let Some(note) = &cfg.sandbox.note {
         tracing::info!("{note}");
     }
@@ -94,7 +118,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let result = Acceptor::new(cfg).and_then(|a| a.with_reload(args).run());
+    let result = Acceptor::new(cfg).and_then(|a| a.with_reload(loader).run());
     match result {
         Ok(Outcome::Graceful) => ExitCode::SUCCESS,
         Ok(Outcome::Forced) => ExitCode::from(1),

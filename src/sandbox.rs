@@ -11,15 +11,19 @@
 //! inside the jail; exec-then-confine does not, and nothing in the window
 //! reads input.
 
-use std::path::PathBuf;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use baton_sdk::sandbox::{Profile, SeccompMode, Unshare};
 use nix::unistd::{Gid, Group, Uid, User};
 
 use crate::ConfigError;
 
-/// Sandbox options, shared by `baton` and `baton audit`.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// Sandbox options, shared by `baton` (flattened into the pool's options,
+/// so also keys of the file's `[pool]` table) and `baton audit`. Declared
+/// once here: the flag, its help, its default and its file key.
+#[derive(Debug, Clone, clap::Args, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct SandboxArgs {
     /// Run workers as this user (name or uid). Started as root without it,
     /// workers run as `nobody`.
@@ -36,14 +40,16 @@ pub struct SandboxArgs {
     pub chroot: Option<PathBuf>,
 
     /// Seccomp filter: `default` (an allowlist fitting the bundled workers:
-    /// no exec, no new sockets, read-only files) or `off`. [default: default]
-    #[arg(long, value_name = "PROFILE", value_parser = parse_seccomp)]
-    pub seccomp: Option<SeccompMode>,
+    /// no exec, no new sockets, read-only files) or `off`.
+    #[arg(long, value_name = "PROFILE", default_value = "default", value_parser = parse_seccomp)]
+    #[serde(with = "crate::options::text")]
+    pub seccomp: SeccompMode,
 
     /// New namespaces for workers: a comma list of mount, pid, ipc, uts,
     /// net (net only for workers that make no outbound connection), or none.
-    #[arg(long, value_name = "LIST", value_parser = parse_unshare)]
-    pub unshare: Option<Unshare>,
+    #[arg(long, value_name = "LIST", default_value = "none", value_parser = parse_unshare)]
+    #[serde(with = "crate::options::text")]
+    pub unshare: Unshare,
 
     /// RLIMIT_NPROC 0: workers may not fork nor start threads (not for
     /// baton-echo, which starts a thread per connection).
@@ -54,10 +60,19 @@ pub struct SandboxArgs {
     #[arg(long)]
     pub allow_root_workers: bool,
 
-    /// Run workers unconfined (no profile, no check): for workers that
-    /// cannot apply one themselves. As root, needs --allow-root-workers.
+    /// Run workers unconfined (no profile, no check), as baton's own user:
+    /// for workers that cannot apply a sandbox themselves. It cannot be
+    /// combined with --user, --group or --chroot (baton does not change a
+    /// worker's ids itself); as root, it needs --allow-root-workers.
     #[arg(long)]
     pub no_sandbox: bool,
+}
+
+impl Default for SandboxArgs {
+    /// The defaults the flags declare.
+    fn default() -> Self {
+        crate::options::defaults()
+    }
 }
 
 fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
@@ -108,6 +123,21 @@ impl SandboxArgs {
     pub fn resolve(&self, worker_connections: u32) -> Result<Sandbox, ConfigError> {
         let root = nix::unistd::geteuid().is_root();
         if self.no_sandbox {
+            let ignored: Vec<&str> = [
+                ("--user", self.user.is_some()),
+                ("--group", self.group.is_some()),
+                ("--chroot", self.chroot.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(flag, given)| given.then_some(flag))
+            .collect();
+            if !ignored.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "--no-sandbox runs workers unconfined, as baton's own user, so it cannot honour {}: drop --no-sandbox to run them sandboxed as that user{}",
+                    ignored.join(", "),
+                    if root { ", or add --allow-root-workers (without --user) to run them unconfined as root" } else { "" }
+                )));
+            }
             if root && !self.allow_root_workers {
                 return Err(ConfigError::Invalid(
                     "--no-sandbox as root would run workers as root: add --allow-root-workers to mean it".to_string(),
@@ -159,7 +189,7 @@ impl SandboxArgs {
             if self.chroot.is_some() {
                 return Err(ConfigError::Invalid("--chroot needs root".to_string()));
             }
-            if self.unshare.is_some_and(|u| !u.is_empty()) {
+            if !self.unshare.is_empty() {
                 return Err(ConfigError::Invalid("--unshare needs root".to_string()));
             }
         }
@@ -186,7 +216,7 @@ impl SandboxArgs {
                 }
             }
         }
-        let seccomp = self.seccomp.unwrap_or(SeccompMode::Default);
+        let seccomp = self.seccomp;
         if seccomp == SeccompMode::Default {
             // Build the filter here once, so that a profile that cannot load
             // on this machine stops baton at start-up, not every worker.
@@ -202,7 +232,7 @@ impl SandboxArgs {
             gid,
             chroot: self.chroot.clone(),
             seccomp,
-            unshare: self.unshare.unwrap_or(Unshare::NONE),
+            unshare: self.unshare,
             // Room for every connection a worker may hold, and its files.
             nofile: Some(u64::from(worker_connections) + 256),
             core0: true,
@@ -218,6 +248,102 @@ impl SandboxArgs {
             note,
         })
     }
+}
+
+/// Checks `--root DIR` as the workers will see it, so that a directory
+/// they cannot use is one clear error at start-up instead of a crash loop:
+/// it exists and is a directory, lies inside the chroot if there is one,
+/// and the worker user may enter every directory on the way to it and read
+/// it (mode bits, for that uid and its single group, the way the kernel
+/// checks them; ACLs are not consulted). Returns the path to give the
+/// worker: absolute, and inside the jail when there is one.
+pub fn check_root(root: &Path, sandbox: &Sandbox) -> Result<PathBuf, ConfigError> {
+    let bad = |why: String| ConfigError::Invalid(format!("--root {}: {why}", root.display()));
+    match std::fs::metadata(root) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(bad("not a directory".to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(bad("no such directory".to_string()))
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    }
+    let abs = root.canonicalize().map_err(|e| bad(e.to_string()))?;
+    let profile = sandbox.profile.as_ref();
+    let (seen_as, start) = match profile.and_then(|p| p.chroot.as_ref()) {
+        Some(jail) => {
+            let jail = jail
+                .canonicalize()
+                .map_err(|e| bad(format!("--chroot {}: {e}", jail.display())))?;
+            let Ok(rel) = abs.strip_prefix(&jail) else {
+                return Err(bad(format!(
+                    "outside --chroot {}: the workers see only what is inside the jail; serve a directory under it",
+                    jail.display()
+                )));
+            };
+            (Path::new("/").join(rel), jail)
+        }
+        None => (abs.clone(), PathBuf::from("/")),
+    };
+    match profile.and_then(|p| p.uid.map(|u| (u, p.gid))) {
+        Some((uid, gid)) if uid != 0 => {
+            let gid = gid.unwrap_or_else(|| nix::unistd::getegid().as_raw());
+            let who = match User::from_uid(Uid::from_raw(uid)) {
+                Ok(Some(u)) => format!("{} (uid {uid}, gid {gid})", u.name),
+                _ => format!("uid {uid} (gid {gid})"),
+            };
+            // Every directory from the jail (or /) down needs search; the
+            // root itself read and search too.
+            let mut dir = start.clone();
+            let below = abs.strip_prefix(&start).unwrap_or(Path::new(""));
+            let mut steps = vec![dir.clone()];
+            for c in below.components() {
+                dir.push(c);
+                steps.push(dir.clone());
+            }
+            for (i, d) in steps.iter().enumerate() {
+                let last = i + 1 == steps.len();
+                let want = if last { 0o5 } else { 0o1 };
+                let m = std::fs::metadata(d).map_err(|e| bad(format!("{}: {e}", d.display())))?;
+                if !permits(&m, uid, gid, want) {
+                    return Err(bad(format!(
+                        "the workers run as {who} and cannot {} {} (mode {:04o}, owner {}:{}): make it readable by that user (e.g. chmod o+{} {}) or pass --user with one who can read it",
+                        if last { "read" } else { "enter" },
+                        d.display(),
+                        m.mode() & 0o7777,
+                        m.uid(),
+                        m.gid(),
+                        if last { "rx" } else { "x" },
+                        d.display(),
+                    )));
+                }
+            }
+        }
+        // Workers keep baton's own ids: ask the kernel as ourselves.
+        _ => {
+            use nix::unistd::AccessFlags;
+            nix::unistd::access(&abs, AccessFlags::R_OK | AccessFlags::X_OK).map_err(|e| {
+                bad(format!(
+                    "the workers (running as baton's own user) cannot read it: {e}"
+                ))
+            })?;
+        }
+    }
+    Ok(seen_as)
+}
+
+/// Whether mode bits grant `want` (0o4 read, 0o1 search...) to `uid` with
+/// the single group `gid`, as the kernel picks the owner, group or other
+/// class.
+fn permits(m: &std::fs::Metadata, uid: u32, gid: u32, want: u32) -> bool {
+    let mode = m.mode();
+    let class = if m.uid() == uid {
+        mode >> 6
+    } else if m.gid() == gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    class & want == want
 }
 
 /// Capabilities the acceptor keeps when started as root: to spawn workers

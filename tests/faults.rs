@@ -162,7 +162,9 @@ fn a_worker_that_drains_reports_exact_counts() {
         assert!(gone.field("lost").is_none(), "{}", gone.raw);
         let own = b
             .find(Duration::from_secs(10), |l| {
-                l.raw.contains(&format!("baton-echo[{pid}]")) && l.raw.contains("exiting after")
+                l.json["target"] == "baton-echo"
+                    && l.json["span"]["pid"] == pid
+                    && l.message().contains("exiting after")
             })
             .expect("the worker's own count");
         let counted: u64 = own

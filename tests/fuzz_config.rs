@@ -1,4 +1,5 @@
-//! Fuzz target: the TOML config file (`baton::file::FileConfig::parse`).
+//! Fuzz target: the TOML config file (`baton::file::parse`, and the
+//! options it declares, `baton::options::Options`).
 //!
 //! Properties:
 //! * no panic for any text, nor for valid config files mutated byte by
@@ -12,7 +13,8 @@ mod fuzzing;
 
 use std::time::Duration;
 
-use baton::file::{FileConfig, HumanDuration};
+use baton::file;
+use baton::options::Options;
 use proptest::prelude::*;
 
 const EXAMPLE: &str = r#"listen = ["127.0.0.1:8080", "[::1]:8080"]
@@ -73,7 +75,7 @@ fn prefix(e: &str) -> Option<(usize, usize)> {
 }
 
 fn check(text: &str) -> Result<(), TestCaseError> {
-    let got = FileConfig::parse(text);
+    let got = file::parse(text);
     let syntax = toml::from_str::<toml::Table>(text);
     match (&got, &syntax) {
         (Ok(_), Err(e)) => prop_assert!(false, "not TOML ({}), yet accepted", e.message()),
@@ -112,7 +114,7 @@ fn mutated_config_files_never_panic() {
             .as_bytes()
             .to_vec(),
     ];
-    assert!(FileConfig::parse(EXAMPLE).is_ok());
+    assert!(file::parse(EXAMPLE).is_ok());
     fuzzing::run("config-mutated", 2000, fuzzing::mutated(seeds, 6), |b| {
         check(&String::from_utf8_lossy(&b))
     });
@@ -199,26 +201,42 @@ fn written() -> impl Strategy<Value = Written> {
 fn generated_files_parse_to_what_was_written() {
     fuzzing::run("config-valid", 500, written(), |w| {
         let text = w.text();
-        let f = match FileConfig::parse(&text) {
+        if let Err(e) = file::parse(&text) {
+            prop_assert!(false, "{} refused: {}", text, e);
+        }
+        let f: Options = match toml::from_str(&text) {
             Ok(f) => f,
             Err(e) => {
-                prop_assert!(false, "{} refused: {}", text, e);
+                prop_assert!(
+                    false,
+                    "{} accepted by file::parse, refused by Options: {}",
+                    text,
+                    e
+                );
                 unreachable!()
             }
         };
         prop_assert_eq!(&f.listen, &w.listen);
-        prop_assert_eq!(f.backlog, w.backlog);
+        if let Some(b) = w.backlog {
+            prop_assert_eq!(f.backlog, b);
+        }
         prop_assert_eq!(&f.control_allow_uid, &w.allow);
-        prop_assert_eq!(f.workers, w.workers);
-        prop_assert_eq!(f.max_restarts, w.max_restarts);
-        prop_assert_eq!(
-            f.drain_timeout,
-            w.drain_ms
-                .map(|ms| HumanDuration(Duration::from_millis(ms)))
-        );
-        prop_assert_eq!(&f.command, &w.command);
-        prop_assert_eq!(&f.user, &w.user);
-        prop_assert_eq!(f.no_fork, w.no_fork);
+        prop_assert_eq!(f.pool.workers, w.workers);
+        if let Some(m) = w.max_restarts {
+            prop_assert_eq!(f.pool.max_restarts, m);
+        }
+        if let Some(ms) = w.drain_ms {
+            prop_assert_eq!(f.pool.drain_timeout, Duration::from_millis(ms));
+        }
+        let command: Vec<String> = f
+            .pool
+            .command
+            .iter()
+            .map(|c| c.to_string_lossy().into_owned())
+            .collect();
+        prop_assert_eq!(&command, &w.command);
+        prop_assert_eq!(&f.pool.sandbox.user, &w.user);
+        prop_assert_eq!(f.pool.sandbox.no_fork, w.no_fork);
         check(&text)
     });
 }
@@ -228,15 +246,14 @@ fn generated_files_parse_to_what_was_written() {
 /// wrapped or panicked on.
 #[test]
 fn hostile_files_are_refused_with_a_position() {
-    let e = FileConfig::parse("user = \"\u{e9}\u{e9}\"\n[pool]\n\u{e9}x = 1\n").unwrap_err();
+    let e = file::parse("user = \"\u{e9}\u{e9}\"\n[pool]\n\u{e9}x = 1\n").unwrap_err();
     assert!(e.starts_with("line 3, column 1:"), "{e}");
-    let e = FileConfig::parse("backlog = 99999999999\n").unwrap_err();
+    let e = file::parse("backlog = 99999999999\n").unwrap_err();
     assert!(e.starts_with("line 1,"), "{e}");
-    let e = FileConfig::parse("[pool]\nworkers = -1\n").unwrap_err();
+    let e = file::parse("[pool]\nworkers = -1\n").unwrap_err();
     assert!(e.starts_with("line 2,"), "{e}");
-    let e =
-        FileConfig::parse("[pool]\ndrain-timeout = \"99999999999999999999999999s\"\n").unwrap_err();
+    let e = file::parse("[pool]\ndrain-timeout = \"99999999999999999999999999s\"\n").unwrap_err();
     assert!(e.contains("not a duration"), "{e}");
     let deep = format!("listen = {}", "[".repeat(50_000));
-    assert!(FileConfig::parse(&deep).is_err());
+    assert!(file::parse(&deep).is_err());
 }

@@ -422,7 +422,7 @@ fn check_validates_a_config_file_and_points_at_mistakes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("3 worker(s)"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("3 workers"));
 
     let bad = dir.join("bad.toml");
     std::fs::write(&bad, "listen = [\"127.0.0.1:0\"]\n\n[pool]\nwrokers = 3\n").expect("write");
@@ -477,7 +477,7 @@ fn reload_applies_the_difference_under_load_without_failures() {
     let r = b.ctl_json(&["reload"]);
     let changes = r["changes"].to_string();
     assert!(
-        changes.contains("balance") && changes.contains("workers: added"),
+        changes.contains("balance: round-robin") && changes.contains("workers: added"),
         "{changes}"
     );
     for _ in 0..2 {

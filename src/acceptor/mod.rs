@@ -323,8 +323,9 @@ pub struct Acceptor {
     /// `--metrics-listen` and its clients.
     metrics_listener: Option<mio::net::TcpListener>,
     scrapers: Slab<Scraper>,
-    /// The command line, kept to re-read `--config` on reload.
-    reload_args: Option<crate::cli::RunArgs>,
+    /// Builds the configuration again on reload: re-reads `--config` and
+    /// lays the command line over it.
+    reload: Option<crate::options::Loader>,
 }
 
 impl Acceptor {
@@ -445,16 +446,17 @@ impl Acceptor {
             rolling_current: None,
             started: Instant::now(),
             own_uid: nix::unistd::geteuid().as_raw(),
-            reload_args: None,
+            reload: None,
             metrics_listener,
             scrapers: Slab::new(),
         })
     }
 
-    /// Keeps the command line so that SIGHUP and `ctl reload` can re-read
-    /// its `--config` file (flags keep overriding it).
-    pub fn with_reload(mut self, args: crate::cli::RunArgs) -> Acceptor {
-        self.reload_args = Some(args);
+    /// Keeps the loader that built the configuration, so that SIGHUP and
+    /// `ctl reload` can re-read its `--config` file (flags keep overriding
+    /// it).
+    pub fn with_reload(mut self, loader: crate::options::Loader) -> Acceptor {
+        self.reload = Some(loader);
         self
     }
 

@@ -517,13 +517,10 @@ impl Acceptor {
     /// Re-reads the config file and applies what changed; returns a line
     /// per change. The running configuration is untouched on error.
     pub(super) fn reload(&mut self) -> Result<Vec<String>, String> {
-        let Some(args) = &self.reload_args else {
+        let Some(loader) = self.reload.as_ref().filter(|l| l.config_path().is_some()) else {
             return Err("nothing to reload: baton was started without --config".to_string());
         };
-        if args.config.is_none() {
-            return Err("nothing to reload: baton was started without --config".to_string());
-        }
-        let new = args.clone().load().map_err(|e| e.to_string())?;
+        let new = loader.load().map_err(|e| e.to_string())?;
         let old = self.cfg.clone();
         let mut changes = Vec::new();
 
@@ -568,7 +565,7 @@ impl Acceptor {
 
         if new.balance != old.balance {
             self.pool.set_balance(new.balance);
-            changes.push(format!("balance: {:?}", new.balance));
+            changes.push(format!("balance: {}", new.balance));
         }
         if new.worker_connections != old.worker_connections {
             for (_, w) in self.pool.workers.iter_mut() {

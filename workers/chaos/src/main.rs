@@ -48,11 +48,13 @@ use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
 use baton_sdk::{Channel, Msg};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-/// One stderr line in one write(2), so that it never splits an acceptor line.
+/// One stderr line in baton's log style (see `baton_sdk::log`).
 fn say(msg: &str) {
-    use std::io::Write;
-    let line = format!("baton-chaos[{}]: {msg}\n", std::process::id());
-    let _ = io::stderr().write_all(line.as_bytes());
+    baton_sdk::log::line(
+        baton_sdk::log::Level::Info,
+        "baton-chaos",
+        format_args!("{msg}"),
+    );
 }
 
 fn arg(name: &str) -> Option<String> {

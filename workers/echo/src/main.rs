@@ -79,11 +79,10 @@ fn parse_args() -> Result<Args, String> {
     Ok(args)
 }
 
-/// Writes one log line to stderr in a single write(2), so that it never
-/// interleaves with the acceptor's lines on a shared stderr.
+/// Writes one log line to stderr in baton's log style (text or JSON, as
+/// the acceptor says; see `baton_sdk::log`), in a single write(2).
 fn log(args: Arguments<'_>) {
-    let line = format!("baton-echo[{}]: {args}\n", std::process::id());
-    let _ = io::stderr().write_all(line.as_bytes());
+    baton_sdk::log::line(baton_sdk::log::Level::Info, "baton-echo", args);
 }
 
 /// Counts open connections so that the worker can wait for them on exit.
@@ -125,6 +124,13 @@ fn serve(conn: Connection, done: DoneSender, inflight: Arc<InFlight>) {
 }
 
 fn run(args: Args) -> Result<(), baton_sdk::Error> {
+    // Confine first (the SDK would do it on joining), so that what the
+    // sandbox notes goes out in our log style.
+    if let Some(applied) = baton_sdk::sandbox::apply_from_env()? {
+        for note in &applied.notes {
+            log(format_args!("sandbox: {note}"));
+        }
+    }
     let mut worker = match &args.register {
         Some(path) => Worker::register(path, args.capacity)?,
         None => Worker::from_env(args.capacity)?,
@@ -187,6 +193,7 @@ fn main() -> ExitCode {
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
+            // A person typed this: plain words, with the usage.
             eprintln!("baton-echo: {e}");
             return ExitCode::from(2);
         }

@@ -10,6 +10,8 @@
 //!   with their fds (`MSG_CMSG_CLOEXEC`, truncation refused).
 //! * [`worker`]: the receive loop a worker uses: hello, receive, ACK before
 //!   the application sees a connection, DONE when it is closed.
+//! * [`log`]: the log line style (text or JSON, as the acceptor says in
+//!   `BATON_LOG_FORMAT`) of workers that do not use `tracing`.
 //! * [`sandbox`]: the confinement a worker applies to itself first thing
 //!   (uid/gid, chroot, capabilities, no_new_privs, seccomp), its check from
 //!   outside, and the audit probe.
@@ -35,6 +37,7 @@
 //! ```
 
 pub mod channel;
+pub mod log;
 pub mod proto;
 pub mod sandbox;
 pub mod worker;

@@ -179,8 +179,11 @@ impl Worker {
     pub fn from_env_per_conn(capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
         if let Some(applied) = crate::sandbox::apply_from_env()? {
             for note in &applied.notes {
-                let line = format!("worker[{}]: sandbox: {note}\n", std::process::id());
-                let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+                crate::log::line(
+                    crate::log::Level::Info,
+                    "worker",
+                    format_args!("sandbox: {note}"),
+                );
             }
         }
         let var = std::env::var(CHANNEL_FD_ENV).map_err(|_| Error::NoChannel)?;
@@ -448,12 +451,14 @@ impl Worker {
     fn settle(&mut self, events: &mut Vec<Event>, start: usize) -> Result<(), Error> {
         if !self.dropped.is_empty() {
             let ids = std::mem::take(&mut self.dropped);
-            let line = format!(
-                "worker[{}]: {} connection(s) arrived without their fd (this process is at its fd limit); closed\n",
-                std::process::id(),
-                ids.len()
+            crate::log::line(
+                crate::log::Level::Warn,
+                "worker",
+                format_args!(
+                    "{} connection(s) arrived without their fd (this process is at its fd limit); closed",
+                    ids.len()
+                ),
             );
-            let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
             // Best effort: if the channel is gone, so is the acceptor's copy.
             let _ =
                 send_ids(&self.chan, &ids, false).and_then(|_| send_ids(&self.chan, &ids, true));

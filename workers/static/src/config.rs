@@ -20,8 +20,8 @@ pub enum OnOff {
 /// It is started by the acceptor (`baton ... -- baton-static --root DIR`),
 /// which passes it a channel in BATON_CHANNEL_FD and hands it accepted
 /// connections; or it joins a running acceptor's pool with --register.
-/// Logs are plain text lines on stderr; RUST_LOG filters them (default
-/// `info`).
+/// Logs go to stderr in the acceptor's format (BATON_LOG_FORMAT: text or
+/// json); RUST_LOG filters them (default `info`).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "baton-static", version, about, long_about)]
 #[command(group(ArgGroup::new("site").required(true).args(["root", "demo"])))]

@@ -39,19 +39,40 @@ where
     T: Into<std::ffi::OsString> + Clone,
 {
     use clap::Parser;
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let cfg = config::Config::parse_from(args);
-    // Plain text lines on stderr: the acceptor passes them through as
-    // worker output. RUST_LOG filters them.
-    let _ = tracing_subscriber::fmt()
+    // The acceptor's log format (BATON_LOG_FORMAT, text by default) on the
+    // stderr it shares with us; colour only on a terminal. RUST_LOG
+    // filters.
+    let json = baton_sdk::log::json_from_env();
+    let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(false)
+        .with_ansi(!json && std::io::stderr().is_terminal())
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .try_init();
+        );
+    let _ = if json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
     let span = tracing::info_span!("baton-static", pid = std::process::id());
     let _entered = span.enter();
+    // Confine first (joining the acceptor would), so that what the sandbox
+    // notes is logged in our format.
+    match baton_sdk::sandbox::apply_from_env() {
+        Ok(Some(applied)) => {
+            for note in &applied.notes {
+                tracing::info!("sandbox: {note}");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::error!("{e}");
+            return std::process::ExitCode::from(baton_sdk::EXIT_SANDBOX);
+        }
+    }
     match server::run(cfg) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
