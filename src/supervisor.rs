@@ -30,6 +30,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// a short backoff so that a request that kills every worker cannot make
 /// them spin.
 pub const BACKOFF_PROVEN_MAX: Duration = Duration::from_secs(1);
+/// A proven worker that ran at least this long is restarted at once (it
+/// was killed, or crashed after real work); one that keeps dying sooner
+/// backs off from [`BACKOFF_START`] to [`BACKOFF_PROVEN_MAX`].
+pub const PROVEN_QUICK: Duration = Duration::from_secs(1);
 
 /// One spawned worker position in the pool.
 #[derive(Debug)]
@@ -88,8 +92,10 @@ impl Slot {
     /// Applies the restart policy to an exit of this slot's process.
     ///
     /// * A process that proved itself (HELLO, then connections) is always
-    ///   restarted: it is no crash loop, whoever killed it. Quick
-    ///   successive exits back off up to [`BACKOFF_PROVEN_MAX`].
+    ///   restarted: it is no crash loop, whoever killed it. At once if it ran
+    ///   [`PROVEN_QUICK`] or longer (as nginx respawns: a pool killed into
+    ///   one worker would put every client on the next victim); successive
+    ///   exits sooner than that back off up to [`BACKOFF_PROVEN_MAX`].
     /// * A process stopped for want of resources is restarted and not
     ///   counted.
     /// * Otherwise (it never got as far as serving), exits within `window`
@@ -103,10 +109,18 @@ impl Slot {
         }
         if std::mem::take(&mut self.proven) {
             self.failures = 0;
-            self.proven_failures = if quick { self.proven_failures + 1 } else { 1 };
-            let delay = BACKOFF_START
-                .saturating_mul(1 << (self.proven_failures - 1).min(16))
-                .min(BACKOFF_PROVEN_MAX);
+            let ran = now.duration_since(self.started);
+            self.proven_failures = if ran < PROVEN_QUICK {
+                self.proven_failures + 1
+            } else {
+                0
+            };
+            let delay = match self.proven_failures {
+                0 => Duration::ZERO,
+                n => BACKOFF_START
+                    .saturating_mul(1 << (n - 1).min(16))
+                    .min(BACKOFF_PROVEN_MAX),
+            };
             self.restart_at = Some(now + delay);
             return After::Restart(delay);
         }
@@ -277,6 +291,12 @@ mod tests {
         assert_eq!(delays[1], BACKOFF_START * 2);
         assert_eq!(*delays.last().unwrap(), BACKOFF_PROVEN_MAX, "capped");
         assert!(!s.given_up);
+        // One that ran a while is restarted at once.
+        s.proven = true;
+        assert_eq!(
+            s.exited(now + PROVEN_QUICK, window, 2),
+            After::Restart(Duration::ZERO)
+        );
         // A process that never proved itself still counts.
         assert_eq!(s.exited(now, window, 2), After::Restart(BACKOFF_START));
         assert_eq!(s.exited(now, window, 2), After::Restart(BACKOFF_START * 2));
