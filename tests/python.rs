@@ -14,6 +14,9 @@
 //!   forced with `--protocol 1`), echoes every client, takes connections
 //!   accepted together in one CONNS per worker (version 1: one CONN each),
 //!   and drains cleanly;
+//! * a Python worker that parks each connection after its reply
+//!   (`Worker.park`) gets it back, same id, on the client's next request,
+//!   and the acceptor closes it when the client leaves;
 //! * spawned under a sandbox profile, which it cannot apply, the Python
 //!   worker fails closed and is not restarted.
 //!
@@ -662,4 +665,126 @@ fn a_python_worker_spawned_under_a_sandbox_fails_closed_and_is_not_restarted() {
     assert!(!st.success(), "no worker left: {st:?}");
     assert_eq!(b.count("worker ready"), 0, "it never joined the pool");
     assert_eq!(b.count("worker restarting"), 0);
+}
+
+/// A Python worker that answers one line per request and then parks the
+/// connection (`Worker.park`): reads byte by byte so that nothing of the
+/// next request is ever buffered here.
+const PARKING_WORKER: &str = r#"
+import baton_worker as bw
+
+w = bw.Worker.from_env()
+assert w.can_park, w.version
+for ev in w:
+    if not isinstance(ev, bw.Conn):
+        break
+    line = b""
+    while not line.endswith(b"\n"):
+        b = ev.sock.recv(1)
+        if not b:
+            break
+        line += b
+    if not line.endswith(b"\n"):
+        ev.sock.close()
+        w.done(ev.id)
+        continue
+    ev.sock.sendall(b"%d %s" % (ev.id, line))
+    w.park([(ev, 30000)])
+"#;
+
+/// Polls `ctl status` until `pred` holds (bounded): the acceptor's counters
+/// move when it reads the worker's messages, which is after the client saw
+/// the reply.
+fn status_until(b: &Baton, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st = b.ctl_json(&["status"]);
+        if pred(&st) {
+            return st;
+        }
+        assert!(Instant::now() < deadline, "{what}: {st}");
+    }
+}
+
+#[test]
+fn a_python_worker_parks_idle_connections_and_gets_them_back() {
+    if !have_python("a_python_worker_parks_idle_connections_and_gets_them_back") {
+        return;
+    }
+    let mut cmd = Command::new(bin("baton"));
+    cmd.env("PYTHONDONTWRITEBYTECODE", "1")
+        .env("PYTHONPATH", python_dir());
+    let mut b = Baton::start_with(
+        cmd,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--no-sandbox",
+            "--allow-root-workers",
+            "--",
+            "python3",
+            "-c",
+            PARKING_WORKER,
+        ],
+        1,
+    );
+    let mut c = connect(b.addr()).expect("connect");
+    let mut reader = std::io::BufReader::new(c.try_clone().expect("clone"));
+    let mut ask = |c: &mut std::net::TcpStream, what: &str| {
+        c.write_all(format!("{what}\n").as_bytes()).expect("write");
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("reply");
+        let (id, said) = line.trim_end().split_once(' ').expect("ID LINE");
+        assert_eq!(said, what);
+        id.to_string()
+    };
+    let first = ask(&mut c, "one");
+    let st = status_until(&b, "the connection is parked", |s| s["parked"] == 1);
+    assert_eq!(
+        st["in_flight"], 0,
+        "a parked connection is not in flight: {st}"
+    );
+    // Its next request: the acceptor hands it to the worker again, under
+    // the same id, and it is parked again after.
+    let second = ask(&mut c, "two");
+    assert_eq!(first, second, "the same connection");
+    let st = status_until(&b, "parked again", |s| {
+        s["parked"] == 1 && s["parked_total"] == 2
+    });
+    assert_eq!(st["unparked"], 1, "{st}");
+    // The client leaves while parked: the acceptor closes it.
+    drop(c);
+    drop(reader);
+    status_until(&b, "closed by its client", |s| {
+        s["parked"] == 0 && s["parked_closed"] == 1
+    });
+    b.stop();
+    let exited = b
+        .find(Duration::from_secs(5), |l| l.message() == "worker exited")
+        .expect("the worker exits");
+    assert!(exited.raw.contains("exit code 0"), "{}", exited.raw);
+    let stopped = b
+        .find(Duration::from_secs(5), |l| l.message() == "stopped")
+        .expect("the acceptor's last line");
+    // One client, handed off twice, nothing lost.
+    assert_eq!(
+        stopped.field("accepted").as_deref(),
+        Some("1"),
+        "{}",
+        stopped.raw
+    );
+    assert_eq!(
+        stopped.field("handed_off").as_deref(),
+        Some("2"),
+        "{}",
+        stopped.raw
+    );
+    assert_eq!(
+        stopped.field("lost").as_deref(),
+        Some("0"),
+        "{}",
+        stopped.raw
+    );
 }
