@@ -362,8 +362,9 @@ class Done:
 
 @dataclass(frozen=True)
 class Drain:
-    """DRAIN (acceptor -> worker): no CONN follows; finish the connections you
-    hold, then exit. Also the event :meth:`Worker.recv` returns for it."""
+    """DRAIN (acceptor -> worker): no CONN or CONNS follows; finish the
+    connections you hold, then exit. Also the event :meth:`Worker.recv`
+    returns for it."""
 
     kind = Kind.DRAIN
 
@@ -1035,7 +1036,7 @@ class Worker:
         close them, and report them DONE).
         """
         if self._version < 2:
-            raise WorkerError("the acceptor speaks protocol version 1: no parking")
+            raise WorkerError("this channel speaks protocol version 1: no parking")
         items = []
         for c in conns:
             conn, idle_ms = (c, 0) if isinstance(c, Conn) else c
