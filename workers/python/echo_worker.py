@@ -1,15 +1,17 @@
 #!/usr/bin/env python3
 """baton-echo in Python: echoes every byte a client sends back to it.
 
-Usage: echo_worker.py [--register PATH] [--capacity N]
+Usage: echo_worker.py [--register PATH] [--capacity N] [--protocol 1|2]
 
 Started by ``baton --no-sandbox ... -- python3 echo_worker.py`` it takes its
 channel from the acceptor (BATON_CHANNEL_FD); under a sandbox profile it
 refuses to start, since it cannot confine itself (exit 78). With
 ``--register PATH`` it connects to the acceptor's worker socket instead and
-joins the pool. One thread per connection; each connection is reported DONE
-after its socket is closed. On DRAIN, or when the acceptor goes away, it
-takes no more connections, lets the open ones finish, and exits 0.
+joins the pool. It offers protocol version 2 (batched handoff) unless
+``--protocol 1`` makes it a version 1 worker. One thread per connection;
+each connection is reported DONE after its socket is closed (it parks
+nothing). On DRAIN, or when the acceptor goes away, it takes no more
+connections, lets the open ones finish, and exits 0.
 """
 
 import argparse
@@ -68,21 +70,23 @@ def main():
     p.add_argument("--register", metavar="PATH", help="join through this worker socket")
     p.add_argument("--capacity", type=int, default=0, metavar="N",
                    help="most concurrent connections (0: the acceptor decides)")
+    p.add_argument("--protocol", type=int, choices=(1, 2), default=baton_worker.VERSION,
+                   help="the highest protocol version to offer (default %(default)s)")
     args = p.parse_args()
     if not 0 <= args.capacity <= 0xFFFF_FFFF:
         p.error(f"--capacity {args.capacity}: out of range")
     try:
         if args.register:
-            worker = baton_worker.Worker.register(args.register, args.capacity)
+            worker = baton_worker.Worker.register(args.register, args.capacity, args.protocol)
         else:
-            worker = baton_worker.Worker.from_env(args.capacity)
+            worker = baton_worker.Worker.from_env(args.capacity, args.protocol)
     except baton_worker.SandboxUnsupported as e:
         log(str(e))
         return baton_worker.EXIT_SANDBOX  # fail closed; not restarted
     except (OSError, baton_worker.WorkerError) as e:
         log(str(e))
         return 1
-    log(f"worker {worker.id} ready")
+    log(f"worker {worker.id} ready (protocol {worker.version})")
     inflight = InFlight()
     served = 0
     status = 0
