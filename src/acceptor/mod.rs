@@ -11,17 +11,23 @@
 //! | `METRICS`              | `--metrics-listen` (TCP)       | accept Prometheus scrapers (`scrape`) |
 //! | `CTL_BASE + key`       | a control client               | JSON request lines → replies (`ops`) |
 //! | `SCRAPE_BASE + key`    | a metrics scraper              | one GET → the metrics text, close     |
-//! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE; EOF = worker gone |
+//! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE / PARK; EOF = worker gone (read to its end first) |
+//! | `PARKED_BASE + key`    | a parked keep-alive connection | readable: back to `pending` for a worker; hang-up: closed |
 //!
 //! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
 //! idle control clients, shutdown deadline) are deadlines kept in the state below; the poll timeout is the
 //! nearest one, so nothing spins.
 //!
 //! After every batch of events, `Acceptor::pump` moves connections along:
-//! first the ones waiting in `pending` (taken back from a dead worker, or
-//! accepted while every worker was busy), then fresh ones from the
-//! listeners. When no worker has room, the listeners are deregistered and
-//! the kernel's backlog holds new clients until a DONE frees a slot.
+//! first the ones waiting in `pending` (taken back from a dead worker,
+//! unparked, or accepted while every worker was busy), then fresh ones from
+//! the listeners. Connections are only assigned during the round; at its end
+//! each worker gets one CONNS message with all of its new ones
+//! (`Acceptor::flush`; one CONN each for a protocol v1 worker). When no
+//! worker has room, or the connections held reach the fd budget, the
+//! listeners are deregistered and the kernel's backlog holds new clients
+//! until a DONE or an ACK frees room; idle parked connections are closed,
+//! oldest first, to make room rather than refuse a new client.
 
 use std::collections::VecDeque;
 use std::io;
