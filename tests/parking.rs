@@ -141,6 +141,33 @@ fn a_parked_connection_outlives_the_worker_that_served_it() {
 }
 
 #[test]
+fn a_worker_that_parks_anything_but_its_connection_is_disconnected() {
+    // A parked fd goes to another worker later: a worker must not be able
+    // to pass anything else along that way (a file, a pipe to talk to its
+    // neighbours).
+    let cmd = chaos_cmd("park-bogus", &["--bad-workers", "1"]);
+    let extra = ["--no-sandbox", "--allow-root-workers"];
+    let mut b = Baton::start(&echo_args("2", &extra, &cmd), 2);
+    // Its first connection goes to worker 1, which acknowledges it and
+    // never serves it: that one is lost with the worker.
+    let _ = common::echo_once(b.addr(), b"first\n");
+    let gone = b
+        .find(Duration::from_secs(10), |l| {
+            l.message() == "worker disconnected" && l.field("worker").as_deref() == Some("1")
+        })
+        .expect("worker 1 is disconnected");
+    let reason = gone.field("reason").unwrap_or_default();
+    assert!(
+        reason.contains("PARK of connection") && reason.contains("not a socket"),
+        "{}",
+        gone.raw
+    );
+    let (ok, errors) = echo_many(b.addr(), 20);
+    assert_eq!(ok, 20, "{errors:?}");
+    b.stop();
+}
+
+#[test]
 fn a_version_1_worker_still_serves() {
     let cmd = chaos_cmd("v1-echo", &[]);
     let mut b = Baton::start(&echo_args("2", &[], &cmd), 0);

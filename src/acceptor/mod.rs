@@ -216,6 +216,36 @@ fn count_open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(16, |d| d.count().saturating_sub(1))
 }
 
+/// Whether `fd`, handed back by a worker as connection `info`, is that TCP
+/// connection: a stream socket whose local and peer addresses are the
+/// connection's. `Ok(false)`: it is, but its client is gone (no peer any
+/// more). `Err`: it is something else, which no other worker may be given.
+fn parked_fd_is(fd: &OwnedFd, info: &ConnInfo) -> Result<bool, String> {
+    let s = socket2::SockRef::from(fd);
+    match s.r#type() {
+        Ok(t) if t == socket2::Type::STREAM => {}
+        Ok(_) => return Err("a socket that is not a stream".to_string()),
+        Err(e) => return Err(format!("an fd that is not a socket ({e})")),
+    }
+    let local = s.local_addr().ok().and_then(|a| a.as_socket());
+    if local != Some(info.local) {
+        return Err(format!(
+            "a socket whose local address is {local:?}, not {}",
+            info.local
+        ));
+    }
+    match s.peer_addr() {
+        Ok(a) if a.as_socket() == Some(info.peer) => Ok(true),
+        Ok(a) => Err(format!(
+            "a socket connected to {:?}, not {}",
+            a.as_socket(),
+            info.peer
+        )),
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(false),
+        Err(e) => Err(format!("a socket without a peer ({e})")),
+    }
+}
+
 /// Reads what a worker queued on its channel, to the end, after the channel
 /// was shut down: its ACKs and DONEs are applied, anything else is ignored
 /// (the worker is leaving either way).
@@ -1059,7 +1089,19 @@ impl Acceptor {
                             p.info.id
                         )));
                     }
-                    self.park(p, fd, now);
+                    // The fd goes to another worker later: it must be that
+                    // TCP connection, not whatever the worker can open.
+                    match parked_fd_is(&fd, &p.info) {
+                        Ok(true) => self.park(p, fd, now),
+                        // The client is gone already: nothing to hold.
+                        Ok(false) => self.stats.parked_closed += 1,
+                        Err(why) => {
+                            return Err(Gone::Protocol(format!(
+                                "PARK of connection {} with {why}",
+                                p.info.id
+                            )))
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -35,6 +35,9 @@
 //!   waits `--delay-ms` (default 3000) before acknowledging each;
 //! * `no-done`: ACKs each connection, reads it to its end, writes
 //!   `no done\n`, closes it, and never reports it DONE;
+//! * `park-bogus`: speaks version 2, acknowledges its first connection, then
+//!   "parks" it with a pipe attached instead of the socket (needs
+//!   `--no-sandbox`: seccomp may refuse the pipe);
 //! * `v1-echo`: a well-behaved echo worker that speaks protocol version 1
 //!   only (its HELLO says 1), one connection at a time: the acceptor must
 //!   keep sending it one CONN per message.
@@ -76,6 +79,35 @@ fn channel() -> io::Result<Channel> {
     let chan = Channel::from_fd(unsafe { OwnedFd::from_raw_fd(fd) })?;
     chan.set_nonblocking(false)?;
     Ok(chan)
+}
+
+/// Version 2: takes one connection, ACKs it, and hands back a pipe as if it
+/// were that connection.
+fn park_bogus(chan: &Channel) -> io::Result<()> {
+    hello(chan)?;
+    chan.set_version(2);
+    let (info, _sock) = loop {
+        match chan.recv() {
+            Ok(Some(r)) => match r.msg {
+                Msg::Conns(infos) => break (infos[0], r.fds),
+                Msg::Conn(info) => break (info, r.fds),
+                _ => continue,
+            },
+            Ok(None) => return Err(io::Error::other("acceptor closed the channel")),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    };
+    chan.send(&Msg::Ack(vec![info.id]), None)?;
+    let (rd, _wr) = nix::unistd::pipe()?;
+    use std::os::fd::AsFd;
+    chan.send_fds(
+        &Msg::Park(vec![baton_sdk::proto::Parked { info, idle_ms: 0 }]),
+        &[rd.as_fd()],
+    )?;
+    say("parked a pipe as a connection");
+    loop {
+        std::thread::park();
+    }
 }
 
 /// Echoes connections one at a time, in protocol version 1.
@@ -162,6 +194,9 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
         loop {
             std::thread::park();
         }
+    }
+    if mode == "park-bogus" {
+        return park_bogus(&chan);
     }
     // Misbehaving workers speak protocol version 1 (one CONN per message):
     // the simplest peer to break rules with. `v1-echo` is a well-behaved one.
