@@ -110,11 +110,13 @@ fn park_bogus(chan: &Channel) -> io::Result<()> {
     }
 }
 
-/// Echoes connections one at a time, in protocol version 1.
-fn v1_echo(chan: &Channel) -> io::Result<()> {
+/// Echoes connections one at a time (version 1: one CONN per message),
+/// waiting `ack_delay` before acknowledging each.
+fn echo_one_by_one(chan: &Channel, ack_delay: std::time::Duration) -> io::Result<()> {
     let mut keep = Vec::new();
     loop {
         let id = take_conn(chan, &mut keep)?;
+        std::thread::sleep(ack_delay);
         chan.send(&Msg::Ack(vec![id]), None)?;
         let mut sock = std::net::TcpStream::from(keep.remove(0));
         sock.set_nonblocking(false)?;
@@ -144,12 +146,16 @@ fn hello(chan: &Channel) -> io::Result<()> {
 fn take_conn(chan: &Channel, keep: &mut Vec<OwnedFd>) -> io::Result<u64> {
     loop {
         match chan.recv() {
-            Ok(Some(r)) => {
-                if let (Msg::Conn(info), Some(fd)) = (r.msg, r.fds.into_iter().next()) {
+            Ok(Some(r)) => match (r.msg, r.fds.into_iter().next()) {
+                (Msg::Conn(info), Some(fd)) => {
                     keep.push(fd);
                     return Ok(info.id);
                 }
-            }
+                // Asked to stop with nothing unfinished (every connection
+                // taken so far has been answered or is the mode's to drop).
+                (Msg::Drain, _) => std::process::exit(0),
+                _ => {}
+            },
             Ok(None) => return Err(io::Error::other("acceptor closed the channel")),
             Err(e) => return Err(io::Error::other(e.to_string())),
         }
@@ -203,7 +209,7 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
     chan.set_version(1);
     if mode == "v1-echo" {
         hello(&chan)?;
-        return v1_echo(&chan);
+        return echo_one_by_one(&chan, std::time::Duration::ZERO);
     }
     hello(&chan)?;
     let mut keep = Vec::new();
@@ -259,18 +265,7 @@ fn misbehave(mode: &str, count: usize) -> io::Result<()> {
             let delay = arg("--delay-ms")
                 .and_then(|d| d.parse().ok())
                 .unwrap_or(3000u64);
-            loop {
-                let id = take_conn(&chan, &mut keep)?;
-                std::thread::sleep(std::time::Duration::from_millis(delay));
-                chan.send(&Msg::Ack(vec![id]), None)?;
-                let mut sock = std::net::TcpStream::from(keep.remove(0));
-                sock.set_nonblocking(false)?;
-                let mut buf = Vec::new();
-                let _ = std::io::Read::read_to_end(&mut sock, &mut buf);
-                let _ = std::io::Write::write_all(&mut sock, &buf);
-                drop(sock);
-                chan.send(&Msg::Done(vec![id]), None)?;
-            }
+            echo_one_by_one(&chan, std::time::Duration::from_millis(delay))?;
         }
         "no-done" => loop {
             let id = take_conn(&chan, &mut keep)?;
