@@ -190,6 +190,7 @@ import os
 import resource
 import socket
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 
@@ -722,6 +723,15 @@ def _close_fds(fds):
             pass
 
 
+class _FdsDropped(Exception):
+    """A CONN or CONNS arrived, but the kernel could not install all of its
+    fds (this process is at its fd limit): ``fds`` are the first ones."""
+
+    def __init__(self, msg, fds, version):
+        super().__init__("fds dropped")
+        self.msg, self.fds, self.version = msg, fds, version
+
+
 def _recv_message(sock, flags=0, version=None):
     """Receives one message: ``(msg, fds, version)``, or ``None`` at EOF.
     ``fds`` is the list of the fds it carried (one for a CONN, one per
@@ -742,6 +752,19 @@ def _recv_message(sock, flags=0, version=None):
     for level, ctype, cdata in anc:
         if level == socket.SOL_SOCKET and ctype == socket.SCM_RIGHTS:
             fds.frombytes(cdata[: len(cdata) - len(cdata) % fds.itemsize])
+    if (
+        msg_flags & socket.MSG_CTRUNC
+        and not msg_flags & socket.MSG_TRUNC
+        and 6 <= len(data) <= MAX_MSG
+    ):
+        # Out of fds: only the connections whose fds arrived are lost
+        # for nothing; the caller reports the others done.
+        try:
+            msg = decode(data, kind_fd_count(data), version)
+        except ProtocolError:
+            msg = None
+        if isinstance(msg, (ConnInfo, Conns)) and len(fds) < fd_count(msg):
+            raise _FdsDropped(msg, list(fds), data[0])
     try:
         if msg_flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) > MAX_MSG:
             raise ProtocolError("message or its control data was truncated")
@@ -947,17 +970,20 @@ class Worker:
         if self._closed:
             return _CLOSED
         batch = []
+        dropped = []
         try:
-            self._take(_recv_message(self._sock, 0, self._version), batch)
+            self._take(self._read(0, dropped), batch)
             while not self._closed:
                 try:
-                    got = _recv_message(self._sock, socket.MSG_DONTWAIT, self._version)
+                    got = self._read(socket.MSG_DONTWAIT, dropped)
                 except BlockingIOError:
                     break
                 self._take(got, batch)
             ids = [ev.id for ev in batch if isinstance(ev, Conn)]
             for m in id_batches(ids, Kind.ACK):
                 _send_message(self._sock, m, self._version)
+            if dropped:
+                self._report_dropped(dropped)
         except BaseException as e:
             for ev in batch:
                 if isinstance(ev, Conn):
@@ -967,6 +993,31 @@ class Worker:
             raise
         self._queued.extend(batch)
         return self._queued.popleft()
+
+    def _read(self, flags, dropped):
+        """One message; the ids of connections whose fds the kernel could
+        not install are appended to ``dropped``."""
+        try:
+            return _recv_message(self._sock, flags, self._version)
+        except _FdsDropped as d:
+            infos = (d.msg,) if isinstance(d.msg, ConnInfo) else d.msg.conns
+            dropped.extend(i.id for i in infos[len(d.fds):])
+            return d.msg, d.fds, d.version
+
+    def _report_dropped(self, ids):
+        """Connections that arrived without their fd cost only themselves:
+        acknowledged and reported done at once, so that the acceptor closes
+        its copies (best effort: if the channel is gone, so are they)."""
+        sys.stderr.write(
+            f"baton_worker[{os.getpid()}]: {len(ids)} connection(s) arrived "
+            "without their fd (this process is at its fd limit); closed\n"
+        )
+        try:
+            for kind in (Kind.ACK, Kind.DONE):
+                for m in id_batches(ids, kind):
+                    _send_message(self._sock, m, self._version)
+        except OSError:
+            pass
 
     def _take(self, got, out):
         if got is None:

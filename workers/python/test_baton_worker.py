@@ -469,6 +469,45 @@ class Channel(unittest.TestCase):
         self.acc = FakeAcceptor()
         self.addCleanup(self.acc.close)
 
+    def test_a_conns_whose_fds_do_not_all_arrive_costs_only_those(self):
+        # At its fd limit the kernel installs the first fds of a CONNS and
+        # drops the rest: those connections are acknowledged and reported
+        # done at once, the others are served, the channel goes on.
+        import resource
+
+        w = self.acc.worker()
+        self.acc.read()  # HELLO
+        pairs = [socket.socketpair() for _ in range(5)]
+        self.addCleanup(lambda: [s.close() for p in pairs for s in p])
+        infos = [ConnInfo(10 + i, 0, ("127.0.0.1", 1), ("127.0.0.1", 2)) for i in range(5)]
+        self.acc.send(bw.Conns(infos), [b.fileno() for _, b in pairs])
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        open_now = len(os.listdir("/proc/self/fd"))
+        # Room for two more fds (listdir's own is closed again).
+        resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 1, hard))
+        try:
+            first = w.recv()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        got = [first]
+        while True:
+            try:
+                got.append(w._queued.popleft())
+            except IndexError:
+                break
+        self.assertTrue(all(isinstance(e, bw.Conn) for e in got), got)
+        served = [e.id for e in got]
+        self.assertGreaterEqual(len(served), 1)
+        self.assertLess(len(served), 5)
+        self.assertEqual(served, [10 + i for i in range(len(served))])
+        for e in got:
+            e.sock.close()
+        dropped = [10 + i for i in range(len(served), 5)]
+        self.assertEqual(self.acc.read(), bw.Ack(tuple(served)))
+        self.assertEqual(self.acc.read(), bw.Ack(tuple(dropped)))
+        self.assertEqual(self.acc.read(), bw.Done(tuple(dropped)))
+        w.close()
+
     def test_handshake_says_hello_with_pid_and_capacity(self):
         w = self.acc.worker(worker_id=42, capacity=5)
         self.assertEqual(w.id, 42)
