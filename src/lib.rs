@@ -36,8 +36,9 @@
 //!   HELLO) and the acceptor's own capability drop; [`audit`] proves it
 //!   from inside a probe worker.
 //! * [`control`] and [`ctl`]: the control socket's JSON-lines protocol and
-//!   its client; the server side is `acceptor::ops`, with worker
-//!   registration, add/remove/rolling restart, reload and autoscaling.
+//!   its client; the server side is in the acceptor's named parts
+//!   (`ctl_sessions`, `ops`: registration, add/remove/rolling restart,
+//!   reload and autoscaling; `status`), listed in [`acceptor`]'s docs.
 //! * [`options`]: every option declared once, as flag, file key and
 //!   default; [`options::Loader`] lays the command line over the
 //!   [`file`](mod@file) (TOML) and builds the validated [`config`] (at

@@ -221,6 +221,26 @@ impl Worker {
     }
 }
 
+/// Autoscaling bounds: between `min` and `max` spawned workers; one idle
+/// for `idle` above `min` is retired.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaleBounds {
+    pub min: usize,
+    pub max: usize,
+    pub idle: Duration,
+}
+
+/// What autoscaling should do now (one step at a time, so that a burst does
+/// not spawn a crowd).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    Hold,
+    /// Spawn one more worker.
+    Add,
+    /// Drain and retire the worker with this pool key.
+    Retire(usize),
+}
+
 /// All connected workers and the balancing policy.
 #[derive(Debug)]
 pub struct Pool {
@@ -284,6 +304,41 @@ impl Pool {
             }
         }
         best
+    }
+
+    /// The autoscaling decision, with `live` spawned workers that are not
+    /// being removed: add one while some are ready and none has room (an
+    /// empty pool is a crash loop or an operator's choice, not load) and no
+    /// spawned worker is still starting; else retire the newest spawned
+    /// worker that has been idle for `bounds.idle`, above `bounds.min`.
+    pub fn scale(&self, live: usize, bounds: ScaleBounds, now: Instant) -> Scale {
+        let spawned = |w: &&Worker| w.slot.is_some();
+        let starting = self
+            .workers
+            .iter()
+            .any(|(_, w)| w.state == State::Starting && spawned(&w));
+        let full =
+            self.workers.iter().any(|(_, w)| w.state == State::Ready) && !self.has_capacity();
+        if live < bounds.max && !starting && full {
+            return Scale::Add;
+        }
+        if live > bounds.min {
+            let victim = self
+                .workers
+                .iter()
+                .filter(|(_, w)| {
+                    spawned(w)
+                        && w.state == State::Ready
+                        && w.in_flight.is_empty()
+                        && w.idle_since.is_some_and(|t| t + bounds.idle <= now)
+                })
+                .max_by_key(|(_, w)| w.id)
+                .map(|(k, _)| k);
+            if let Some(k) = victim {
+                return Scale::Retire(k);
+            }
+        }
+        Scale::Hold
     }
 
     /// Connections sent to workers and not yet acknowledged, in all.
@@ -405,6 +460,41 @@ mod tests {
         let soon = t0 + ACK_LAG / 2;
         let picks: Vec<usize> = (0..4).map(|_| p.pick(soon).unwrap()).collect();
         assert!(picks.contains(&0) && picks.contains(&1), "{picks:?}");
+    }
+
+    #[test]
+    fn autoscaling_adds_when_full_and_retires_the_newest_idle() {
+        let b = ScaleBounds {
+            min: 1,
+            max: 3,
+            idle: Duration::from_secs(60),
+        };
+        let now = Instant::now();
+        let mut p = pool(Balance::LeastConn, 2, 1);
+        for (_, w) in p.workers.iter_mut() {
+            w.slot = Some(0);
+            w.idle_since = Some(now);
+        }
+        assert_eq!(
+            p.scale(2, b, now),
+            Scale::Hold,
+            "room, not idle long enough"
+        );
+        p.workers[0].sent(held(1), now);
+        p.workers[1].sent(held(2), now);
+        assert_eq!(p.scale(2, b, now), Scale::Add, "every worker full");
+        assert_eq!(p.scale(3, b, now), Scale::Hold, "at the maximum");
+        p.workers[1].state = State::Starting;
+        assert_eq!(p.scale(2, b, now), Scale::Hold, "one is still starting");
+        p.workers[1].state = State::Ready;
+        // Both finish; after the idle timeout the newest (highest id) goes.
+        assert!(p.workers[0].done(1) && p.workers[1].done(2));
+        let later = now + b.idle + Duration::from_secs(1);
+        assert_eq!(p.scale(2, b, later), Scale::Retire(1));
+        assert_eq!(p.scale(1, b, later), Scale::Hold, "at the minimum");
+        // A registered worker is never retired by autoscaling.
+        p.workers[1].slot = None;
+        assert_eq!(p.scale(2, b, later), Scale::Retire(0));
     }
 
     #[test]

@@ -23,7 +23,9 @@
 //! | `intake.rs`   | listeners, the accept round, `pending`, the fd budget, batched hand-off (`pump`, `dispatch`, `flush`) |
 //! | `sessions.rs` | worker sessions: HELLO and the sandbox check, ACK/DONE/PARK, how a worker leaves (`Gone`, `close_worker`) |
 //! | `parked.rs`   | parked keep-alive connections: hold, re-dispatch, reap, expire, evict |
-//! | `ops.rs`      | the control socket, registration, add/remove/restart/reload, autoscaling, status and metrics |
+//! | `ctl_sessions.rs` | `baton ctl` clients: SO_PEERCRED, JSON lines, replies       |
+//! | `ops.rs`      | registration, add/remove/restart/reload, autoscaling (`Pool::scale` decides) |
+//! | `status.rs`   | `ctl workers`, `ctl status`, the metrics text                   |
 //! | `scrape.rs`   | the `--metrics-listen` HTTP endpoint                             |
 //!
 //! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
@@ -63,13 +65,15 @@ use crate::supervisor::{self, After, Slot};
 use crate::unix::UnixListener;
 use crate::{listener, Error};
 
+mod ctl_sessions;
 mod intake;
 mod ops;
 mod parked;
 mod scrape;
 mod sessions;
+mod status;
+use ctl_sessions::CtlClient;
 use intake::{count_open_fds, raise_nofile};
-use ops::CtlClient;
 use parked::ParkedConn;
 use scrape::Scraper;
 use sessions::Gone;
@@ -220,8 +224,8 @@ pub struct Acceptor {
     control: Option<UnixListener>,
     ctl: Slab<CtlClient>,
     /// Refused peers of the control and worker sockets, for summary lines.
-    ctl_refused: ops::Refusals,
-    worker_refused: ops::Refusals,
+    ctl_refused: ctl_sessions::Refusals,
+    worker_refused: ctl_sessions::Refusals,
     /// Rolling restart: slots still to replace, and the (old, new) pair
     /// under way (the old one drains once the new one is ready).
     rolling: VecDeque<usize>,
@@ -348,8 +352,8 @@ impl Acceptor {
             worker_listener,
             control,
             ctl: Slab::new(),
-            ctl_refused: ops::Refusals::default(),
-            worker_refused: ops::Refusals::default(),
+            ctl_refused: ctl_sessions::Refusals::default(),
+            worker_refused: ctl_sessions::Refusals::default(),
             rolling: VecDeque::new(),
             rolling_current: None,
             started: Instant::now(),
