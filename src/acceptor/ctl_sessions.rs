@@ -290,13 +290,7 @@ impl Acceptor {
                 if self.rolling_current.is_some() || !self.rolling.is_empty() {
                     return Reply::err("a rolling restart is already under way");
                 }
-                self.rolling = self
-                    .slots
-                    .iter()
-                    .filter(|(_, s)| !s.retired)
-                    .map(|(k, _)| k)
-                    .collect();
-                let n = self.rolling.len();
+                let n = self.begin_rolling();
                 info!(workers = n, "rolling restart started");
                 Reply::ok(json!({ "replacing": n }))
             }

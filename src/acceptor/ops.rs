@@ -157,6 +157,18 @@ impl Acceptor {
         }
     }
 
+    /// Queues every spawned slot not being removed for a rolling restart
+    /// (`step_rolling` replaces them one at a time); returns how many.
+    pub(super) fn begin_rolling(&mut self) -> usize {
+        self.rolling = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.retired)
+            .map(|(k, _)| k)
+            .collect();
+        self.rolling.len()
+    }
+
     /// Spawned workers that are not being removed.
     pub(super) fn spawned_live(&self) -> usize {
         self.slots
@@ -287,12 +299,7 @@ impl Acceptor {
         };
         if command_changed {
             changes.push("worker command changed: rolling restart".to_string());
-            self.rolling = self
-                .slots
-                .iter()
-                .filter(|(_, s)| !s.retired)
-                .map(|(k, _)| k)
-                .collect();
+            self.begin_rolling();
         }
         let live = self.spawned_live();
         if target > live {

@@ -10,6 +10,19 @@ use crate::control::WorkerRow;
 use crate::pool::State;
 
 impl Acceptor {
+    /// Spawned slots whose worker is gone and will be restarted.
+    fn slots_restarting(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired)
+            .count()
+    }
+
+    /// Slots given up on (crash loop, or a sandbox that cannot apply).
+    fn slots_given_up(&self) -> usize {
+        self.slots.iter().filter(|(_, s)| s.given_up).count()
+    }
+
     // ---- numbers ---------------------------------------------------------
 
     pub(super) fn worker_rows(&self) -> Vec<WorkerRow> {
@@ -97,8 +110,8 @@ impl Acceptor {
                 "starting": count(State::Starting),
                 "draining": count(State::Draining),
                 "stalled": self.pool.workers.iter().filter(|(_, w)| w.stalled).count(),
-                "restarting": self.slots.iter().filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired).count(),
-                "crash_looped": self.slots.iter().filter(|(_, s)| s.given_up).count(),
+                "restarting": self.slots_restarting(),
+                "crash_looped": self.slots_given_up(),
             },
             "in_flight": self.pool.workers.iter().map(|(_, w)| w.in_flight.len()).sum::<usize>(),
             "pending": self.pending.len(),
@@ -223,12 +236,7 @@ impl Acceptor {
                 .count();
             let _ = writeln!(m, "baton_workers{{state=\"{label}\"}} {n}");
         }
-        let restarting = self
-            .slots
-            .iter()
-            .filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired)
-            .count();
-        let given_up = self.slots.iter().filter(|(_, s)| s.given_up).count();
+        let (restarting, given_up) = (self.slots_restarting(), self.slots_given_up());
         let _ = writeln!(m, "baton_workers{{state=\"restarting\"}} {restarting}");
         let _ = writeln!(m, "baton_workers{{state=\"given_up\"}} {given_up}");
         let _ = writeln!(m, "# HELP baton_worker_stalled 1 while a worker is full and has reported no DONE for the stall timeout.\n# TYPE baton_worker_stalled gauge");

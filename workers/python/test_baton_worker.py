@@ -782,8 +782,8 @@ class Versions(unittest.TestCase):
         acc.assert_nothing_more(self)
 
 
-class Batches(unittest.TestCase):
-    """CONNS: several connections and their fds in one message."""
+class V2Worker(unittest.TestCase):
+    """A worker welcomed in version 2, its HELLO read."""
 
     def setUp(self):
         self.acc = FakeAcceptor(version=2)
@@ -791,6 +791,10 @@ class Batches(unittest.TestCase):
         self.w = self.acc.worker()
         self.addCleanup(self.w.close)
         self.acc.read()  # HELLO
+
+
+class Batches(V2Worker):
+    """CONNS: several connections and their fds in one message."""
 
     def conns(self, n):
         """Sends ``n`` real TCP connections in one CONNS; returns the
@@ -905,15 +909,8 @@ class Batches(unittest.TestCase):
         self.assertEqual(fds_open(), before - 1)
 
 
-class Parking(unittest.TestCase):
+class Parking(V2Worker):
     """Worker.park hands connections back with their fds (PARK)."""
-
-    def setUp(self):
-        self.acc = FakeAcceptor(version=2)
-        self.addCleanup(self.acc.close)
-        self.w = self.acc.worker()
-        self.addCleanup(self.w.close)
-        self.acc.read()  # HELLO
 
     def take(self, n):
         clients, servers = [], []

@@ -614,13 +614,9 @@ impl Conn {
         }
     }
 
-    /// Recomputes the deadline for the current state (after `park_after`
+    /// Sets the deadline for the current state (also after `park_after`
     /// changed).
-    pub fn drive_deadline(&mut self, cfg: &Config) {
-        self.set_deadline(cfg);
-    }
-
-    fn set_deadline(&mut self, cfg: &Config) {
+    pub fn set_deadline(&mut self, cfg: &Config) {
         self.deadline = if self.lingering {
             later(self.linger_since, cfg.linger_timeout)
         } else if !self.output_empty() {

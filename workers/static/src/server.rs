@@ -551,7 +551,7 @@ impl Server<'_> {
                 } else if c.park_after.is_some() && !parking && c.is_idle() {
                     // It can no longer be parked: wait out its idle timeout.
                     c.park_after = None;
-                    c.drive_deadline(self.cfg);
+                    c.set_deadline(self.cfg);
                     next = Some(next.map_or(c.deadline, |n| n.min(c.deadline)));
                 } else {
                     expired.push(k);
