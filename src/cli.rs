@@ -91,10 +91,23 @@ pub struct CtlArgs {
     pub verb: CtlVerb,
 }
 
+/// `--pool NAME`: which pool a verb acts on.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PoolArg {
+    /// The pool (its `name` in the config file); needed only when baton
+    /// runs several.
+    #[arg(long = "pool", value_name = "NAME")]
+    pub name: Option<String>,
+}
+
 #[derive(Debug, clap::Subcommand)]
 pub enum CtlVerb {
-    /// One row per worker: id, pid, user, state, in-flight, handled, restarts, memory, age.
-    Workers,
+    /// One row per worker: id, pool, pid, user, state, in-flight, handled, restarts, memory, age.
+    Workers {
+        /// Only this pool's workers (every pool's by default).
+        #[arg(long = "pool", value_name = "NAME")]
+        pool: Option<String>,
+    },
     /// Totals: workers, connections, uptime.
     Status,
     /// Counters in the Prometheus text format.
@@ -104,6 +117,8 @@ pub enum CtlVerb {
         /// How many.
         #[arg(default_value_t = 1)]
         count: u32,
+        #[command(flatten)]
+        pool: PoolArg,
     },
     /// Stop giving workers connections, let them finish, then stop them.
     Remove {
@@ -116,9 +131,14 @@ pub enum CtlVerb {
         /// How long a draining worker may take before it is stopped.
         #[arg(long, value_name = "DURATION", value_parser = crate::options::parse_duration)]
         drain_timeout: Option<Duration>,
+        #[command(flatten)]
+        pool: PoolArg,
     },
-    /// Rolling restart: each worker is replaced, a new one ready before the old one drains.
-    Restart,
+    /// Rolling restart: each worker of the pool is replaced, a new one ready before the old one drains.
+    Restart {
+        #[command(flatten)]
+        pool: PoolArg,
+    },
     /// Re-read the config file and apply the difference (like SIGHUP).
     Reload,
 }

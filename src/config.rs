@@ -150,11 +150,42 @@ fn is_executable(p: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Everything the acceptor needs to run.
+/// Everything the acceptor needs to run: what is its own (sockets, logs,
+/// shutdown) and its pools.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: Vec<ListenAddr>,
     pub backlog: i32,
+    pub shutdown_timeout: Duration,
+    /// Control socket path; None when disabled.
+    pub control: Option<PathBuf>,
+    pub control_allow_uid: Vec<u32>,
+    /// A control client silent this long is disconnected.
+    pub control_idle_timeout: Duration,
+    /// Socket for workers that register themselves (they join the first
+    /// pool).
+    pub worker_socket: Option<PathBuf>,
+    pub worker_allow_uid: Vec<u32>,
+    /// Prometheus endpoint address.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// At least one; names unique, listeners claimed by one pool each.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Config {
+    /// Every listener of every pool.
+    pub fn listeners(&self) -> impl Iterator<Item = &ListenAddr> {
+        self.pools.iter().flat_map(|p| p.listen.iter())
+    }
+}
+
+/// One pool: its listeners, its workers and how they are run.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Its name in `ctl --pool`, metrics and logs.
+    pub name: String,
+    pub listen: Vec<ListenAddr>,
     pub workers: usize,
     /// Autoscaling bounds (both equal to `workers` when not scaling).
     pub min_workers: usize,
@@ -164,31 +195,37 @@ pub struct Config {
     pub worker_connections: u32,
     pub balance: Balance,
     pub command: WorkerCommand,
-    pub shutdown_timeout: Duration,
     pub hello_timeout: Duration,
     pub ack_timeout: Duration,
     /// A full worker that reports no DONE for this long is logged as stalled.
     pub stall_timeout: Duration,
     pub max_restarts: u32,
     pub restart_window: Duration,
-    /// Control socket path; None when disabled.
-    pub control: Option<PathBuf>,
-    pub control_allow_uid: Vec<u32>,
-    /// A control client silent this long is disconnected.
-    pub control_idle_timeout: Duration,
-    /// Socket for workers that register themselves.
-    pub worker_socket: Option<PathBuf>,
-    pub worker_allow_uid: Vec<u32>,
     /// Default drain timeout of a removed worker.
     pub drain_timeout: Duration,
-    /// Prometheus endpoint address.
-    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The workers' sandbox (resolved ids, checked paths).
     pub sandbox: crate::sandbox::Sandbox,
     /// Check self-registering workers against the profile too.
     pub worker_require_sandbox: bool,
-    pub log_format: LogFormat,
-    pub log_level: String,
+}
+
+/// The name a pool gets when the configuration gives it none (one pool).
+pub const DEFAULT_POOL: &str = "default";
+
+/// Checks a pool name: what `ctl --pool` and a metrics label can carry.
+pub fn check_pool_name(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "pool name {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        )))
+    }
 }
 
 #[cfg(test)]

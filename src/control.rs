@@ -35,14 +35,22 @@ pub const MAX_LINE: usize = 64 * 1024;
 /// variants so that serde refuses unknown fields on them too.
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Request {
-    /// One row per worker.
-    Workers {},
+    /// One row per worker (of `pool`, or of every pool).
+    Workers {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
+    },
     /// Totals.
     Status {},
     /// Prometheus text format.
     Metrics {},
-    /// Spawn `count` more workers from the pool's command.
-    Add { count: u32 },
+    /// Spawn `count` more workers from the pool's command (`pool` may be
+    /// left out when there is one).
+    Add {
+        count: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
+    },
     /// Drain and stop worker `id`, or `count` workers (the newest first).
     Remove {
         #[serde(default)]
@@ -51,10 +59,17 @@ pub enum Request {
         count: Option<u32>,
         #[serde(default)]
         drain_timeout_ms: Option<u64>,
+        /// Needed with `count` when there are several pools; with `id`,
+        /// checks that the worker is in it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
     },
-    /// Replace every spawned worker, one at a time, a new one ready before
-    /// an old one drains.
-    Restart {},
+    /// Replace every spawned worker of the pool, one at a time, a new one
+    /// ready before an old one drains.
+    Restart {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pool: Option<String>,
+    },
     /// Re-read the config file and apply the difference.
     Reload {},
 }
@@ -103,6 +118,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerRow {
     pub id: u32,
+    /// The pool it belongs to.
+    #[serde(default)]
+    pub pool: String,
     pub pid: Option<i32>,
     pub user: String,
     pub state: String,
@@ -166,18 +184,28 @@ mod tests {
     fn requests_parse_strictly() {
         assert_eq!(
             parse_request(br#"{"cmd":"workers"}"#),
-            Ok(Request::Workers {})
+            Ok(Request::Workers { pool: None })
         );
         assert_eq!(
             parse_request(br#"{"cmd":"add","count":2}"#),
-            Ok(Request::Add { count: 2 })
+            Ok(Request::Add {
+                count: 2,
+                pool: None
+            })
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"restart","pool":"site"}"#),
+            Ok(Request::Restart {
+                pool: Some("site".into())
+            })
         );
         assert_eq!(
             parse_request(br#"{"cmd":"remove","id":3,"drain_timeout_ms":500}"#),
             Ok(Request::Remove {
                 id: Some(3),
                 count: None,
-                drain_timeout_ms: Some(500)
+                drain_timeout_ms: Some(500),
+                pool: None,
             })
         );
         assert!(parse_request(br#"{"cmd":"add"}"#).is_err());

@@ -13,20 +13,27 @@ const TIMEOUT: Duration = Duration::from_secs(10);
 /// message a person can act on.
 pub fn run(args: &CtlArgs) -> Result<String, String> {
     let req = match &args.verb {
-        CtlVerb::Workers => Request::Workers {},
+        CtlVerb::Workers { pool } => Request::Workers { pool: pool.clone() },
         CtlVerb::Status => Request::Status {},
         CtlVerb::Metrics => Request::Metrics {},
-        CtlVerb::Add { count } => Request::Add { count: *count },
+        CtlVerb::Add { count, pool } => Request::Add {
+            count: *count,
+            pool: pool.name.clone(),
+        },
         CtlVerb::Remove {
             id,
             count,
             drain_timeout,
+            pool,
         } => Request::Remove {
             id: *id,
             count: *count,
             drain_timeout_ms: drain_timeout.map(|d| d.as_millis() as u64),
+            pool: pool.name.clone(),
         },
-        CtlVerb::Restart => Request::Restart {},
+        CtlVerb::Restart { pool } => Request::Restart {
+            pool: pool.name.clone(),
+        },
         CtlVerb::Reload => Request::Reload {},
     };
     let reply = control::call(&args.control, &req, TIMEOUT).map_err(|e| {
@@ -47,7 +54,7 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
         return Ok(serde_json::to_string_pretty(&result).unwrap_or_default());
     }
     Ok(match req {
-        Request::Workers {} => {
+        Request::Workers { .. } => {
             let rows: Vec<WorkerRow> =
                 serde_json::from_value(result).map_err(|e| format!("unexpected reply: {e}"))?;
             workers_table(&rows)
@@ -85,7 +92,7 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
                 format!("reloaded:\n{}", lines.join("\n"))
             }
         }
-        Request::Restart {} => format!(
+        Request::Restart { .. } => format!(
             "rolling restart of {} workers started: each is replaced once its successor is ready",
             result["replacing"]
         ),
@@ -97,9 +104,11 @@ fn compact(v: &serde_json::Value) -> String {
 }
 
 fn workers_table(rows: &[WorkerRow]) -> String {
+    let width = rows.iter().map(|r| r.pool.len()).max().unwrap_or(0).max(4);
     let mut out = format!(
-        "{:>4} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
+        "{:>4} {:<width$} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
         "ID",
+        "POOL",
         "PID",
         "USER",
         "STATE",
@@ -113,8 +122,9 @@ fn workers_table(rows: &[WorkerRow]) -> String {
     );
     for r in rows {
         out.push_str(&format!(
-            "{:>4} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
+            "{:>4} {:<width$} {:>8} {:<10} {:<10} {:<10} {:>9} {:>8} {:>8} {:>8} {:>10} {:>8}\n",
             r.id,
+            r.pool,
             r.pid.map_or("-".to_string(), |p| p.to_string()),
             r.user,
             r.state,

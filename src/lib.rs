@@ -81,6 +81,21 @@ pub enum ConfigError {
     Command(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("pool `{name}`: {source}")]
+    InPool {
+        name: String,
+        source: Box<ConfigError>,
+    },
+}
+
+impl ConfigError {
+    /// The same error, said of pool `name`.
+    pub fn in_pool(self, name: &str) -> ConfigError {
+        ConfigError::InPool {
+            name: name.to_string(),
+            source: Box::new(self),
+        }
+    }
 }
 
 /// What to do about a local socket another process holds.

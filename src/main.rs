@@ -54,15 +54,26 @@ fn main() -> ExitCode {
                         Some(p) => format!("{} and the flags", p.display()),
                         None => "the flags (no --config)".to_string(),
                     };
-                    println!(
-                        "{what}: ok ({} listener{}, {} worker{} of {}, balance {})",
-                        cfg.listen.len(),
-                        plural(cfg.listen.len()),
-                        cfg.workers,
-                        plural(cfg.workers),
-                        cfg.command.program.display(),
-                        cfg.balance
-                    );
+                    let describe = |p: &baton::config::PoolConfig| {
+                        format!(
+                            "{} listener{}, {} worker{} of {}, balance {}",
+                            p.listen.len(),
+                            plural(p.listen.len()),
+                            p.workers,
+                            plural(p.workers),
+                            p.command.program.display(),
+                            p.balance
+                        )
+                    };
+                    match cfg.pools.as_slice() {
+                        [one] => println!("{what}: ok ({})", describe(one)),
+                        pools => {
+                            println!("{what}: ok ({} pools)", pools.len());
+                            for p in pools {
+                                println!("  pool {}: {}", p.name, describe(p));
+                            }
+                        }
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -104,8 +115,10 @@ fn run(loader: Loader) -> ExitCode {
     // Every worker spawned from now on logs in the same format. Set while
     // this process is still single-threaded.
     std::env::set_var(baton_sdk::log::FORMAT_ENV, cfg.log_format.as_str());
-    if let Some(note) = &cfg.sandbox.note {
-        tracing::info!("{note}");
+    for p in &cfg.pools {
+        if let Some(note) = &p.sandbox.note {
+            tracing::info!(pool = %p.name, "{note}");
+        }
     }
     match baton::sandbox::reduce_own_capabilities() {
         Ok(kept) if !kept.is_empty() => {

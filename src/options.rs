@@ -26,7 +26,10 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, FromArgMatches};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Balance, Config, ListenAddr, LogFormat, WorkerCommand};
+use crate::config::{
+    check_pool_name, Balance, Config, ListenAddr, LogFormat, PoolConfig, WorkerCommand,
+    DEFAULT_POOL,
+};
 use crate::sandbox::SandboxArgs;
 use crate::ConfigError;
 
@@ -97,8 +100,10 @@ pub struct Options {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
-    /// The pool: the `[pool]` table of the file.
+    /// The pool: the `[pool]` table of the file (with several `[[pool]]`
+    /// sections, the first; [`Loader::pools`] gives them all).
     #[command(flatten)]
+    #[serde(deserialize_with = "sections::first")]
     pub pool: PoolOptions,
 }
 
@@ -107,6 +112,16 @@ pub struct Options {
 #[derive(Debug, Clone, Args, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PoolOptions {
+    /// The pool's name, for `ctl --pool`, metrics and logs (file only;
+    /// required with several `[[pool]]` sections, else "default").
+    #[arg(skip)]
+    pub name: Option<String>,
+
+    /// The pool's own listeners (file only). With one pool the top-level
+    /// `listen` (or `--listen`) may give them instead.
+    #[arg(skip)]
+    pub listen: Vec<String>,
+
     /// Number of worker processes to spawn. [default: one per CPU]
     #[arg(long, short = 'w', value_name = "N")]
     pub workers: Option<usize>,
@@ -299,6 +314,38 @@ mod os_strings {
     }
 }
 
+/// The `pool` key of the file: one `[pool]` table, or an array of
+/// `[[pool]]` sections. Every section is checked (so that an error points at
+/// its line); [`Options::pool`] keeps the first, [`Loader::pools`] splits
+/// them.
+mod sections {
+    use std::fmt;
+
+    use serde::de::{MapAccess, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    use super::PoolOptions;
+
+    pub fn first<'de, D: Deserializer<'de>>(d: D) -> Result<PoolOptions, D::Error> {
+        struct Sections;
+        impl<'de> Visitor<'de> for Sections {
+            type Value = PoolOptions;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a [pool] table or [[pool]] sections")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<PoolOptions, A::Error> {
+                PoolOptions::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<PoolOptions, A::Error> {
+                let first: Option<PoolOptions> = seq.next_element()?;
+                while seq.next_element::<PoolOptions>()?.is_some() {}
+                Ok(first.unwrap_or_default())
+            }
+        }
+        d.deserialize_any(Sections)
+    }
+}
+
 /// The command line's part of the configuration: the options it gave
 /// explicitly, shaped like the config file, so that they can be laid over
 /// one.
@@ -354,21 +401,104 @@ impl Loader {
 
     /// The options in force: the file's (read now), with every flag given
     /// on the command line over them; the declared defaults for the rest.
+    /// Its `pool` is the first pool's.
     pub fn options(&self) -> Result<Options, ConfigError> {
+        Ok(self.pools()?.0)
+    }
+
+    /// The options in force and every pool's: the file's `[pool]` table or
+    /// each of its `[[pool]]` sections, with the command line's pool
+    /// options over it (only when there is one pool: over several they
+    /// would be ambiguous, and are refused).
+    pub fn pools(&self) -> Result<(Options, Vec<PoolOptions>), ConfigError> {
         let Some(path) = &self.config else {
-            return Ok(self.options.clone());
+            let pool = self.options.pool.clone();
+            return Ok((self.options.clone(), vec![pool]));
+        };
+        let bad = |why: String| ConfigError::File {
+            path: path.clone(),
+            why,
         };
         let mut table = crate::file::read(path)?;
-        overlay(&mut table, &self.explicit);
-        Options::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::File {
-            path: path.clone(),
-            why: format!("with the command line over it: {e}"),
-        })
+        let sections: Vec<toml::Table> = match table.remove("pool") {
+            None => vec![toml::Table::new()],
+            Some(toml::Value::Table(t)) => vec![t],
+            Some(toml::Value::Array(a)) => a
+                .into_iter()
+                .map(|v| match v {
+                    toml::Value::Table(t) => Ok(t),
+                    _ => Err(bad(
+                        "`pool` must be a [pool] table or [[pool]] sections".into()
+                    )),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => {
+                return Err(bad(
+                    "`pool` must be a [pool] table or [[pool]] sections".into()
+                ))
+            }
+        };
+        let mut top = self.explicit.clone();
+        let flags_pool = top.remove("pool").and_then(|v| match v {
+            toml::Value::Table(t) if !t.is_empty() => Some(t),
+            _ => None,
+        });
+        let top_listen = table.contains_key("listen") || top.contains_key("listen");
+        let several = sections.len() > 1;
+        if several {
+            if let Some(flags) = &flags_pool {
+                let names: Vec<String> = flags
+                    .keys()
+                    .map(|k| match k.as_str() {
+                        "command" => "a worker command after --".to_string(),
+                        k => format!("--{k}"),
+                    })
+                    .collect();
+                return Err(bad(format!(
+                    "the file has {} [[pool]] sections, so pool options on the command line ({}) would be ambiguous: set them in the sections",
+                    sections.len(),
+                    names.join(", ")
+                )));
+            }
+            if top_listen {
+                return Err(bad(format!(
+                    "with {} [[pool]] sections each pool has its own `listen`: move the top-level `listen` (or --listen) into them",
+                    sections.len()
+                )));
+            }
+        }
+        overlay(&mut table, &top);
+        let mut pools = Vec::with_capacity(sections.len());
+        let mut first: Option<Options> = None;
+        for mut section in sections {
+            if !several {
+                if section.contains_key("listen") && self.explicit.contains_key("listen") {
+                    // --listen wins over the file, as every flag does.
+                    section.remove("listen");
+                } else if section.contains_key("listen") && table.contains_key("listen") {
+                    return Err(bad(
+                        "`listen` is given both at the top and in [pool]: keep one".into(),
+                    ));
+                }
+                if let Some(flags) = &flags_pool {
+                    overlay(&mut section, flags);
+                }
+            }
+            let mut whole = table.clone();
+            whole.insert("pool".into(), toml::Value::Table(section));
+            let o = Options::deserialize(toml::Value::Table(whole))
+                .map_err(|e| bad(format!("with the command line over it: {e}")))?;
+            pools.push(o.pool.clone());
+            first.get_or_insert(o);
+        }
+        let options = first.ok_or_else(|| bad("no pool".into()))?;
+        Ok((options, pools))
     }
 
     /// Reads, layers and validates: the acceptor's configuration.
     pub fn load(&self) -> Result<Config, ConfigError> {
-        self.options()?.into_config(self.no_control)
+        let (options, pools) = self.pools()?;
+        options.into_config(pools, self.no_control)
     }
 }
 
@@ -397,11 +527,98 @@ fn embedded_static(args: Vec<OsString>) -> WorkerCommand {
 }
 
 impl Options {
-    /// Validates the options and builds the acceptor's configuration.
-    pub fn into_config(self, no_control: bool) -> Result<Config, ConfigError> {
-        let p = self.pool;
-        let listen = self
-            .listen
+    /// Validates the options and builds the acceptor's configuration, with
+    /// `pools` (at least one; [`Loader::pools`] gives them).
+    pub fn into_config(
+        self,
+        pools: Vec<PoolOptions>,
+        no_control: bool,
+    ) -> Result<Config, ConfigError> {
+        let backlog = self.backlog;
+        if backlog < 1 {
+            return Err(ConfigError::Invalid(format!(
+                "--backlog must be at least 1, got {backlog}"
+            )));
+        }
+        let several = pools.len() > 1;
+        let mut built: Vec<PoolConfig> = Vec::with_capacity(pools.len());
+        for (i, p) in pools.into_iter().enumerate() {
+            let name = match (&p.name, several) {
+                (Some(n), _) => n.clone(),
+                (None, false) => DEFAULT_POOL.to_string(),
+                (None, true) => {
+                    return Err(ConfigError::Invalid(format!(
+                        "[[pool]] section {} has no `name`: with several pools each needs one",
+                        i + 1
+                    )))
+                }
+            };
+            check_pool_name(&name)?;
+            if built.iter().any(|b| b.name == name) {
+                return Err(ConfigError::Invalid(format!(
+                    "two pools are named `{name}`: pool names must be unique"
+                )));
+            }
+            // Registering workers join the first pool.
+            let registering = i == 0 && self.worker_socket.is_some();
+            let pool = p
+                .into_pool(name.clone(), &self.listen, registering)
+                .map_err(|e| if several { e.in_pool(&name) } else { e })?;
+            for l in &pool.listen {
+                if let Some(other) = built.iter().find(|b| b.listen.contains(l)) {
+                    return Err(ConfigError::Invalid(format!(
+                        "listener {} is claimed by pool `{}` and by pool `{}`: give each address to one pool",
+                        l.0, other.name, pool.name
+                    )));
+                }
+            }
+            built.push(pool);
+        }
+        let metrics_listen = match &self.metrics_listen {
+            Some(a) => Some(
+                ListenAddr::parse(a)
+                    .map_err(|e| ConfigError::Invalid(format!("--metrics-listen: {e}")))?
+                    .0,
+            ),
+            None => None,
+        };
+        Ok(Config {
+            metrics_listen,
+            backlog,
+            shutdown_timeout: self.shutdown_timeout,
+            control: if no_control {
+                None
+            } else {
+                Some(self.control.unwrap_or_else(crate::control::default_path))
+            },
+            control_allow_uid: self.control_allow_uid,
+            control_idle_timeout: self.control_idle_timeout,
+            worker_socket: self.worker_socket,
+            worker_allow_uid: self.worker_allow_uid,
+            log_format: self.log_format,
+            log_level: self.log_level,
+            pools: built,
+        })
+    }
+}
+
+impl PoolOptions {
+    /// Validates one pool's options. `default_listen` is the top-level
+    /// `listen` (used when the pool names none); `registering`: workers
+    /// that register themselves join it, so it may start with none.
+    fn into_pool(
+        self,
+        name: String,
+        default_listen: &[String],
+        registering: bool,
+    ) -> Result<PoolConfig, ConfigError> {
+        let p = self;
+        let listen_from = if p.listen.is_empty() {
+            default_listen
+        } else {
+            &p.listen
+        };
+        let listen = listen_from
             .iter()
             .map(|s| ListenAddr::parse(s))
             .collect::<Result<Vec<_>, _>>()?;
@@ -410,14 +627,16 @@ impl Options {
                 "no --listen address (the file's `listen` list is empty)".to_string(),
             ));
         }
-        let backlog = self.backlog;
-        if backlog < 1 {
-            return Err(ConfigError::Invalid(format!(
-                "--backlog must be at least 1, got {backlog}"
-            )));
+        for (i, l) in listen.iter().enumerate() {
+            if listen[..i].contains(l) {
+                return Err(ConfigError::Invalid(format!(
+                    "listener {} is given twice",
+                    l.0
+                )));
+            }
         }
         let workers = match p.workers {
-            Some(0) if self.worker_socket.is_none() => {
+            Some(0) if !registering => {
                 return Err(ConfigError::Invalid(
                     "--workers must be at least 1 (0 only with --worker-socket)".to_string(),
                 ))
@@ -456,20 +675,11 @@ impl Options {
             (None, None) => embedded_static(vec!["--demo".into()]),
         };
         command.check()?;
-        let metrics_listen = match &self.metrics_listen {
-            Some(a) => Some(
-                ListenAddr::parse(a)
-                    .map_err(|e| ConfigError::Invalid(format!("--metrics-listen: {e}")))?
-                    .0,
-            ),
-            None => None,
-        };
-        Ok(Config {
-            metrics_listen,
+        Ok(PoolConfig {
+            name,
+            listen,
             sandbox,
             worker_require_sandbox: p.worker_require_sandbox,
-            listen,
-            backlog,
             workers,
             min_workers,
             max_workers,
@@ -477,24 +687,12 @@ impl Options {
             worker_connections,
             balance: p.balance,
             command,
-            shutdown_timeout: self.shutdown_timeout,
             hello_timeout: p.hello_timeout,
             ack_timeout: p.ack_timeout,
             stall_timeout: p.stall_timeout,
             max_restarts: p.max_restarts,
             restart_window: p.restart_window,
-            control: if no_control {
-                None
-            } else {
-                Some(self.control.unwrap_or_else(crate::control::default_path))
-            },
-            control_allow_uid: self.control_allow_uid,
-            control_idle_timeout: self.control_idle_timeout,
-            worker_socket: self.worker_socket,
-            worker_allow_uid: self.worker_allow_uid,
             drain_timeout: p.drain_timeout,
-            log_format: self.log_format,
-            log_level: self.log_level,
         })
     }
 }
@@ -528,6 +726,8 @@ pub fn file_keys() -> Vec<(Option<&'static str>, String)> {
         .map(|k| (None, k))
         .collect();
     keys.extend(pool_ids.into_iter().map(|k| (Some("pool"), k)));
+    // The pool's file-only keys.
+    keys.extend(["name", "listen"].map(|k| (Some("pool"), k.to_string())));
     keys
 }
 

@@ -8,11 +8,11 @@
 //! every child is reaped, including ones the pool no longer knows.
 
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
+use baton_sdk::proto::{CHANNEL_FD_ENV, SHARED_FD_ENV, WORKER_ID_ENV};
 use baton_sdk::sandbox::{Profile, SANDBOX_ENV};
 use baton_sdk::Channel;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
@@ -159,31 +159,47 @@ pub struct Spawned {
 ///
 /// With a `profile`, the worker finds it in `BATON_SANDBOX` (with the
 /// channel as its one kept fd) and confines itself before its HELLO.
+///
+/// `shared`, the pool's memory file, is inherited as the fd named in
+/// `BATON_SHARED_FD` (a duplicate made inheritable for the spawn), for
+/// workers that share state with the rest of their pool.
 pub fn spawn(
     cmd: &WorkerCommand,
     worker_id: u32,
     profile: Option<&Profile>,
+    shared: Option<BorrowedFd<'_>>,
 ) -> io::Result<Spawned> {
     let (ours, theirs) = Channel::pair()?;
     let theirs: OwnedFd = theirs.into();
     let raw = theirs.as_raw_fd();
     fcntl(raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
+    // A duplicate without close-on-exec; the original stays the pool's.
+    let shared: Option<OwnedFd> = shared.map(|fd| fd.try_clone_to_owned()).transpose()?;
+    if let Some(fd) = &shared {
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+    }
     let mut command = Command::new(&cmd.program);
     command
         .args(&cmd.args)
         .env(CHANNEL_FD_ENV, raw.to_string())
         .env(WORKER_ID_ENV, worker_id.to_string())
         .env_remove(SANDBOX_ENV)
+        .env_remove(SHARED_FD_ENV)
         .stdin(Stdio::null());
+    if let Some(fd) = &shared {
+        command.env(SHARED_FD_ENV, fd.as_raw_fd().to_string());
+    }
     if let Some(p) = profile {
         let mut p = p.clone();
         p.keep_fds = vec![raw];
+        p.keep_fds.extend(shared.as_ref().map(|fd| fd.as_raw_fd()));
         command.env(SANDBOX_ENV, p.to_env());
     }
     let child = command.spawn();
     // Closing our copy of their end either way: EOF on `ours` then means
     // the worker is gone.
     drop(theirs);
+    drop(shared);
     let child = child?;
     // The Child handle is dropped without waiting: the event loop reaps
     // every child with waitpid(-1) on SIGCHLD.

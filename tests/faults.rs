@@ -342,7 +342,7 @@ fn a_worker_that_never_reports_done_is_flagged_stalled_and_the_pool_serves() {
     let metrics = b.ctl_json(&["metrics"]);
     let text = metrics.as_str().expect("metrics text");
     assert!(
-        text.contains("baton_worker_stalled{worker=\"1\"} 1"),
+        text.contains("baton_worker_stalled{pool=\"default\",worker=\"1\"} 1"),
         "{text}"
     );
     // The other worker serves everyone from now on.

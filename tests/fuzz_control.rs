@@ -59,19 +59,30 @@ fn model(obj: &Map<String, Value>) -> Option<Request> {
         }
     };
     let as_u32 = |v: &Value| u32_of(v).map(u64::from);
+    // `pool`: absent or null is None; a string names one; anything else
+    // is refused.
+    let pool = || -> Option<Option<String>> {
+        match obj.get("pool") {
+            None | Some(Value::Null) => Some(None),
+            Some(Value::String(s)) => Some(Some(s.clone())),
+            Some(_) => None,
+        }
+    };
     match cmd {
-        "workers" if others.is_empty() => Some(Request::Workers {}),
+        "workers" if only(&["pool"]) => Some(Request::Workers { pool: pool()? }),
         "status" if others.is_empty() => Some(Request::Status {}),
         "metrics" if others.is_empty() => Some(Request::Metrics {}),
-        "restart" if others.is_empty() => Some(Request::Restart {}),
+        "restart" if only(&["pool"]) => Some(Request::Restart { pool: pool()? }),
         "reload" if others.is_empty() => Some(Request::Reload {}),
-        "add" if only(&["count"]) => Some(Request::Add {
+        "add" if only(&["count", "pool"]) => Some(Request::Add {
             count: u32_of(obj.get("count")?)?,
+            pool: pool()?,
         }),
-        "remove" if only(&["id", "count", "drain_timeout_ms"]) => Some(Request::Remove {
+        "remove" if only(&["id", "count", "drain_timeout_ms", "pool"]) => Some(Request::Remove {
             id: opt("id", &as_u32)?.map(|n| n as u32),
             count: opt("count", &as_u32)?.map(|n| n as u32),
             drain_timeout_ms: opt("drain_timeout_ms", &Value::as_u64)?,
+            pool: pool()?,
         }),
         _ => None,
     }
@@ -104,7 +115,14 @@ fn value() -> impl Strategy<Value = Value> {
 /// Objects in the request's vocabulary: a `cmd` (usually known) and some of
 /// its fields, with values of every JSON type.
 fn request_object() -> impl Strategy<Value = Map<String, Value>> {
-    let key = prop::sample::select(vec!["count", "id", "drain_timeout_ms", "extra", "Count"]);
+    let key = prop::sample::select(vec![
+        "count",
+        "id",
+        "drain_timeout_ms",
+        "pool",
+        "extra",
+        "Count",
+    ]);
     (
         prop_oneof![
             6 => prop::sample::select(COMMANDS.to_vec()).prop_map(Value::from),

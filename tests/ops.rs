@@ -610,18 +610,18 @@ fn metrics_are_served_over_http_in_the_prometheus_format() {
         "{page}"
     );
     assert!(
-        page.contains("baton_connections_accepted_total 30"),
+        page.contains("baton_connections_accepted_total{pool=\"default\"} 30"),
         "{page}"
     );
     assert!(
-        page.contains("baton_worker_handled_total{worker=\"1\"}"),
+        page.contains("baton_worker_handled_total{pool=\"default\",worker=\"1\"}"),
         "{page}"
     );
     assert_eq!(handled_in(&page), 30, "{page}");
     // The same text as `baton ctl metrics`.
     let (ok, text, _) = b.ctl(&["metrics"]);
     assert!(
-        ok && text.contains("baton_connections_accepted_total 30"),
+        ok && text.contains("baton_connections_accepted_total{pool=\"default\"} 30"),
         "{text}"
     );
     assert!(get("POST").starts_with("HTTP/1.1 405"));

@@ -233,21 +233,32 @@ impl Acceptor {
                 req,
                 Request::Add { .. }
                     | Request::Remove { .. }
-                    | Request::Restart {}
+                    | Request::Restart { .. }
                     | Request::Reload {}
             )
         {
             return Reply::err("baton is shutting down");
         }
         match req {
-            Request::Workers {} => Reply::ok(json!(self.worker_rows())),
+            Request::Workers { pool } => {
+                let only = match pool.as_deref().map(|n| self.pool_named(Some(n))) {
+                    Some(Ok(p)) => Some(p),
+                    Some(Err(e)) => return Reply::err(format!("workers: {e}")),
+                    None => None,
+                };
+                Reply::ok(json!(self.worker_rows(only)))
+            }
             Request::Status {} => Reply::ok(self.status()),
             Request::Metrics {} => Reply::ok(json!(self.metrics())),
-            Request::Add { count } => {
+            Request::Add { count, pool } => {
                 if count == 0 || count > 1024 {
                     return Reply::err("add: count must be between 1 and 1024");
                 }
-                match self.add_workers(count) {
+                let p = match self.pool_named(pool.as_deref()) {
+                    Ok(p) => p,
+                    Err(e) => return Reply::err(format!("add: {e}")),
+                };
+                match self.add_workers(p, count) {
                     Ok(ids) => Reply::ok(json!({ "added": ids })),
                     Err(e) => Reply::err(e),
                 }
@@ -256,18 +267,37 @@ impl Acceptor {
                 id,
                 count,
                 drain_timeout_ms,
+                pool,
             } => {
-                match self.remove_workers(id, count, drain_timeout_ms.map(Duration::from_millis)) {
+                // By id, any pool will do unless one is named; by count,
+                // the pool must be known.
+                let p = match (&pool, id) {
+                    (None, Some(_)) => None,
+                    _ => match self.pool_named(pool.as_deref()) {
+                        Ok(p) => Some(p),
+                        Err(e) => return Reply::err(format!("remove: {e}")),
+                    },
+                };
+                let timeout = drain_timeout_ms.map(Duration::from_millis);
+                match self.remove_workers(p, id, count, timeout) {
                     Ok(ids) => {
-                        let left = self
-                            .pool
-                            .workers
+                        let emptied: Vec<String> = self
+                            .pools
                             .iter()
-                            .filter(|(_, w)| w.state != State::Draining)
-                            .count();
-                        if left == 0 {
-                            let warning = "that was the last worker: no connection will be served until a worker is added (`baton ctl add`) or registers";
-                            warn!(workers = ?ids, "{warning}");
+                            .filter(|(_, ps)| {
+                                !ps.removing
+                                    && ps.pool.workers.iter().any(|(_, w)| ids.contains(&w.id))
+                                    && ps
+                                        .pool
+                                        .workers
+                                        .iter()
+                                        .all(|(_, w)| w.state == State::Draining)
+                            })
+                            .map(|(_, ps)| ps.cfg.name.clone())
+                            .collect();
+                        if let Some(name) = emptied.first() {
+                            let warning = format!("that was the last worker of pool `{name}`: none of its connections will be served until a worker is added (`baton ctl add`) or registers");
+                            warn!(workers = ?ids, pool = %name, "{warning}");
                             Reply::ok(json!({ "draining": ids, "warning": warning }))
                         } else {
                             Reply::ok(json!({ "draining": ids }))
@@ -286,12 +316,16 @@ impl Acceptor {
                     Reply::err(format!("reload failed, nothing changed: {e}"))
                 }
             },
-            Request::Restart {} => {
-                if self.rolling_current.is_some() || !self.rolling.is_empty() {
-                    return Reply::err("a rolling restart is already under way");
+            Request::Restart { pool } => {
+                let p = match self.pool_named(pool.as_deref()) {
+                    Ok(p) => p,
+                    Err(e) => return Reply::err(format!("restart: {e}")),
+                };
+                if self.pools[p].rolling() {
+                    return Reply::err("a rolling restart of that pool is already under way");
                 }
-                let n = self.begin_rolling();
-                info!(workers = n, "rolling restart started");
+                let n = self.begin_rolling(p);
+                info!(workers = n, pool = %self.pools[p].cfg.name, "rolling restart started");
                 Reply::ok(json!({ "replacing": n }))
             }
         }

@@ -46,7 +46,10 @@ impl Acceptor {
     /// Held connections that cannot be let go to make room: all but the
     /// parked ones.
     pub(super) fn held_active(&self) -> usize {
-        self.pending.len() + self.pool.unacked()
+        self.pools
+            .iter()
+            .map(|(_, ps)| ps.pending.len() + ps.pool.unacked())
+            .sum()
     }
 
     /// How many connections the acceptor may hold: its fd limit less the
@@ -54,7 +57,12 @@ impl Acceptor {
     pub(super) fn fd_budget(&self) -> usize {
         let fixed = self.fd_fixed
             + self.listeners.len()
-            + self.pool.workers.len()
+            + self.pools.len()
+            + self
+                .pools
+                .iter()
+                .map(|(_, ps)| ps.pool.workers.len())
+                .sum::<usize>()
             + self.ctl.len()
             + self.scrapers.len()
             + usize::from(self.metrics_listener.is_some());
@@ -67,17 +75,19 @@ impl Acceptor {
     /// none. The CONN goes out with the worker's other new connections at
     /// the end of the round ([`Acceptor::flush`]), or at once when a full
     /// batch is waiting.
-    pub(super) fn dispatch(&mut self, held: Held, now: Instant) -> Result<(), Held> {
-        let Some(key) = self.pool.pick(now) else {
+    pub(super) fn dispatch(&mut self, p: usize, held: Held, now: Instant) -> Result<(), Held> {
+        let ps = &mut self.pools[p];
+        let Some(key) = ps.pool.pick(now) else {
             return Err(held);
         };
-        let w = &mut self.pool.workers[key];
+        let w = &mut ps.pool.workers[key];
         let id = held.info.id;
         w.sent(held, now);
         w.outbox.push(id);
         self.stats.handed_off += 1;
+        ps.stats.handed_off += 1;
         if w.outbox.len() >= MAX_BATCH {
-            self.flush(key);
+            self.flush(Wk { pool: p, key });
         }
         Ok(())
     }
@@ -87,9 +97,13 @@ impl Acceptor {
     /// version 1, one CONN each. A full channel keeps the rest for when it
     /// is writable (they stay unacknowledged, so they are counted, timed
     /// and given to another worker if this one leaves).
-    pub(super) fn flush(&mut self, key: usize) {
+    pub(super) fn flush(&mut self, wk: Wk) {
         loop {
-            let Some(w) = self.pool.workers.get_mut(key) else {
+            let Some(w) = self
+                .pools
+                .get_mut(wk.pool)
+                .and_then(|ps| ps.pool.workers.get_mut(wk.key))
+            else {
                 return;
             };
             if w.outbox.is_empty() {
@@ -120,14 +134,11 @@ impl Acceptor {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Its queue is full: no more for it until it is
                     // writable again.
-                    self.set_blocked(key, true);
+                    self.set_blocked(wk, true);
                     return;
                 }
                 Err(e) => {
-                    self.close_worker(
-                        key,
-                        Gone::SendFailed(format!("CONN could not be sent: {e}")),
-                    );
+                    self.close_worker(wk, Gone::SendFailed(format!("CONN could not be sent: {e}")));
                     return;
                 }
             }
@@ -136,23 +147,31 @@ impl Acceptor {
 
     /// Sends every worker what was assigned to it in this round.
     pub(super) fn flush_all(&mut self) {
-        let keys: Vec<usize> = self
-            .pool
-            .workers
+        let wks: Vec<Wk> = self
+            .pools
             .iter()
-            .filter(|(_, w)| !w.outbox.is_empty() && !w.blocked)
-            .map(|(k, _)| k)
+            .flat_map(|(p, ps)| {
+                ps.pool
+                    .workers
+                    .iter()
+                    .filter(|(_, w)| !w.outbox.is_empty() && !w.blocked)
+                    .map(move |(key, _)| Wk { pool: p, key })
+            })
             .collect();
-        for key in keys {
-            self.flush(key);
+        for wk in wks {
+            self.flush(wk);
         }
     }
 
     /// Marks a worker whose channel send buffer is full (or no longer). Only
     /// a blocked channel is watched for writability: a writable event for
     /// every message a worker reads would be wasted wake-ups.
-    pub(super) fn set_blocked(&mut self, key: usize, blocked: bool) {
-        let Some(w) = self.pool.workers.get_mut(key) else {
+    pub(super) fn set_blocked(&mut self, wk: Wk, blocked: bool) {
+        let Some(w) = self
+            .pools
+            .get_mut(wk.pool)
+            .and_then(|ps| ps.pool.workers.get_mut(wk.key))
+        else {
             return;
         };
         if w.blocked == blocked {
@@ -166,7 +185,7 @@ impl Acceptor {
         };
         if let Err(e) = self.poll.registry().reregister(
             &mut SourceFd(&w.chan.as_raw_fd()),
-            Token(WORKER_BASE + key),
+            wk.token(),
             interest,
         ) {
             let id = w.id;
@@ -175,29 +194,59 @@ impl Acceptor {
     }
 
     /// Moves queued connections to workers, then accepts new ones while
-    /// there is room; pauses and resumes the listeners accordingly.
+    /// there is room; pauses and resumes the listeners accordingly. Each
+    /// pool in turn: a pool whose workers are full pauses only its own
+    /// listeners.
     pub(super) fn pump(&mut self) {
         let now = Instant::now();
-        while let Some(h) = self.pending.pop_front() {
-            if let Err(h) = self.dispatch(h, now) {
-                self.pending.push_front(h);
-                break;
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for &p in &keys {
+            while let Some(h) = self.pools[p].pending.pop_front() {
+                if let Err(h) = self.dispatch(p, h, now) {
+                    self.pools[p].pending.push_front(h);
+                    break;
+                }
             }
         }
         if self.shutdown.is_some() {
             self.flush_all();
-            if self.pending.is_empty() && !self.drain_sent {
-                self.send_drain();
+            for p in keys {
+                let ps = &self.pools[p];
+                if ps.pending.is_empty() && !ps.drain_sent {
+                    self.send_drain(p);
+                }
             }
             return;
         }
-        let mut accepting = self.emfile_until.is_none()
-            && self.pending.is_empty()
-            && self.pool.has_capacity()
-            && self.held_active() < self.fd_budget();
-        if accepting {
-            self.set_listening(true);
-            accepting = self.accept_all(now);
+        for &p in &keys {
+            let ps = &self.pools[p];
+            let mut accepting = self.emfile_until.is_none()
+                && !ps.removing
+                && ps.pending.is_empty()
+                && ps.pool.has_capacity()
+                && self.held_active() < self.fd_budget();
+            if accepting {
+                self.set_listening(p, true);
+                accepting = self.accept_all(p, now);
+            }
+            if !accepting {
+                self.set_listening(p, false);
+            }
+            let ps = &mut self.pools[p];
+            let full = self.emfile_until.is_none() && !ps.removing && !ps.pool.has_capacity();
+            if full != ps.paused_for_capacity {
+                ps.paused_for_capacity = full;
+                if full {
+                    self.stats.capacity_pauses += 1;
+                    debug!(
+                        pool = %ps.cfg.name,
+                        pending = ps.pending.len(),
+                        "every worker of the pool is full: its accepting paused"
+                    );
+                } else {
+                    debug!(pool = %ps.cfg.name, "capacity freed: accepting resumed");
+                }
+            }
         }
         self.flush_all();
         let fd_full = self.held_active() >= self.fd_budget();
@@ -220,32 +269,22 @@ impl Acceptor {
                 }
             }
         }
-        if !accepting {
-            self.set_listening(false);
-        }
-        let full = self.emfile_until.is_none() && !self.pool.has_capacity();
-        if full != self.paused_for_capacity {
-            self.paused_for_capacity = full;
-            if full {
-                self.stats.capacity_pauses += 1;
-                debug!(
-                    pending = self.pending.len(),
-                    "every worker is full: accepting paused"
-                );
-            } else {
-                debug!("capacity freed: accepting resumed");
-            }
-        }
     }
 
-    /// Accepts on every listener until EAGAIN. Returns false if it had to
-    /// stop early (no room left, or out of fds).
-    pub(super) fn accept_all(&mut self, now: Instant) -> bool {
+    /// Accepts on every listener of pool `p` until EAGAIN. Returns false
+    /// if it had to stop early (no room left, or out of fds).
+    pub(super) fn accept_all(&mut self, p: usize, now: Instant) -> bool {
         let budget = self.fd_budget();
         let mut holding = self.held();
-        for i in 0..self.listeners.len() {
+        let mine: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| l.pool == p)
+            .map(|(k, _)| k)
+            .collect();
+        for i in mine {
             loop {
-                if !self.pool.has_capacity() {
+                if !self.pools[p].pool.has_capacity() {
                     return false;
                 }
                 if holding >= budget {
@@ -266,6 +305,7 @@ impl Acceptor {
                         let id = self.next_conn_id;
                         self.next_conn_id += 1;
                         self.stats.accepted += 1;
+                        self.pools[p].stats.accepted += 1;
                         let fd: OwnedFd = stream.into();
                         let held = Held {
                             info: ConnInfo {
@@ -278,8 +318,8 @@ impl Acceptor {
                             accepted: now,
                         };
                         holding += 1;
-                        if let Err(h) = self.dispatch(held, now) {
-                            self.pending.push_back(h);
+                        if let Err(h) = self.dispatch(p, held, now) {
+                            self.pools[p].pending.push_back(h);
                             return false;
                         }
                     }
@@ -331,9 +371,9 @@ impl Acceptor {
         true
     }
 
-    pub(super) fn set_listening(&mut self, on: bool) {
-        for (i, l) in self.listeners.iter_mut().enumerate() {
-            if l.registered == on {
+    pub(super) fn set_listening(&mut self, p: usize, on: bool) {
+        for (i, l) in self.listeners.iter_mut() {
+            if l.registered == on || l.pool != p {
                 continue;
             }
             let r = if on {

@@ -7,12 +7,24 @@
 //! | `SIGNALS`              | signalfd (TERM, INT, CHLD, HUP, TTIN, TTOU) | stop, reap and restart, reload, add or remove a worker |
 //! | `CONTROL`              | control socket (stream)        | accept `baton ctl` clients (SO_PEERCRED checked) |
 //! | `WORKER_SOCKET`        | worker socket (SEQPACKET)      | accept self-registering workers        |
-//! | `LISTENER_BASE + i`    | listener `i`                   | accept until EAGAIN, hand off         |
+//! | `LISTENER_BASE + i`    | listener `i` (of one pool)     | accept until EAGAIN, hand off to that pool |
 //! | `METRICS`              | `--metrics-listen` (TCP)       | accept Prometheus scrapers (`scrape`) |
 //! | `CTL_BASE + key`       | a control client               | JSON request lines → replies (`ops`) |
 //! | `SCRAPE_BASE + key`    | a metrics scraper              | one GET → the metrics text, close     |
-//! | `WORKER_BASE + key`    | a worker's SEQPACKET channel   | HELLO / ACK / DONE / PARK; EOF = worker gone (read to its end first) |
+//! | `WORKER_BASE + (pool << 20) + key` | a worker's SEQPACKET channel | HELLO / ACK / DONE / PARK; EOF = worker gone (read to its end first) |
 //! | `PARKED_BASE + key`    | a parked keep-alive connection | readable: back to `pending` for a worker; hang-up: closed |
+//!
+//! **Pools.** The acceptor runs one or more pools ([`PoolState`]), each
+//! with its own listeners, worker command, sandbox, capacity, balancing,
+//! supervisor slots, pending queue and rolling restart. A connection
+//! accepted on a pool's listener goes only to that pool's workers (and,
+//! parked, comes back to it). What is the acceptor's own is shared by all
+//! pools: the fd budget, the parked set, the control and worker sockets
+//! (registering workers join the first pool), the metrics endpoint. A
+//! worker is named by its pool and its key there ([`Wk`]). Each pool has a
+//! small shared memory file (memfd) that every worker it spawns inherits
+//! (`BATON_SHARED_FD`): state the workers of one pool share, such as a
+//! proxy's view of its upstreams' health.
 //!
 //! The loop and its state live here (`mod.rs`: start-up, signals and child
 //! exits, shutdown, timers); the rest is in named parts, each an `impl
@@ -83,10 +95,14 @@ const CONTROL: Token = Token(1);
 const WORKER_SOCKET: Token = Token(2);
 const METRICS: Token = Token(3);
 const LISTENER_BASE: usize = 16;
-const SCRAPE_BASE: usize = 1 << 18;
-const CTL_BASE: usize = 1 << 19;
-const WORKER_BASE: usize = 1 << 20;
-const PARKED_BASE: usize = 1 << 21;
+const SCRAPE_BASE: usize = 1 << 24;
+const CTL_BASE: usize = 2 << 24;
+const PARKED_BASE: usize = 1 << 32;
+const WORKER_BASE: usize = 1 << 40;
+/// A worker's token: `WORKER_BASE + (pool << POOL_SHIFT) + key`.
+const POOL_SHIFT: u32 = 20;
+/// Size of a pool's shared memory file (`BATON_SHARED_FD`).
+pub const SHARED_SIZE: u64 = 64 * 1024;
 /// A parked connection whose worker gave no idle time left is closed after
 /// this long without a request.
 const PARKED_IDLE: Duration = Duration::from_secs(60);
@@ -144,7 +160,114 @@ pub struct Stats {
 struct Listener {
     sock: mio::net::TcpListener,
     addr: SocketAddr,
+    /// The address it was configured with (port 0 before binding), which
+    /// reload compares.
+    spec: SocketAddr,
     registered: bool,
+    /// The pool whose workers get its connections.
+    pool: usize,
+}
+
+/// A worker: its pool and its key in that pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Wk {
+    pub(super) pool: usize,
+    pub(super) key: usize,
+}
+
+impl Wk {
+    fn token(self) -> Token {
+        Token(WORKER_BASE + (self.pool << POOL_SHIFT) + self.key)
+    }
+
+    fn from_token(t: usize) -> Wk {
+        let x = t - WORKER_BASE;
+        Wk {
+            pool: x >> POOL_SHIFT,
+            key: x & ((1 << POOL_SHIFT) - 1),
+        }
+    }
+}
+
+/// Counters of one pool (the acceptor's [`Stats`] has the totals).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PoolStats {
+    pub accepted: u64,
+    pub handed_off: u64,
+    pub redispatched: u64,
+    pub lost: u64,
+}
+
+/// One pool as the acceptor runs it: its configuration, its connected
+/// workers ([`Pool`]), the supervisor slots of the workers it spawned, and
+/// the connections waiting for one of them.
+pub(super) struct PoolState {
+    pub(super) cfg: crate::config::PoolConfig,
+    pub(super) pool: Pool,
+    pub(super) slots: Slab<Slot>,
+    /// Accepted connections waiting for a worker, oldest first.
+    pub(super) pending: VecDeque<Held>,
+    /// Rolling restart: slots still to replace, and the (old, new) pair
+    /// under way (the old one drains once the new one is ready).
+    pub(super) rolling: VecDeque<usize>,
+    pub(super) rolling_current: Option<(usize, usize)>,
+    pub(super) paused_for_capacity: bool,
+    /// DRAIN was sent to its workers (shutdown, or the pool is removed).
+    pub(super) drain_sent: bool,
+    /// Removed by a reload: its listeners are closed, its workers drain,
+    /// and it goes once they have.
+    pub(super) removing: bool,
+    /// The memory file its spawned workers share (`BATON_SHARED_FD`).
+    pub(super) shared: Option<std::os::fd::OwnedFd>,
+    pub(super) stats: PoolStats,
+}
+
+impl PoolState {
+    fn new(cfg: crate::config::PoolConfig) -> PoolState {
+        let shared = shared_memory(&cfg.name)
+            .map_err(|e| warn!(pool = %cfg.name, error = %e, "cannot create the pool's shared memory; its workers share no state"))
+            .ok();
+        PoolState {
+            pool: Pool::new(cfg.balance),
+            cfg,
+            slots: Slab::new(),
+            pending: VecDeque::new(),
+            rolling: VecDeque::new(),
+            rolling_current: None,
+            paused_for_capacity: false,
+            drain_sent: false,
+            removing: false,
+            shared,
+            stats: PoolStats::default(),
+        }
+    }
+
+    /// Spawned workers that are not being removed.
+    pub(super) fn spawned_live(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|(_, s)| !s.retired && !s.given_up)
+            .count()
+    }
+
+    /// Processes of its spawned workers still running.
+    fn procs(&self) -> usize {
+        self.slots.iter().filter(|(_, s)| s.pid.is_some()).count()
+    }
+
+    pub(super) fn rolling(&self) -> bool {
+        self.rolling_current.is_some() || !self.rolling.is_empty()
+    }
+}
+
+/// A zero-filled memory file of [`SHARED_SIZE`] bytes for the workers of
+/// pool `name` to map.
+fn shared_memory(name: &str) -> io::Result<std::os::fd::OwnedFd> {
+    let cname = std::ffi::CString::new(format!("baton-pool-{name}"))
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
+    nix::unistd::ftruncate(&fd, SHARED_SIZE as i64)?;
+    Ok(fd)
 }
 
 /// Binds one of the acceptor's local sockets and watches it. With no extra
@@ -181,14 +304,14 @@ pub enum Outcome {
 }
 
 pub struct Acceptor {
+    /// The acceptor's own settings; `cfg.pools` is empty: each pool's
+    /// configuration is in its [`PoolState`].
     cfg: Config,
     poll: Poll,
-    listeners: Vec<Listener>,
+    listeners: Slab<Listener>,
     signals: SignalFd,
-    pool: Pool,
-    slots: Slab<Slot>,
-    /// Accepted connections waiting for a worker, oldest first.
-    pending: VecDeque<Held>,
+    /// The pools, by a key that stays theirs (tokens carry it).
+    pools: Slab<PoolState>,
     /// Idle keep-alive connections handed back by workers (PARK), watched
     /// for the client's next request or hang-up, never read.
     parked: Slab<ParkedConn>,
@@ -215,8 +338,6 @@ pub struct Acceptor {
     shutdown: Option<Instant>,
     /// The stop signal that began the shutdown: when, which, from which pid.
     stop_signal: Option<(Instant, Signal, u32)>,
-    drain_sent: bool,
-    paused_for_capacity: bool,
     stats: Stats,
     /// Self-registering workers connect here.
     worker_listener: Option<UnixListener>,
@@ -226,10 +347,6 @@ pub struct Acceptor {
     /// Refused peers of the control and worker sockets, for summary lines.
     ctl_refused: ctl_sessions::Refusals,
     worker_refused: ctl_sessions::Refusals,
-    /// Rolling restart: slots still to replace, and the (old, new) pair
-    /// under way (the old one drains once the new one is ready).
-    rolling: VecDeque<usize>,
-    rolling_current: Option<(usize, usize)>,
     started: Instant,
     own_uid: u32,
     /// `--metrics-listen` and its clients.
@@ -242,21 +359,28 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Binds every listener and prepares the loop. Nothing is spawned yet.
-    pub fn new(cfg: Config) -> Result<Acceptor, Error> {
+    pub fn new(mut cfg: Config) -> Result<Acceptor, Error> {
         let poll = Poll::new().map_err(Error::Poll)?;
-        let mut listeners = Vec::new();
-        for (i, l) in cfg.listen.iter().enumerate() {
-            let sock = listener::bind(l.0, cfg.backlog)
-                .map_err(|source| Error::Bind { addr: l.0, source })?;
-            let addr = sock
-                .local_addr()
-                .map_err(|source| Error::Bind { addr: l.0, source })?;
-            info!(addr = %addr, listener = i, "listening");
-            listeners.push(Listener {
-                sock,
-                addr,
-                registered: false,
-            });
+        let mut listeners = Slab::new();
+        let mut pools = Slab::new();
+        for pc in std::mem::take(&mut cfg.pools) {
+            let pool = pools.vacant_key();
+            for l in &pc.listen {
+                let sock = listener::bind(l.0, cfg.backlog)
+                    .map_err(|source| Error::Bind { addr: l.0, source })?;
+                let addr = sock
+                    .local_addr()
+                    .map_err(|source| Error::Bind { addr: l.0, source })?;
+                info!(addr = %addr, pool = %pc.name, listener = listeners.len(), "listening");
+                listeners.insert(Listener {
+                    sock,
+                    addr,
+                    spec: l.0,
+                    registered: false,
+                    pool,
+                });
+            }
+            pools.insert(PoolState::new(pc));
         }
         let worker_listener = cfg
             .worker_socket
@@ -323,16 +447,13 @@ impl Acceptor {
                 Interest::READABLE,
             )
             .map_err(Error::Poll)?;
-        let pool = Pool::new(cfg.balance);
         let fd_limit = raise_nofile();
         Ok(Acceptor {
             cfg,
             poll,
             listeners,
             signals,
-            pool,
-            slots: Slab::new(),
-            pending: VecDeque::new(),
+            pools,
             parked: Slab::new(),
             parked_order: std::collections::BTreeSet::new(),
             next_conn_id: 1,
@@ -346,16 +467,12 @@ impl Acceptor {
             emfile_unlogged: 0,
             shutdown: None,
             stop_signal: None,
-            drain_sent: false,
-            paused_for_capacity: false,
             stats: Stats::default(),
             worker_listener,
             control,
             ctl: Slab::new(),
             ctl_refused: ctl_sessions::Refusals::default(),
             worker_refused: ctl_sessions::Refusals::default(),
-            rolling: VecDeque::new(),
-            rolling_current: None,
             started: Instant::now(),
             own_uid: nix::unistd::geteuid().as_raw(),
             reload: None,
@@ -372,15 +489,12 @@ impl Acceptor {
         self
     }
 
-    /// The bound addresses, in `--listen` order (port 0 resolved).
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|l| l.addr).collect()
-    }
-
     /// Spawns the pool and runs until shutdown.
     pub fn run(mut self) -> Result<Outcome, Error> {
-        self.fd_fixed = count_open_fds().saturating_sub(self.listeners.len());
-        let needed = self.fd_fixed + self.listeners.len() + self.cfg.workers + FD_RESERVE + 16;
+        // Listeners and the pools' memory files are counted on their own.
+        self.fd_fixed = count_open_fds().saturating_sub(self.listeners.len() + self.pools.len());
+        let workers: usize = self.pools.iter().map(|(_, p)| p.cfg.workers).sum();
+        let needed = self.fd_fixed + self.listeners.len() + workers + FD_RESERVE + 16;
         if self.fd_limit < needed {
             return Err(Error::FdLimit {
                 limit: self.fd_limit,
@@ -389,17 +503,20 @@ impl Acceptor {
         }
         info!(
             fd_limit = self.fd_limit,
-            budget = self.fd_budget().saturating_sub(self.cfg.workers),
+            budget = self.fd_budget().saturating_sub(workers),
             reserve = FD_RESERVE,
             "file descriptors"
         );
-        for _ in 0..self.cfg.workers {
-            // A worker that cannot even be spawned at start-up is a
-            // configuration error, not something to retry.
-            self.add_slot().map_err(|source| Error::Spawn {
-                program: self.cfg.command.program.display().to_string(),
-                source,
-            })?;
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for p in keys {
+            for _ in 0..self.pools[p].cfg.workers {
+                // A worker that cannot even be spawned at start-up is a
+                // configuration error, not something to retry.
+                self.add_slot(p).map_err(|source| Error::Spawn {
+                    program: self.pools[p].cfg.command.program.display().to_string(),
+                    source,
+                })?;
+            }
         }
         let mut events = Events::with_capacity(256);
         loop {
@@ -426,21 +543,21 @@ impl Acceptor {
                     Token(t) if (SCRAPE_BASE..CTL_BASE).contains(&t) => {
                         self.on_scrape_event(t - SCRAPE_BASE);
                     }
-                    Token(t) if (CTL_BASE..WORKER_BASE).contains(&t) => {
+                    Token(t) if (CTL_BASE..PARKED_BASE).contains(&t) => {
                         self.on_ctl_event(t - CTL_BASE, ev.is_readable(), ev.is_writable());
+                    }
+                    Token(t) if t >= WORKER_BASE => {
+                        let wk = Wk::from_token(t);
+                        if ev.is_writable() {
+                            self.set_blocked(wk, false);
+                            self.flush(wk);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                            self.on_worker_readable(wk);
+                        }
                     }
                     Token(t) if t >= PARKED_BASE => {
                         self.on_parked_event(t - PARKED_BASE, ev.is_read_closed() || ev.is_error());
-                    }
-                    Token(t) if t >= WORKER_BASE => {
-                        let key = t - WORKER_BASE;
-                        if ev.is_writable() {
-                            self.set_blocked(key, false);
-                            self.flush(key);
-                        }
-                        if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                            self.on_worker_readable(key);
-                        }
                     }
                     // Listener readiness: accepting happens in pump().
                     Token(_) => {}
@@ -450,58 +567,138 @@ impl Acceptor {
             self.step_rolling();
             self.autoscale(Instant::now());
             self.pump();
+            self.drop_removed_pools();
             if let Some(outcome) = self.check_finished()? {
                 return Ok(outcome);
             }
         }
     }
 
-    /// A new slot in the pool, with its worker spawned; returns its key.
-    fn add_slot(&mut self) -> io::Result<usize> {
-        let key = self.slots.insert(Slot::new(Instant::now()));
-        if let Err(e) = self.spawn_slot(key) {
-            self.slots.remove(key);
+    /// A new slot in pool `p`, with its worker spawned; returns its key.
+    fn add_slot(&mut self, p: usize) -> io::Result<usize> {
+        let key = self.pools[p].slots.insert(Slot::new(Instant::now()));
+        if let Err(e) = self.spawn_slot(p, key) {
+            self.pools[p].slots.remove(key);
             return Err(e);
         }
         Ok(key)
     }
 
-    fn spawn_slot(&mut self, key: usize) -> io::Result<()> {
+    fn spawn_slot(&mut self, p: usize, key: usize) -> io::Result<()> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
-        let sp = supervisor::spawn(&self.cfg.command, id, self.cfg.sandbox.profile.as_ref())?;
-        let wkey = self.add_to_pool(id, sp.chan, Some(key), sp.pid)?;
-        let slot = &mut self.slots[key];
+        let ps = &self.pools[p];
+        let sp = supervisor::spawn(
+            &ps.cfg.command,
+            id,
+            ps.cfg.sandbox.profile.as_ref(),
+            ps.shared.as_ref().map(|f| f.as_fd()),
+        )?;
+        let wk = self.add_to_pool(p, id, sp.chan, Some(key), sp.pid)?;
+        let ps = &mut self.pools[p];
+        let slot = &mut ps.slots[key];
         slot.pid = Some(sp.pid);
         slot.worker_id = id;
-        slot.worker = Some(wkey);
+        slot.worker = Some(wk.key);
         slot.started = Instant::now();
         slot.restart_at = None;
         slot.proven = false;
         slot.spared = false;
-        info!(worker = id, pid = sp.pid, "worker started");
+        info!(worker = id, pid = sp.pid, pool = %ps.cfg.name, "worker started");
         Ok(())
     }
 
-    /// Watches a worker's channel and adds it to the pool (state Starting:
-    /// no connection before its HELLO); returns its pool key.
+    /// Watches a worker's channel and adds it to pool `p` (state Starting:
+    /// no connection before its HELLO).
     fn add_to_pool(
         &mut self,
+        p: usize,
         id: u32,
         chan: baton_sdk::Channel,
         slot: Option<usize>,
         pid: i32,
-    ) -> io::Result<usize> {
-        let key = self.pool.workers.vacant_key();
+    ) -> io::Result<Wk> {
+        let workers = &mut self.pools[p].pool.workers;
+        let wk = Wk {
+            pool: p,
+            key: workers.vacant_key(),
+        };
         self.poll.registry().register(
             &mut SourceFd(&chan.as_raw_fd()),
-            Token(WORKER_BASE + key),
+            wk.token(),
             Interest::READABLE,
         )?;
-        Ok(self
-            .pool
-            .workers
-            .insert(crate::pool::Worker::new(id, chan, slot, Some(pid))))
+        workers.insert(crate::pool::Worker::new(id, chan, slot, Some(pid)));
+        Ok(wk)
+    }
+
+    /// The pool that SIGTTIN/SIGTTOU act on and registering workers join:
+    /// the first one configured (that a reload did not remove).
+    pub(super) fn first_pool(&self) -> Option<usize> {
+        self.pools.iter().find(|(_, p)| !p.removing).map(|(k, _)| k)
+    }
+
+    /// The pool named `name`, or the only one when `name` is None.
+    pub(super) fn pool_named(&self, name: Option<&str>) -> Result<usize, String> {
+        let live = || self.pools.iter().filter(|(_, p)| !p.removing);
+        match name {
+            Some(n) => live()
+                .find(|(_, p)| p.cfg.name == n)
+                .map(|(k, _)| k)
+                .ok_or_else(|| {
+                    let names: Vec<String> = live().map(|(_, p)| p.cfg.name.clone()).collect();
+                    format!("no pool named `{n}` (pools: {})", names.join(", "))
+                }),
+            None => {
+                let mut it = live();
+                match (it.next(), it.next()) {
+                    (Some((k, _)), None) => Ok(k),
+                    (None, _) => Err("no pool".to_string()),
+                    (Some(_), Some(_)) => {
+                        let names: Vec<String> = live().map(|(_, p)| p.cfg.name.clone()).collect();
+                        Err(format!(
+                            "there are several pools ({}): say which with --pool NAME",
+                            names.join(", ")
+                        ))
+                    }
+                }
+            }
+        }
+    }
+
+    /// The worker `wk`, if it is still connected.
+    pub(super) fn worker(&mut self, wk: Wk) -> Option<&mut crate::pool::Worker> {
+        self.pools.get_mut(wk.pool)?.pool.workers.get_mut(wk.key)
+    }
+
+    /// Every connected worker, by [`Wk`].
+    pub(super) fn all_workers(&self) -> Vec<Wk> {
+        self.pools
+            .iter()
+            .flat_map(|(p, ps)| {
+                ps.pool
+                    .workers
+                    .iter()
+                    .map(move |(key, _)| Wk { pool: p, key })
+            })
+            .collect()
+    }
+
+    /// Forgets pools a reload removed once their last worker has gone.
+    fn drop_removed_pools(&mut self) {
+        let done: Vec<usize> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| p.removing && p.pool.workers.is_empty() && p.procs() == 0)
+            .map(|(k, _)| k)
+            .collect();
+        for k in done {
+            let ps = self.pools.remove(k);
+            if !ps.pending.is_empty() {
+                warn!(pool = %ps.cfg.name, connections = ps.pending.len(), "closing connections of a removed pool that no worker took");
+            }
+            info!(pool = %ps.cfg.name, "pool removed: its last worker has gone");
+        }
     }
 
     // ---- signals and child exits -------------------------------------
@@ -514,8 +711,12 @@ impl Acceptor {
                     match sig {
                         Some(Signal::SIGCHLD) => self.on_child_exits(),
                         Some(Signal::SIGTTIN) if self.shutdown.is_none() => {
-                            info!("SIGTTIN: adding a worker");
-                            if let Err(e) = self.add_workers(1) {
+                            info!("SIGTTIN: adding a worker to the first pool");
+                            let r = match self.first_pool() {
+                                Some(p) => self.add_workers(p, 1).map(|_| ()),
+                                None => Err("no pool".to_string()),
+                            };
+                            if let Err(e) = r {
                                 error!(error = %e, "SIGTTIN: cannot add a worker");
                             }
                         }
@@ -529,8 +730,12 @@ impl Acceptor {
                             }
                         }
                         Some(Signal::SIGTTOU) if self.shutdown.is_none() => {
-                            info!("SIGTTOU: removing a worker");
-                            if let Err(e) = self.remove_workers(None, Some(1), None) {
+                            info!("SIGTTOU: removing a worker from the first pool");
+                            let r = match self.first_pool() {
+                                Some(p) => self.remove_workers(Some(p), None, Some(1), None),
+                                None => Err("no pool".to_string()),
+                            };
+                            if let Err(e) = r {
                                 warn!(error = %e, "SIGTTOU: cannot remove a worker");
                             }
                         }
@@ -570,16 +775,17 @@ impl Acceptor {
     fn on_child_exits(&mut self) {
         let now = Instant::now();
         for exit in supervisor::reap() {
-            let Some(key) = self
-                .slots
-                .iter()
-                .find(|(_, s)| s.pid == Some(exit.pid))
-                .map(|(k, _)| k)
-            else {
+            let found = self.pools.iter().find_map(|(p, ps)| {
+                ps.slots
+                    .iter()
+                    .find(|(_, s)| s.pid == Some(exit.pid))
+                    .map(|(k, _)| (p, k))
+            });
+            let Some((p, key)) = found else {
                 debug!(pid = exit.pid, status = %exit.describe(), "reaped unknown child");
                 continue;
             };
-            let slot = &mut self.slots[key];
+            let slot = &mut self.pools[p].slots[key];
             slot.pid = None;
             let worker_id = slot.worker_id;
             let uptime = now.duration_since(slot.started);
@@ -587,32 +793,36 @@ impl Acceptor {
                 // close_worker reads what the worker queued before it died
                 // (its last ACKs and DONEs are facts) before anything of it
                 // is given to another worker.
-                self.close_worker(wkey, Gone::ProcessExited);
+                self.close_worker(Wk { pool: p, key: wkey }, Gone::ProcessExited);
             }
-            if self.shutdown.is_some() || self.slots[key].retired {
-                info!(worker = worker_id, pid = exit.pid, status = %exit.describe(), "worker exited");
+            let ps = &mut self.pools[p];
+            let pool = ps.cfg.name.clone();
+            if self.shutdown.is_some() || ps.slots[key].retired {
+                info!(worker = worker_id, pid = exit.pid, pool = %pool, status = %exit.describe(), "worker exited");
                 if self.shutdown.is_none() {
-                    self.slots.remove(key);
+                    ps.slots.remove(key);
                 }
                 continue;
             }
             if exit.success() {
-                warn!(worker = worker_id, pid = exit.pid, status = %exit.describe(), uptime_ms = uptime.as_millis() as u64, "worker exited");
+                warn!(worker = worker_id, pid = exit.pid, pool = %pool, status = %exit.describe(), uptime_ms = uptime.as_millis() as u64, "worker exited");
             } else {
-                error!(worker = worker_id, pid = exit.pid, status = %exit.describe(), uptime_ms = uptime.as_millis() as u64, "worker exited");
+                error!(worker = worker_id, pid = exit.pid, pool = %pool, status = %exit.describe(), uptime_ms = uptime.as_millis() as u64, "worker exited");
             }
-            let slot = &mut self.slots[key];
+            let (window, max) = (ps.cfg.restart_window, ps.cfg.max_restarts);
+            let slot = &mut ps.slots[key];
             if exit.sandbox_failure() {
                 slot.given_up = true;
                 slot.restart_at = None;
                 error!(
                     worker = worker_id,
                     pid = exit.pid,
+                    pool = %pool,
                     "worker could not apply its sandbox (its error is above); not restarting it: fix the sandbox options"
                 );
                 continue;
             }
-            match slot.exited(now, self.cfg.restart_window, self.cfg.max_restarts) {
+            match slot.exited(now, window, max) {
                 After::Restart(delay) => {
                     info!(
                         worker = worker_id,
@@ -624,29 +834,47 @@ impl Acceptor {
                 After::GiveUp => {
                     error!(
                         worker = worker_id,
+                        pool = %pool,
                         failures = slot.failures,
-                        window_s = self.cfg.restart_window.as_secs_f64(),
+                        window_s = window.as_secs_f64(),
                         "worker is crash-looping: it exited {} times in a row within {:?} of starting; not restarting it",
                         slot.failures,
-                        self.cfg.restart_window
+                        window
                     );
                 }
             }
         }
     }
 
+    /// Closes pool `p`'s listeners: its new clients are refused.
+    pub(super) fn close_listeners(&mut self, p: Option<usize>) {
+        let keys: Vec<usize> = self
+            .listeners
+            .iter()
+            .filter(|(_, l)| p.is_none_or(|p| l.pool == p))
+            .map(|(k, _)| k)
+            .collect();
+        for k in keys {
+            let mut l = self.listeners.remove(k);
+            if l.registered {
+                let _ = self.poll.registry().deregister(&mut l.sock);
+            }
+            // Dropping the socket closes it.
+        }
+    }
+
     fn begin_shutdown(&mut self, sig: Signal) {
         self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
-        self.close_all_parked();
-        for l in self.listeners.drain(..) {
-            let mut sock = l.sock;
-            if l.registered {
-                let _ = self.poll.registry().deregister(&mut sock);
+        self.close_all_parked(None);
+        self.close_listeners(None);
+        let mut workers = 0;
+        for (_, ps) in self.pools.iter_mut() {
+            for (_, s) in ps.slots.iter_mut() {
+                s.restart_at = None;
             }
-            // Dropping the socket closes it: new clients are refused.
-        }
-        for (_, s) in self.slots.iter_mut() {
-            s.restart_at = None;
+            ps.rolling.clear();
+            ps.rolling_current = None;
+            workers += ps.pool.workers.len();
         }
         if let Some(l) = self.worker_listener.take() {
             let _ = self
@@ -655,28 +883,29 @@ impl Acceptor {
                 .deregister(&mut SourceFd(&l.fd.as_raw_fd()));
             // Dropped: the socket file is removed.
         }
-        self.rolling.clear();
-        self.rolling_current = None;
         info!(
             signal = sig.as_str(),
             timeout_ms = self.cfg.shutdown_timeout.as_millis() as u64,
-            workers = self.pool.workers.len(),
+            workers,
             "shutting down: no new connections; workers finish what they have"
         );
     }
 
-    /// Sends DRAIN to every worker (once the pending queue is empty, so
-    /// that no accepted connection is stranded).
-    fn send_drain(&mut self) {
-        self.drain_sent = true;
-        let keys: Vec<usize> = self.pool.workers.iter().map(|(k, _)| k).collect();
+    /// Sends DRAIN to every worker of pool `p` (once its pending queue is
+    /// empty, so that no accepted connection is stranded).
+    pub(super) fn send_drain(&mut self, p: usize) {
+        let Some(ps) = self.pools.get_mut(p) else {
+            return;
+        };
+        ps.drain_sent = true;
+        let keys: Vec<usize> = ps.pool.workers.iter().map(|(k, _)| k).collect();
         for key in keys {
-            self.drain_worker(key);
+            self.drain_worker(Wk { pool: p, key });
         }
     }
 
-    fn drain_worker(&mut self, key: usize) {
-        let Some(w) = self.pool.workers.get_mut(key) else {
+    pub(super) fn drain_worker(&mut self, wk: Wk) {
+        let Some(w) = self.worker(wk) else {
             return;
         };
         match w.state {
@@ -684,7 +913,7 @@ impl Acceptor {
             // It has no connection and has not said HELLO: DRAIN would be
             // out of order, so it is simply stopped.
             State::Starting => {
-                self.close_worker(key, Gone::StoppedBeforeHello);
+                self.close_worker(wk, Gone::StoppedBeforeHello);
                 return;
             }
             State::Ready => {}
@@ -694,7 +923,7 @@ impl Acceptor {
         if let Err(e) = w.chan.send(&Msg::Drain, None) {
             // A worker that cannot take DRAIN is gone or stuck: stop it.
             self.close_worker(
-                key,
+                wk,
                 Gone::SendFailed(format!("DRAIN could not be sent: {e}")),
             );
         } else {
@@ -703,7 +932,11 @@ impl Acceptor {
     }
 
     fn kill_all_and_reap(&mut self) {
-        let pids: Vec<i32> = self.slots.iter().filter_map(|(_, s)| s.pid).collect();
+        let pids: Vec<i32> = self
+            .pools
+            .iter()
+            .flat_map(|(_, ps)| ps.slots.iter().filter_map(|(_, s)| s.pid))
+            .collect();
         for pid in &pids {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
@@ -712,20 +945,24 @@ impl Acceptor {
             // ignored.
             let _ = nix::sys::wait::waitpid(Pid::from_raw(pid), None);
         }
-        for (_, s) in self.slots.iter_mut() {
-            s.pid = None;
+        for (_, ps) in self.pools.iter_mut() {
+            for (_, s) in ps.slots.iter_mut() {
+                s.pid = None;
+            }
         }
     }
 
-    /// Ends the loop when shutdown is complete, or when the pool is empty
-    /// for good.
+    /// Ends the loop when shutdown is complete, or when every pool is
+    /// empty for good.
     fn check_finished(&mut self) -> Result<Option<Outcome>, Error> {
-        let procs = self.slots.iter().filter(|(_, s)| s.pid.is_some()).count();
+        let procs: usize = self.pools.iter().map(|(_, ps)| ps.procs()).sum();
+        let connected: usize = self.pools.iter().map(|(_, ps)| ps.pool.workers.len()).sum();
         if let Some(deadline) = self.shutdown {
-            if self.pool.workers.is_empty() && procs == 0 {
-                if !self.pending.is_empty() {
+            if connected == 0 && procs == 0 {
+                let stranded: usize = self.pools.iter().map(|(_, ps)| ps.pending.len()).sum();
+                if stranded > 0 {
                     warn!(
-                        connections = self.pending.len(),
+                        connections = stranded,
                         "closing connections no worker could take before shutdown"
                     );
                 }
@@ -734,9 +971,9 @@ impl Acceptor {
             }
             if Instant::now() >= deadline {
                 let cut: usize = self
-                    .pool
-                    .workers
+                    .pools
                     .iter()
+                    .flat_map(|(_, ps)| ps.pool.workers.iter())
                     .map(|(_, w)| w.in_flight.len())
                     .sum();
                 self.stats.cut_at_shutdown += cut as u64;
@@ -746,23 +983,21 @@ impl Acceptor {
                     "shutdown timeout reached: killing the workers that are still running, cutting the connections they hold"
                 );
                 self.kill_all_and_reap();
-                let keys: Vec<usize> = self.pool.workers.iter().map(|(k, _)| k).collect();
-                for key in keys {
-                    self.close_worker(key, Gone::ShutdownTimeout);
+                for wk in self.all_workers() {
+                    self.close_worker(wk, Gone::ShutdownTimeout);
                 }
                 self.log_stopped();
                 return Ok(Some(Outcome::Graceful));
             }
             return Ok(None);
         }
-        // Every worker crash-looped and none can join: nothing will ever
-        // serve. (A pool emptied on purpose, by `ctl remove`, keeps running.)
-        let all_given_up = !self.slots.is_empty()
-            && self
-                .slots
-                .iter()
-                .all(|(_, s)| s.given_up && s.pid.is_none());
-        if self.pool.workers.is_empty() && all_given_up && self.worker_listener.is_none() {
+        // Every worker of every pool crash-looped and none can join:
+        // nothing will ever serve. (A pool emptied on purpose, by `ctl
+        // remove`, keeps running.)
+        let all_given_up = self.pools.iter().all(|(_, ps)| {
+            !ps.slots.is_empty() && ps.slots.iter().all(|(_, s)| s.given_up && s.pid.is_none())
+        });
+        if connected == 0 && all_given_up && self.worker_listener.is_none() {
             return Err(Error::NoWorkers);
         }
         Ok(None)
@@ -804,28 +1039,30 @@ impl Acceptor {
         for (_, c) in self.scrapers.iter() {
             consider(Some(c.deadline));
         }
-        for (_, s) in self.slots.iter() {
-            if s.pid.is_none() && !s.given_up {
-                consider(s.restart_at);
+        for (_, ps) in self.pools.iter_mut() {
+            for (_, s) in ps.slots.iter() {
+                if s.pid.is_none() && !s.given_up {
+                    consider(s.restart_at);
+                }
             }
-        }
-        let (hello, ack) = (self.cfg.hello_timeout, self.cfg.ack_timeout);
-        let stall = self.cfg.stall_timeout;
-        for (_, w) in self.pool.workers.iter_mut() {
-            if w.state == State::Starting {
-                consider(Some(w.connected + hello));
+            let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);
+            let stall = ps.cfg.stall_timeout;
+            for (_, w) in ps.pool.workers.iter_mut() {
+                if w.state == State::Starting {
+                    consider(Some(w.connected + hello));
+                }
+                consider(w.oldest_unacked().map(|t| t + ack));
+                consider(w.drain_deadline);
+                if !w.stalled {
+                    consider(w.full_since.map(|t| t + stall));
+                }
             }
-            consider(w.oldest_unacked().map(|t| t + ack));
-            consider(w.drain_deadline);
-            if !w.stalled {
-                consider(w.full_since.map(|t| t + stall));
-            }
-        }
-        if self.spawned_live() > self.cfg.min_workers {
-            let idle = self.cfg.scale_idle_timeout;
-            for (_, w) in self.pool.workers.iter() {
-                if w.slot.is_some() && w.state == State::Ready {
-                    consider(w.idle_since.map(|t| t + idle));
+            if ps.spawned_live() > ps.cfg.min_workers {
+                let idle = ps.cfg.scale_idle_timeout;
+                for (_, w) in ps.pool.workers.iter() {
+                    if w.slot.is_some() && w.state == State::Ready {
+                        consider(w.idle_since.map(|t| t + idle));
+                    }
                 }
             }
         }
@@ -837,35 +1074,39 @@ impl Acceptor {
             self.emfile_until = None;
         }
         self.expire_parked(now);
-        let (hello, ack) = (self.cfg.hello_timeout, self.cfg.ack_timeout);
-        let stall = self.cfg.stall_timeout;
         let mut overdue = Vec::new();
-        for (key, w) in self.pool.workers.iter_mut() {
-            if !w.stalled && w.full_since.is_some_and(|t| t + stall <= now) {
-                w.stalled = true;
-                warn!(
-                    worker = w.id,
-                    pid = w.pid,
-                    in_flight = w.in_flight.len(),
-                    stall_ms = stall.as_millis() as u64,
-                    "worker stalled: it is full and reported no connection done for the stall timeout; it gets no new connection until it finishes one (the others serve)"
-                );
-            }
-            if w.state == State::Starting && w.connected + hello <= now {
-                overdue.push((key, format!("no HELLO within {hello:?}")));
-            } else if w.oldest_unacked().is_some_and(|t| t + ack <= now) {
-                overdue.push((
-                    key,
-                    format!("did not acknowledge a connection within {ack:?}"),
-                ));
-            } else if w.drain_deadline.is_some_and(|t| t <= now) {
-                overdue.push((
-                    key,
-                    format!(
-                        "drain timeout: {} connections still open",
-                        w.in_flight.len()
-                    ),
-                ));
+        for (p, ps) in self.pools.iter_mut() {
+            let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);
+            let stall = ps.cfg.stall_timeout;
+            for (key, w) in ps.pool.workers.iter_mut() {
+                if !w.stalled && w.full_since.is_some_and(|t| t + stall <= now) {
+                    w.stalled = true;
+                    warn!(
+                        worker = w.id,
+                        pid = w.pid,
+                        pool = %ps.cfg.name,
+                        in_flight = w.in_flight.len(),
+                        stall_ms = stall.as_millis() as u64,
+                        "worker stalled: it is full and reported no connection done for the stall timeout; it gets no new connection until it finishes one (the others serve)"
+                    );
+                }
+                let wk = Wk { pool: p, key };
+                if w.state == State::Starting && w.connected + hello <= now {
+                    overdue.push((wk, format!("no HELLO within {hello:?}")));
+                } else if w.oldest_unacked().is_some_and(|t| t + ack <= now) {
+                    overdue.push((
+                        wk,
+                        format!("did not acknowledge a connection within {ack:?}"),
+                    ));
+                } else if w.drain_deadline.is_some_and(|t| t <= now) {
+                    overdue.push((
+                        wk,
+                        format!(
+                            "drain timeout: {} connections still open",
+                            w.in_flight.len()
+                        ),
+                    ));
+                }
             }
         }
         let idle: Vec<usize> = self
@@ -886,32 +1127,35 @@ impl Acceptor {
         for key in slow {
             self.close_scraper(key);
         }
-        for (key, why) in overdue {
-            self.close_worker(key, Gone::Unresponsive(why));
+        for (wk, why) in overdue {
+            self.close_worker(wk, Gone::Unresponsive(why));
         }
         if self.shutdown.is_none() {
-            let due: Vec<usize> = self
-                .slots
+            let due: Vec<(usize, usize)> = self
+                .pools
                 .iter()
-                .filter(|(_, s)| {
-                    s.pid.is_none() && !s.given_up && s.restart_at.is_some_and(|t| t <= now)
+                .flat_map(|(p, ps)| {
+                    ps.slots
+                        .iter()
+                        .filter(|(_, s)| {
+                            s.pid.is_none() && !s.given_up && s.restart_at.is_some_and(|t| t <= now)
+                        })
+                        .map(move |(k, _)| (p, k))
                 })
-                .map(|(k, _)| k)
                 .collect();
-            for key in due {
-                self.slots[key].restarts += 1;
-                if let Err(e) = self.spawn_slot(key) {
+            for (p, key) in due {
+                self.pools[p].slots[key].restarts += 1;
+                if let Err(e) = self.spawn_slot(p, key) {
                     if supervisor::is_resource_error(&e) {
                         // Not the worker's fault, and not a crash: try again.
                         warn!(error = %e, retry_ms = RESOURCE_RETRY.as_millis() as u64, "cannot spawn a worker for want of resources; retrying");
-                        self.slots[key].restart_at = Some(now + RESOURCE_RETRY);
+                        self.pools[p].slots[key].restart_at = Some(now + RESOURCE_RETRY);
                         continue;
                     }
-                    error!(error = %e, program = %self.cfg.command.program.display(), "cannot spawn worker");
-                    let slot = &mut self.slots[key];
-                    if slot.exited(now, self.cfg.restart_window, self.cfg.max_restarts)
-                        == After::GiveUp
-                    {
+                    let ps = &mut self.pools[p];
+                    error!(error = %e, program = %ps.cfg.command.program.display(), pool = %ps.cfg.name, "cannot spawn worker");
+                    let (window, max) = (ps.cfg.restart_window, ps.cfg.max_restarts);
+                    if ps.slots[key].exited(now, window, max) == After::GiveUp {
                         error!("giving up on a worker that cannot be spawned");
                     }
                 }

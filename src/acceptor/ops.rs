@@ -1,6 +1,7 @@
 //! Runtime operations of the acceptor: workers that register themselves,
-//! adding, removing (with drain) and rolling-restarting workers, reload and
-//! autoscaling (the decision itself is `Pool::scale`).
+//! adding, removing (with drain) and rolling-restarting workers, reload
+//! (pools and listeners added and removed) and autoscaling (the decision
+//! itself is `Pool::scale`). Each acts on one pool.
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -8,25 +9,25 @@ use std::time::{Duration, Instant};
 use baton_sdk::Channel;
 use tracing::{error, info, warn};
 
-use super::Acceptor;
-use crate::config::Config;
+use super::{Acceptor, Listener, PoolState, Wk};
+use crate::config::PoolConfig;
 use crate::pool::State;
 use crate::unix::{uid_allowed, Peer};
 
 impl Acceptor {
     // ---- adding and removing workers -------------------------------------
 
-    /// Spawns `count` workers from the pool's command; returns their ids.
-    pub(super) fn add_workers(&mut self, count: u32) -> Result<Vec<u32>, String> {
+    /// Spawns `count` workers from pool `p`'s command; returns their ids.
+    pub(super) fn add_workers(&mut self, p: usize, count: u32) -> Result<Vec<u32>, String> {
         let mut ids = Vec::new();
         for _ in 0..count {
-            match self.add_slot() {
-                Ok(key) => ids.push(self.slots[key].worker_id),
+            match self.add_slot(p) {
+                Ok(key) => ids.push(self.pools[p].slots[key].worker_id),
                 Err(e) => {
                     return Err(format!(
                         "spawned {} of {count}: cannot spawn {}: {e}",
                         ids.len(),
-                        self.cfg.command.program.display()
+                        self.pools[p].cfg.command.program.display()
                     ))
                 }
             }
@@ -34,30 +35,42 @@ impl Acceptor {
         Ok(ids)
     }
 
-    /// Drains worker `id`, or the `count` newest workers; returns the ids.
+    /// Drains worker `id` (of any pool, or of `pool` when given), or the
+    /// `count` newest workers of `pool`; returns the ids.
     pub(super) fn remove_workers(
         &mut self,
+        pool: Option<usize>,
         id: Option<u32>,
         count: Option<u32>,
         timeout: Option<Duration>,
     ) -> Result<Vec<u32>, String> {
-        let timeout = timeout.unwrap_or(self.cfg.drain_timeout);
-        let keys: Vec<usize> = match (id, count) {
-            (Some(id), None) => {
-                let key = self
-                    .pool
-                    .workers
+        let wks: Vec<Wk> = match (id, count, pool) {
+            (Some(id), None, _) => {
+                let wk = self
+                    .pools
                     .iter()
-                    .find(|(_, w)| w.id == id)
-                    .map(|(k, _)| k)
-                    .ok_or_else(|| format!("remove: no worker with id {id}"))?;
-                if self.pool.workers[key].state == State::Draining {
+                    .filter(|(k, _)| pool.is_none_or(|p| p == *k))
+                    .find_map(|(p, ps)| {
+                        ps.pool
+                            .workers
+                            .iter()
+                            .find(|(_, w)| w.id == id)
+                            .map(|(key, _)| Wk { pool: p, key })
+                    })
+                    .ok_or_else(|| match pool {
+                        Some(p) => format!(
+                            "remove: no worker with id {id} in pool `{}`",
+                            self.pools[p].cfg.name
+                        ),
+                        None => format!("remove: no worker with id {id}"),
+                    })?;
+                if self.pools[wk.pool].pool.workers[wk.key].state == State::Draining {
                     return Err(format!("remove: worker {id} is already draining"));
                 }
-                vec![key]
+                vec![wk]
             }
-            (None, Some(n)) => {
-                let mut live: Vec<(u32, usize)> = self
+            (None, Some(n), Some(p)) => {
+                let mut live: Vec<(u32, usize)> = self.pools[p]
                     .pool
                     .workers
                     .iter()
@@ -71,249 +84,416 @@ impl Acceptor {
                     ));
                 }
                 live.sort_unstable_by(|a, b| b.cmp(a));
-                live.into_iter().take(n as usize).map(|(_, k)| k).collect()
+                live.into_iter()
+                    .take(n as usize)
+                    .map(|(_, key)| Wk { pool: p, key })
+                    .collect()
             }
+            (None, Some(_), None) => return Err("remove: a count needs a pool".to_string()),
             _ => return Err("remove: give either a worker id or a count".to_string()),
         };
         let mut ids = Vec::new();
-        for key in keys {
-            ids.push(self.pool.workers[key].id);
-            self.retire_worker(key, timeout);
+        for wk in wks {
+            let ps = &self.pools[wk.pool];
+            ids.push(ps.pool.workers[wk.key].id);
+            let t = timeout.unwrap_or(ps.cfg.drain_timeout);
+            self.retire_worker(wk, t);
         }
         Ok(ids)
     }
 
-    /// Takes a worker out of the pool for good: no new connections, DRAIN,
+    /// Takes a worker out of its pool for good: no new connections, DRAIN,
     /// stopped at `timeout` if it has not finished; never restarted.
-    pub(super) fn retire_worker(&mut self, key: usize, timeout: Duration) {
-        let Some(w) = self.pool.workers.get_mut(key) else {
+    pub(super) fn retire_worker(&mut self, wk: Wk, timeout: Duration) {
+        let Some(ps) = self.pools.get_mut(wk.pool) else {
+            return;
+        };
+        let Some(w) = ps.pool.workers.get_mut(wk.key) else {
             return;
         };
         w.drain_deadline = Some(Instant::now() + timeout);
         let (id, slot, in_flight) = (w.id, w.slot, w.in_flight.len());
-        if let Some(s) = slot.and_then(|s| self.slots.get_mut(s)) {
+        if let Some(s) = slot.and_then(|s| ps.slots.get_mut(s)) {
             s.retired = true;
         }
         info!(
             worker = id,
+            pool = %ps.cfg.name,
             in_flight,
             timeout_ms = timeout.as_millis() as u64,
             "worker draining"
         );
-        self.drain_worker(key);
+        self.drain_worker(wk);
     }
 
-    /// Advances a rolling restart: one replacement at a time; the old worker
-    /// drains only once its replacement is ready.
+    /// Advances every pool's rolling restart.
     pub(super) fn step_rolling(&mut self) {
-        if let Some((old, new)) = self.rolling_current {
-            let new_slot = self.slots.get(new);
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for p in keys {
+            self.step_rolling_pool(p);
+        }
+    }
+
+    /// Advances pool `p`'s rolling restart: one replacement at a time; the
+    /// old worker drains only once its replacement is ready.
+    fn step_rolling_pool(&mut self, p: usize) {
+        let ps = &mut self.pools[p];
+        if let Some((old, new)) = ps.rolling_current {
+            let new_slot = ps.slots.get(new);
             let ready = new_slot
                 .and_then(|s| s.worker)
-                .and_then(|k| self.pool.workers.get(k))
+                .and_then(|k| ps.pool.workers.get(k))
                 .is_some_and(|w| w.state == State::Ready);
             if !ready {
                 if new_slot.is_none_or(|s| s.given_up) {
-                    error!("rolling restart aborted: the replacement worker does not start");
-                    self.rolling.clear();
-                    self.rolling_current = None;
+                    error!(pool = %ps.cfg.name, "rolling restart aborted: the replacement worker does not start");
+                    ps.rolling.clear();
+                    ps.rolling_current = None;
                 }
                 return;
             }
-            self.rolling_current = None;
-            if self.rolling.is_empty() {
-                info!("rolling restart finished: every worker replaced");
+            ps.rolling_current = None;
+            if ps.rolling.is_empty() {
+                info!(pool = %ps.cfg.name, "rolling restart finished: every worker replaced");
             }
-            if let Some(wkey) = self.slots.get(old).and_then(|s| s.worker) {
-                self.retire_worker(wkey, self.cfg.drain_timeout);
-            } else if let Some(s) = self.slots.get_mut(old) {
+            if let Some(wkey) = ps.slots.get(old).and_then(|s| s.worker) {
+                let t = ps.cfg.drain_timeout;
+                self.retire_worker(Wk { pool: p, key: wkey }, t);
+            } else if let Some(s) = ps.slots.get_mut(old) {
                 // Between a crash and its restart: just do not restart it.
                 s.retired = true;
                 if s.pid.is_none() {
-                    self.slots.remove(old);
+                    ps.slots.remove(old);
                 }
             }
         }
-        while let Some(old) = self.rolling.pop_front() {
-            if self.slots.get(old).is_none_or(|s| s.retired) {
+        while let Some(old) = self.pools[p].rolling.pop_front() {
+            if self.pools[p].slots.get(old).is_none_or(|s| s.retired) {
                 continue;
             }
-            match self.add_slot() {
+            match self.add_slot(p) {
                 Ok(new) => {
+                    let ps = &mut self.pools[p];
                     info!(
-                        old = self.slots[old].worker_id,
-                        new = self.slots[new].worker_id,
-                        left = self.rolling.len(),
+                        pool = %ps.cfg.name,
+                        old = ps.slots[old].worker_id,
+                        new = ps.slots[new].worker_id,
+                        left = ps.rolling.len(),
                         "rolling restart: replacing a worker"
                     );
-                    self.rolling_current = Some((old, new));
+                    ps.rolling_current = Some((old, new));
                 }
                 Err(e) => {
-                    error!(error = %e, "rolling restart aborted: cannot spawn a replacement");
-                    self.rolling.clear();
+                    let ps = &mut self.pools[p];
+                    error!(pool = %ps.cfg.name, error = %e, "rolling restart aborted: cannot spawn a replacement");
+                    ps.rolling.clear();
                 }
             }
             return;
         }
     }
 
-    /// Queues every spawned slot not being removed for a rolling restart
-    /// (`step_rolling` replaces them one at a time); returns how many.
-    pub(super) fn begin_rolling(&mut self) -> usize {
-        self.rolling = self
+    /// Queues every spawned slot of pool `p` not being removed for a
+    /// rolling restart (`step_rolling` replaces them one at a time);
+    /// returns how many.
+    pub(super) fn begin_rolling(&mut self, p: usize) -> usize {
+        let ps = &mut self.pools[p];
+        ps.rolling = ps
             .slots
             .iter()
             .filter(|(_, s)| !s.retired)
             .map(|(k, _)| k)
             .collect();
-        self.rolling.len()
+        ps.rolling.len()
     }
 
-    /// Spawned workers that are not being removed.
-    pub(super) fn spawned_live(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|(_, s)| !s.retired && !s.given_up)
-            .count()
-    }
-
-    /// Between `--min-workers` and `--max-workers`: adds a worker while
-    /// every one is full and clients wait, retires one idle for
+    /// Between `--min-workers` and `--max-workers`, per pool: adds a worker
+    /// while every one is full and clients wait, retires one idle for
     /// `--scale-idle-timeout`. One step at a time, so a burst does not
     /// spawn a crowd.
     pub(super) fn autoscale(&mut self, now: Instant) {
-        if self.shutdown.is_some() || self.rolling_current.is_some() {
+        if self.shutdown.is_some() {
             return;
         }
-        let live = self.spawned_live();
-        let bounds = crate::pool::ScaleBounds {
-            min: self.cfg.min_workers,
-            max: self.cfg.max_workers,
-            idle: self.cfg.scale_idle_timeout,
-        };
-        match self.pool.scale(live, bounds, now) {
-            crate::pool::Scale::Hold => {}
-            crate::pool::Scale::Add => {
-                info!(
-                    workers = live + 1,
-                    max = bounds.max,
-                    "autoscale: every worker is full; adding one"
-                );
-                if let Err(e) = self.add_slot() {
-                    error!(error = %e, "autoscale: cannot spawn a worker");
-                }
+        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        for p in keys {
+            let ps = &self.pools[p];
+            if ps.rolling_current.is_some() || ps.removing {
+                continue;
             }
-            crate::pool::Scale::Retire(key) => {
-                info!(
-                    worker = self.pool.workers[key].id,
-                    workers = live - 1,
-                    min = bounds.min,
-                    "autoscale: retiring an idle worker"
-                );
-                self.retire_worker(key, self.cfg.drain_timeout);
+            let live = ps.spawned_live();
+            let bounds = crate::pool::ScaleBounds {
+                min: ps.cfg.min_workers,
+                max: ps.cfg.max_workers,
+                idle: ps.cfg.scale_idle_timeout,
+            };
+            match ps.pool.scale(live, bounds, now) {
+                crate::pool::Scale::Hold => {}
+                crate::pool::Scale::Add => {
+                    info!(
+                        pool = %ps.cfg.name,
+                        workers = live + 1,
+                        max = bounds.max,
+                        "autoscale: every worker is full; adding one"
+                    );
+                    if let Err(e) = self.add_slot(p) {
+                        error!(error = %e, "autoscale: cannot spawn a worker");
+                    }
+                }
+                crate::pool::Scale::Retire(key) => {
+                    info!(
+                        pool = %ps.cfg.name,
+                        worker = ps.pool.workers[key].id,
+                        workers = live - 1,
+                        min = bounds.min,
+                        "autoscale: retiring an idle worker"
+                    );
+                    let t = ps.cfg.drain_timeout;
+                    self.retire_worker(Wk { pool: p, key }, t);
+                }
             }
         }
     }
 
     /// Re-reads the config file and applies what changed; returns a line
-    /// per change. The running configuration is untouched on error.
+    /// per change. The running configuration is untouched on error: new
+    /// listeners are bound before anything else changes.
+    ///
+    /// Pools are matched by name. A new pool is started; a pool no longer
+    /// in the file stops listening and its workers drain (it goes once
+    /// they have); a listener the file gives to another pool moves to it
+    /// without closing. For a pool kept, a changed worker command or
+    /// sandbox means a rolling restart, and its worker count is met by
+    /// adding or draining workers.
     pub(super) fn reload(&mut self) -> Result<Vec<String>, String> {
         let Some(loader) = self.reload.as_ref().filter(|l| l.config_path().is_some()) else {
             return Err("nothing to reload: baton was started without --config".to_string());
         };
-        let new = loader.load().map_err(|e| e.to_string())?;
-        let old = self.cfg.clone();
+        let mut new = loader.load().map_err(|e| e.to_string())?;
         let mut changes = Vec::new();
+        let several = new.pools.len() > 1 || self.pools.len() > 1;
+        let say = |changes: &mut Vec<String>, pool: &str, what: String| {
+            changes.push(if several {
+                format!("pool `{pool}`: {what}")
+            } else {
+                what
+            });
+        };
 
         // Listeners: bind the new ones first, so that an error changes nothing.
         let mut added = Vec::new();
-        for l in new.listen.iter().filter(|l| !old.listen.contains(l)) {
-            let sock = crate::listener::bind(l.0, new.backlog)
-                .map_err(|e| format!("cannot listen on {}: {e}", l.0))?;
-            added.push((l.clone(), sock));
+        for pc in &new.pools {
+            for l in &pc.listen {
+                if self.listeners.iter().any(|(_, x)| x.spec == l.0) {
+                    continue;
+                }
+                let sock = crate::listener::bind(l.0, new.backlog)
+                    .map_err(|e| format!("cannot listen on {}: {e}", l.0))?;
+                let addr = sock.local_addr().map_err(|e| e.to_string())?;
+                added.push((pc.name.clone(), l.0, addr, sock));
+            }
         }
-        let removed: Vec<usize> = old
-            .listen
+
+        // Pools no longer in the file.
+        let gone: Vec<usize> = self
+            .pools
             .iter()
-            .enumerate()
-            .filter(|(_, l)| !new.listen.contains(l))
-            .map(|(i, _)| i)
+            .filter(|(_, ps)| !ps.removing && !new.pools.iter().any(|n| n.name == ps.cfg.name))
+            .map(|(k, _)| k)
             .collect();
-        for i in removed.into_iter().rev() {
-            let mut l = self.listeners.remove(i);
-            if l.registered {
-                let _ = self.poll.registry().deregister(&mut l.sock);
-            }
-            changes.push(format!("stopped listening on {}", l.addr));
+        for p in gone {
+            let name = self.pools[p].cfg.name.clone();
+            self.remove_pool(p);
+            changes.push(format!(
+                "pool `{name}` removed: it stops listening and its workers drain"
+            ));
         }
-        // Re-register the rest under their new indices.
-        for l in self.listeners.iter_mut() {
-            if l.registered {
-                let _ = self.poll.registry().deregister(&mut l.sock);
-                l.registered = false;
+
+        // Pools new in the file, and each kept pool's configuration.
+        let mut fresh = Vec::new();
+        for pc in std::mem::take(&mut new.pools) {
+            let existing = self
+                .pools
+                .iter()
+                .find(|(_, ps)| !ps.removing && ps.cfg.name == pc.name)
+                .map(|(k, _)| k);
+            match existing {
+                Some(p) => self.reconfigure(p, pc, &mut changes, &say)?,
+                None => {
+                    let name = pc.name.clone();
+                    let workers = pc.workers;
+                    let p = self.pools.insert(PoolState::new(pc));
+                    info!(pool = %name, workers, "pool added");
+                    changes.push(format!("pool `{name}` added"));
+                    fresh.push(p);
+                }
             }
         }
-        for (_, sock) in added {
-            let addr = sock.local_addr().map_err(|e| e.to_string())?;
-            info!(addr = %addr, listener = self.listeners.len(), "listening");
-            changes.push(format!("listening on {addr}"));
-            self.listeners.push(super::Listener {
+
+        // Listeners: each goes to the pool that claims it now, or closes.
+        let claims = |acc: &Acceptor, spec: std::net::SocketAddr| {
+            acc.pools
+                .iter()
+                .find(|(_, ps)| !ps.removing && ps.cfg.listen.iter().any(|l| l.0 == spec))
+                .map(|(k, _)| k)
+        };
+        let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
+        for k in keys {
+            let spec = self.listeners[k].spec;
+            match claims(self, spec) {
+                Some(q) if q == self.listeners[k].pool => {}
+                Some(q) => {
+                    let l = &mut self.listeners[k];
+                    if l.registered {
+                        let _ = self.poll.registry().deregister(&mut l.sock);
+                        l.registered = false;
+                    }
+                    l.pool = q;
+                    let addr = l.addr;
+                    let name = self.pools[q].cfg.name.clone();
+                    info!(addr = %addr, pool = %name, "listener moved to another pool");
+                    say(
+                        &mut changes,
+                        &name,
+                        format!("listening on {addr} (moved from another pool)"),
+                    );
+                }
+                None => {
+                    let mut l = self.listeners.remove(k);
+                    if l.registered {
+                        let _ = self.poll.registry().deregister(&mut l.sock);
+                    }
+                    let name = self
+                        .pools
+                        .get(l.pool)
+                        .map(|ps| ps.cfg.name.clone())
+                        .unwrap_or_default();
+                    info!(addr = %l.addr, pool = %name, "stopped listening");
+                    say(
+                        &mut changes,
+                        &name,
+                        format!("stopped listening on {}", l.addr),
+                    );
+                }
+            }
+        }
+        for (name, spec, addr, sock) in added {
+            let Some(pool) = claims(self, spec) else {
+                continue;
+            };
+            info!(addr = %addr, pool = %name, "listening");
+            say(&mut changes, &name, format!("listening on {addr}"));
+            self.listeners.insert(Listener {
                 sock,
                 addr,
+                spec,
                 registered: false,
+                pool,
             });
         }
 
-        if new.balance != old.balance {
-            self.pool.set_balance(new.balance);
-            changes.push(format!("balance: {}", new.balance));
-        }
-        if new.worker_connections != old.worker_connections {
-            for (_, w) in self.pool.workers.iter_mut() {
-                let announced = w.announced;
-                w.set_capacity(announced, new.worker_connections);
-            }
-            changes.push(format!("worker-connections: {}", new.worker_connections));
-        }
         for (what, changed) in [
-            ("control socket", new.control != old.control),
-            ("worker socket", new.worker_socket != old.worker_socket),
+            ("control socket", new.control != self.cfg.control),
+            ("worker socket", new.worker_socket != self.cfg.worker_socket),
             (
                 "log settings",
-                new.log_format != old.log_format || new.log_level != old.log_level,
+                new.log_format != self.cfg.log_format || new.log_level != self.cfg.log_level,
             ),
         ] {
             if changed {
                 warn!("reload: a new {what} takes effect only when baton restarts");
             }
         }
-        let command_changed =
-            new.command.program != old.command.program || new.command.args != old.command.args;
-        let target = new.workers;
         // Keep the sockets the process was started with.
-        let (control, worker_socket) = (old.control.clone(), old.worker_socket.clone());
-        self.cfg = Config {
-            control,
-            worker_socket,
-            ..new
-        };
-        if command_changed {
-            changes.push("worker command changed: rolling restart".to_string());
-            self.begin_rolling();
-        }
-        let live = self.spawned_live();
-        if target > live {
-            let ids = self.add_workers((target - live) as u32)?;
-            changes.push(format!("workers: added {ids:?}"));
-        } else if target < live {
-            let ids = self.remove_workers(None, Some((live - target) as u32), None)?;
-            changes.push(format!("workers: draining {ids:?}"));
+        new.control = self.cfg.control.clone();
+        new.worker_socket = self.cfg.worker_socket.clone();
+        self.cfg = new;
+
+        for p in fresh {
+            let n = self.pools[p].cfg.workers as u32;
+            let ids = self.add_workers(p, n)?;
+            let name = self.pools[p].cfg.name.clone();
+            say(&mut changes, &name, format!("workers: added {ids:?}"));
         }
         Ok(changes)
     }
 
+    /// Applies a kept pool's new configuration.
+    fn reconfigure(
+        &mut self,
+        p: usize,
+        pc: PoolConfig,
+        changes: &mut Vec<String>,
+        say: &dyn Fn(&mut Vec<String>, &str, String),
+    ) -> Result<(), String> {
+        let ps = &mut self.pools[p];
+        let name = pc.name.clone();
+        if pc.balance != ps.cfg.balance {
+            ps.pool.set_balance(pc.balance);
+            say(changes, &name, format!("balance: {}", pc.balance));
+        }
+        if pc.worker_connections != ps.cfg.worker_connections {
+            for (_, w) in ps.pool.workers.iter_mut() {
+                let announced = w.announced;
+                w.set_capacity(announced, pc.worker_connections);
+            }
+            say(
+                changes,
+                &name,
+                format!("worker-connections: {}", pc.worker_connections),
+            );
+        }
+        let command_changed =
+            pc.command.program != ps.cfg.command.program || pc.command.args != ps.cfg.command.args;
+        let sandbox_changed = pc.sandbox != ps.cfg.sandbox;
+        let target = pc.workers;
+        ps.cfg = pc;
+        if command_changed || sandbox_changed {
+            let what = if command_changed {
+                "worker command"
+            } else {
+                "sandbox"
+            };
+            say(changes, &name, format!("{what} changed: rolling restart"));
+            self.begin_rolling(p);
+        }
+        let live = self.pools[p].spawned_live();
+        if target > live {
+            let ids = self.add_workers(p, (target - live) as u32)?;
+            say(changes, &name, format!("workers: added {ids:?}"));
+        } else if target < live {
+            let ids = self.remove_workers(Some(p), None, Some((live - target) as u32), None)?;
+            say(changes, &name, format!("workers: draining {ids:?}"));
+        }
+        Ok(())
+    }
+
+    /// Takes pool `p` out of service: its listeners close, its parked
+    /// connections close, its workers drain and are not restarted; the
+    /// loop forgets it once they have gone.
+    pub(super) fn remove_pool(&mut self, p: usize) {
+        let ps = &mut self.pools[p];
+        ps.removing = true;
+        ps.rolling.clear();
+        ps.rolling_current = None;
+        for (_, s) in ps.slots.iter_mut() {
+            s.retired = true;
+            s.restart_at = None;
+        }
+        let t = ps.cfg.drain_timeout;
+        info!(pool = %ps.cfg.name, workers = ps.pool.workers.len(), "pool removed: its workers drain");
+        let keys: Vec<usize> = ps.pool.workers.iter().map(|(k, _)| k).collect();
+        // Listeners it keeps in the new configuration are moved, not
+        // closed, by the caller; the others close here.
+        self.close_all_parked(Some(p));
+        for key in keys {
+            self.retire_worker(Wk { pool: p, key }, t);
+        }
+    }
+
     // ---- self-registering workers ----------------------------------------
 
+    /// Workers that register themselves join the first pool.
     pub(super) fn on_worker_socket_accept(&mut self) {
         while let Some((fd, peer)) = accept_local(self.worker_listener.as_ref(), "worker socket") {
             if !uid_allowed(peer.uid, self.own_uid, &self.cfg.worker_allow_uid) {
@@ -321,6 +501,10 @@ impl Acceptor {
                     .refused("worker socket", peer, Instant::now());
                 continue;
             }
+            let Some(p) = self.first_pool() else {
+                warn!(pid = peer.pid, "worker socket: no pool to join");
+                continue;
+            };
             let chan = match Channel::from_fd(fd) {
                 Ok(c) => c,
                 Err(e) => {
@@ -330,7 +514,7 @@ impl Acceptor {
             };
             let id = self.next_worker_id;
             self.next_worker_id += 1;
-            if let Err(e) = self.add_to_pool(id, chan, None, peer.pid) {
+            if let Err(e) = self.add_to_pool(p, id, chan, None, peer.pid) {
                 error!(error = %e, "worker socket: cannot watch a worker");
                 continue;
             }
@@ -338,6 +522,7 @@ impl Acceptor {
                 worker = id,
                 pid = peer.pid,
                 uid = peer.uid,
+                pool = %self.pools[p].cfg.name,
                 "worker registering"
             );
         }

@@ -17,6 +17,8 @@ use crate::pool::Held;
 /// An idle keep-alive connection the acceptor holds for its client's next
 /// request.
 pub(super) struct ParkedConn {
+    /// The pool it came from, and goes back to.
+    pub(super) pool: usize,
     pub(super) info: ConnInfo,
     pub(super) fd: OwnedFd,
     pub(super) deadline: Instant,
@@ -59,8 +61,14 @@ impl Acceptor {
     /// client's next request. With the fd budget full, the connection idle
     /// the longest makes room (as nginx reuses idle connections): a new
     /// client never waits because old ones sit idle.
-    pub(super) fn park(&mut self, p: baton_sdk::proto::Parked, fd: OwnedFd, now: Instant) {
-        if self.shutdown.is_some() {
+    pub(super) fn park(
+        &mut self,
+        pool: usize,
+        p: baton_sdk::proto::Parked,
+        fd: OwnedFd,
+        now: Instant,
+    ) {
+        if self.shutdown.is_some() || self.pools.get(pool).is_none_or(|ps| ps.removing) {
             self.stats.parked_closed += 1;
             return;
         }
@@ -84,6 +92,7 @@ impl Acceptor {
             return;
         }
         self.parked.insert(ParkedConn {
+            pool,
             info: p.info,
             fd,
             deadline,
@@ -119,14 +128,19 @@ impl Acceptor {
         let Some(p) = self.unpark(key) else {
             return;
         };
+        let Some(ps) = self.pools.get_mut(p.pool).filter(|ps| !ps.removing) else {
+            // Its pool was removed by a reload: nobody to serve it.
+            self.stats.parked_closed += 1;
+            return;
+        };
         if closed {
             // Dropped: closed.
             self.stats.parked_closed += 1;
             return;
         }
         self.stats.unparked += 1;
-        // Like a new connection, to the least loaded worker (pump).
-        self.pending.push_back(Held {
+        // Like a new connection, to its pool's least loaded worker (pump).
+        ps.pending.push_back(Held {
             info: p.info,
             fd: p.fd,
             accepted: Instant::now(),
@@ -144,8 +158,14 @@ impl Acceptor {
         }
     }
 
-    pub(super) fn close_all_parked(&mut self) {
-        let keys: Vec<usize> = self.parked.iter().map(|(k, _)| k).collect();
+    /// Closes the parked connections of pool `p`, or of every pool.
+    pub(super) fn close_all_parked(&mut self, p: Option<usize>) {
+        let keys: Vec<usize> = self
+            .parked
+            .iter()
+            .filter(|(_, c)| p.is_none_or(|p| c.pool == p))
+            .map(|(k, _)| k)
+            .collect();
         for key in keys {
             self.unpark(key);
             self.stats.parked_closed += 1;

@@ -107,9 +107,9 @@ fn read_to_end(w: &mut crate::pool::Worker) {
 impl Acceptor {
     // ---- workers --------------------------------------------------------
 
-    pub(super) fn on_worker_readable(&mut self, key: usize) {
+    pub(super) fn on_worker_readable(&mut self, key: Wk) {
         loop {
-            let Some(w) = self.pool.workers.get_mut(key) else {
+            let Some(w) = self.worker(key) else {
                 return;
             };
             match w.chan.try_recv() {
@@ -155,7 +155,11 @@ impl Acceptor {
                             return;
                         }
                     }
-                    if let Some(w) = self.pool.workers.get_mut(key) {
+                    if let Some(w) = self
+                        .pools
+                        .get_mut(key.pool)
+                        .and_then(|ps| ps.pool.workers.get_mut(key.key))
+                    {
                         for id in lost {
                             if w.parked(id) {
                                 self.stats.parked_closed += 1;
@@ -171,10 +175,11 @@ impl Acceptor {
         }
     }
 
-    pub(super) fn on_worker_msg(&mut self, key: usize, r: baton_sdk::Received) -> Result<(), Gone> {
-        let max_cap = self.cfg.worker_connections;
-        let drain_now = self.drain_sent;
-        let w = &mut self.pool.workers[key];
+    pub(super) fn on_worker_msg(&mut self, key: Wk, r: baton_sdk::Received) -> Result<(), Gone> {
+        let ps = &mut self.pools[key.pool];
+        let max_cap = ps.cfg.worker_connections;
+        let drain_now = ps.drain_sent;
+        let w = &mut ps.pool.workers[key.key];
         match (w.state, r.msg) {
             (State::Starting, Msg::Hello { .. }) if r.version > baton_sdk::proto::VERSION => {
                 // decode() refuses versions it does not know; belt and braces.
@@ -184,15 +189,15 @@ impl Acceptor {
                 // Checked from outside before its first connection: the
                 // process (as spawned, or as SO_PEERCRED saw it) must be
                 // confined as the pool's profile says.
-                let check = w.slot.is_some() || self.cfg.worker_require_sandbox;
+                let check = w.slot.is_some() || ps.cfg.worker_require_sandbox;
                 if let (true, Some(profile), Some(real)) =
-                    (check, self.cfg.sandbox.profile.as_ref(), w.pid)
+                    (check, ps.cfg.sandbox.profile.as_ref(), w.pid)
                 {
                     // Out of fds on our side is not the worker's fault: it is
                     // stopped and restarted, never given up for that.
                     if let Err(e) = std::fs::File::open(format!("/proc/{real}/status")) {
                         if supervisor::is_resource_error(&e) {
-                            if let Some(slot) = w.slot.and_then(|k| self.slots.get_mut(k)) {
+                            if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
                                 slot.spared = true;
                             }
                             return Err(Gone::Unverifiable(format!(
@@ -202,7 +207,7 @@ impl Acceptor {
                     }
                     if let Err(m) = baton_sdk::sandbox::verify(real, profile) {
                         // The same profile would fail the same way: no restart.
-                        if let Some(slot) = w.slot.and_then(|k| self.slots.get_mut(k)) {
+                        if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
                             slot.given_up = true;
                         }
                         return Err(Gone::Sandbox(baton_sdk::sandbox::describe(&m)));
@@ -229,6 +234,7 @@ impl Acceptor {
                 info!(
                     worker = w.id,
                     pid = pid,
+                    pool = %ps.cfg.name,
                     capacity = w.capacity,
                     protocol = w.chan.version(),
                     "worker ready"
@@ -277,7 +283,9 @@ impl Acceptor {
             (_, Msg::Park(ps)) => {
                 let now = Instant::now();
                 for (p, fd) in ps.into_iter().zip(r.fds) {
-                    let w = &mut self.pool.workers[key];
+                    let Some(w) = self.worker(key) else {
+                        return Ok(());
+                    };
                     if !w.parked(p.info.id) {
                         return Err(Gone::Protocol(format!(
                             "PARK of connection {}, which it does not own",
@@ -287,7 +295,7 @@ impl Acceptor {
                     // The fd goes to another worker later: it must be that
                     // TCP connection, not whatever the worker can open.
                     match parked_fd_is(&fd, &p.info) {
-                        Ok(true) => self.park(p, fd, now),
+                        Ok(true) => self.park(key.pool, p, fd, now),
                         // The client is gone already: nothing to hold.
                         Ok(false) => self.stats.parked_closed += 1,
                         Err(why) => {
@@ -318,13 +326,14 @@ impl Acceptor {
     /// re-dispatched only if the worker never said it owned it, and it can
     /// no longer say so: nothing is served twice, and the counts (`lost`,
     /// `handled`) are exact.
-    pub(super) fn close_worker(&mut self, key: usize, why: Gone) {
-        let Some(w) = self.pool.workers.get_mut(key) else {
+    pub(super) fn close_worker(&mut self, key: Wk, why: Gone) {
+        let Some(w) = self.worker(key) else {
             return;
         };
         let _ = w.chan.shutdown();
         read_to_end(w);
-        let mut w = self.pool.workers.remove(key);
+        let ps = &mut self.pools[key.pool];
+        let mut w = ps.pool.workers.remove(key.key);
         let _ = self
             .poll
             .registry()
@@ -333,10 +342,12 @@ impl Acceptor {
         let unacked = w.take_unacked();
         let n = unacked.len();
         for h in unacked.into_iter().rev() {
-            self.pending.push_front(h);
+            ps.pending.push_front(h);
         }
         self.stats.redispatched += n as u64;
         self.stats.lost += lost as u64;
+        ps.stats.redispatched += n as u64;
+        ps.stats.lost += lost as u64;
         let quiet = n == 0 && lost == 0 && !why.kill();
         if (w.state == State::Draining && why.orderly() && quiet)
             || (quiet && self.shutdown.is_some())
@@ -344,6 +355,7 @@ impl Acceptor {
             info!(
                 worker = w.id,
                 pid = w.pid,
+                pool = %ps.cfg.name,
                 reason = %why,
                 handled = w.handled,
                 "worker disconnected"
@@ -354,6 +366,7 @@ impl Acceptor {
             warn!(
                 worker = w.id,
                 pid = w.pid,
+                pool = %ps.cfg.name,
                 reason = %why,
                 handled = w.handled,
                 redispatched = n,
@@ -361,7 +374,7 @@ impl Acceptor {
                 "worker disconnected"
             );
         }
-        if let Some(slot) = w.slot.and_then(|s| self.slots.get_mut(s)) {
+        if let Some(slot) = w.slot.and_then(|s| ps.slots.get_mut(s)) {
             slot.worker = None;
             // Welcomed and given work: whatever happens to it now is no
             // crash loop.
