@@ -26,6 +26,24 @@
 //! unshare = "ipc,uts"
 //! ```
 //!
+//! Several pools are `[[pool]]` sections, each with a `name` and its own
+//! `listen` list (and any other pool key):
+//!
+//! ```toml
+//! [[pool]]
+//! name = "site"
+//! listen = ["127.0.0.1:8080"]
+//! root = "./public"
+//! workers = 2
+//!
+//! [[pool]]
+//! name = "echo"
+//! listen = ["127.0.0.1:9000"]
+//! command = ["target/release/baton-echo"]
+//! workers = 1
+//! user = "nobody"
+//! ```
+//!
 //! Unknown keys are errors, reported with their line and column, so that a
 //! typo never silently falls back to a default.
 
@@ -73,12 +91,27 @@ pub fn parse(text: &str) -> Result<toml::Table, String> {
 /// The first key of the `[pool]` table that [`PoolOptions`] refuses, with
 /// the span to point at (the key when unknown, else its value) and why.
 fn in_pool(text: &str) -> Option<(std::ops::Range<usize>, String)> {
+    type Section = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
     #[derive(Deserialize)]
-    struct Pool {
+    struct One {
         #[serde(default)]
-        pool: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+        pool: Section,
     }
-    let pool = toml::from_str::<Pool>(text).ok()?.pool;
+    #[derive(Deserialize)]
+    struct Many {
+        pool: Vec<Section>,
+    }
+    let sections = match toml::from_str::<One>(text) {
+        Ok(one) => vec![one.pool],
+        Err(_) => toml::from_str::<Many>(text).ok()?.pool,
+    };
+    sections.into_iter().find_map(pool_section_error)
+}
+
+/// The first key of one pool section that [`PoolOptions`] refuses.
+fn pool_section_error(
+    pool: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+) -> Option<(std::ops::Range<usize>, String)> {
     let mut entries: Vec<_> = pool.into_iter().collect();
     entries.sort_by_key(|(k, _)| k.span().start);
     entries.into_iter().find_map(|(k, v)| {

@@ -564,7 +564,7 @@ impl Options {
             let pool = p
                 .into_pool(name.clone(), &self.listen, registering)
                 .map_err(|e| if several { e.in_pool(&name) } else { e })?;
-            for l in &pool.listen {
+            for l in pool.listen.iter().filter(|l| l.0.port() != 0) {
                 if let Some(other) = built.iter().find(|b| b.listen.contains(l)) {
                     return Err(ConfigError::Invalid(format!(
                         "listener {} is claimed by pool `{}` and by pool `{}`: give each address to one pool",
@@ -628,7 +628,8 @@ impl PoolOptions {
             ));
         }
         for (i, l) in listen.iter().enumerate() {
-            if listen[..i].contains(l) {
+            // Port 0 asks for a free port: never the same listener twice.
+            if l.0.port() != 0 && listen[..i].contains(l) {
                 return Err(ConfigError::Invalid(format!(
                     "listener {} is given twice",
                     l.0

@@ -282,9 +282,19 @@ impl Acceptor {
 
         // Listeners: bind the new ones first, so that an error changes nothing.
         let mut added = Vec::new();
+        // A port-0 listener ("any free port") is the same listener only for
+        // the pool that had it; any other address is matched across pools.
+        let same = |acc: &Acceptor, x: &Listener, pool: &str, spec: std::net::SocketAddr| {
+            x.spec == spec
+                && (spec.port() != 0 || acc.pools.get(x.pool).is_some_and(|ps| ps.cfg.name == pool))
+        };
         for pc in &new.pools {
             for l in &pc.listen {
-                if self.listeners.iter().any(|(_, x)| x.spec == l.0) {
+                if self
+                    .listeners
+                    .iter()
+                    .any(|(_, x)| same(self, x, &pc.name, l.0))
+                {
                     continue;
                 }
                 let sock = crate::listener::bind(l.0, new.backlog)
@@ -331,16 +341,17 @@ impl Acceptor {
         }
 
         // Listeners: each goes to the pool that claims it now, or closes.
-        let claims = |acc: &Acceptor, spec: std::net::SocketAddr| {
+        let claims = |acc: &Acceptor, spec: std::net::SocketAddr, now: Option<usize>| {
             acc.pools
                 .iter()
+                .filter(|(k, _)| spec.port() != 0 || now.is_none_or(|n| n == *k))
                 .find(|(_, ps)| !ps.removing && ps.cfg.listen.iter().any(|l| l.0 == spec))
                 .map(|(k, _)| k)
         };
         let keys: Vec<usize> = self.listeners.iter().map(|(k, _)| k).collect();
         for k in keys {
             let spec = self.listeners[k].spec;
-            match claims(self, spec) {
+            match claims(self, spec, Some(self.listeners[k].pool)) {
                 Some(q) if q == self.listeners[k].pool => {}
                 Some(q) => {
                     let l = &mut self.listeners[k];
@@ -378,7 +389,12 @@ impl Acceptor {
             }
         }
         for (name, spec, addr, sock) in added {
-            let Some(pool) = claims(self, spec) else {
+            let Some(pool) = self
+                .pools
+                .iter()
+                .find(|(_, ps)| !ps.removing && ps.cfg.name == name)
+                .map(|(k, _)| k)
+            else {
                 continue;
             };
             info!(addr = %addr, pool = %name, "listening");

@@ -66,7 +66,19 @@ impl Baton {
         Baton::start_with(Command::new(bin("baton")), args, workers)
     }
 
-    pub fn start_with(mut cmd: Command, args: &[&str], workers: usize) -> Baton {
+    pub fn start_with(cmd: Command, args: &[&str], workers: usize) -> Baton {
+        let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
+        Baton::start_counting(cmd, args, listeners, workers)
+    }
+
+    /// Like [`Baton::start_with`], waiting for `listeners` "listening"
+    /// lines (a config file may give several pools their own).
+    pub fn start_counting(
+        mut cmd: Command,
+        args: &[&str],
+        listeners: usize,
+        workers: usize,
+    ) -> Baton {
         // Every acceptor gets its own control socket, so tests run in
         // parallel without fighting over the default path.
         let dir = tempdir("baton-test");
@@ -111,7 +123,6 @@ impl Baton {
             control,
             dir,
         };
-        let listeners = args.iter().filter(|a| **a == "--listen").count().max(1);
         for _ in 0..listeners {
             let l = b.wait_for("listening", Duration::from_secs(20));
             let addr = l.field("addr").expect("listening line has addr");
@@ -125,6 +136,17 @@ impl Baton {
 
     pub fn addr(&self) -> SocketAddr {
         self.addrs[0]
+    }
+
+    /// The first address pool `pool` listens on (from its "listening"
+    /// line).
+    pub fn addr_of(&self, pool: &str) -> SocketAddr {
+        self.seen
+            .iter()
+            .find(|l| l.message() == "listening" && l.field("pool").as_deref() == Some(pool))
+            .and_then(|l| l.field("addr"))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("pool {pool} logged no listening line"))
     }
 
     pub fn pid(&self) -> i32 {
