@@ -26,11 +26,13 @@
 //!   table. The worker library (`workers/sdk`) owns it; this crate uses the
 //!   same codec.
 //! * [`acceptor`]: the event loop, its event sources and timers, how
-//!   connections move from listener to worker and back after a crash.
-//! * [`pool`]: per-worker accounting (in flight, unacknowledged) and the
-//!   balancing policy.
-//! * [`supervisor`]: spawning workers, reaping them, restart backoff and
-//!   crash-loop detection.
+//!   connections move from listener to worker and back after a crash, and
+//!   its pools (each with its own listeners, workers, sandbox and queue).
+//! * `pool` (src/pool.rs, crate-private): one pool's per-worker accounting
+//!   (in flight, unacknowledged) and the balancing and autoscaling
+//!   decisions, pure and unit-tested.
+//! * `supervisor` (src/supervisor.rs, crate-private): spawning workers,
+//!   reaping them, restart backoff and crash-loop detection.
 //! * [`sandbox`]: the workers' confinement as the acceptor sees it (options
 //!   resolved to a `baton_sdk::sandbox::Profile`, checked from /proc on
 //!   HELLO) and the acceptor's own capability drop; [`audit`] proves it
@@ -41,10 +43,10 @@
 //!   reload and autoscaling; `status`), listed in [`acceptor`]'s docs.
 //! * [`options`]: every option declared once, as flag, file key and
 //!   default; [`options::Loader`] lays the command line over the
-//!   [`file`](mod@file) (TOML) and builds the validated [`config`] (at
-//!   start-up, for `baton check`, and on reload). [`cli`] holds the
-//!   subcommands.
-//! * [`listener`], [`unix`], [`logging`]: the edges.
+//!   [`file`](mod@file) (TOML: one `[pool]` table or several `[[pool]]`
+//!   sections) and builds the validated [`config`] (at start-up, for
+//!   `baton check`, and on reload). [`cli`] holds the subcommands.
+//! * `listener`, `unix` (crate-private), [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
 //! protocol's living example) and `baton-static` (HTTP static files).
@@ -56,13 +58,13 @@ pub mod config;
 pub mod control;
 pub mod ctl;
 pub mod file;
-pub mod listener;
+mod listener;
 pub mod logging;
 pub mod options;
-pub mod pool;
+mod pool;
 pub mod sandbox;
-pub mod supervisor;
-pub mod unix;
+mod supervisor;
+mod unix;
 
 use std::io;
 use std::net::SocketAddr;

@@ -28,8 +28,6 @@ pub const ACK_LAG: Duration = Duration::from_millis(100);
 pub struct Held {
     pub info: ConnInfo,
     pub fd: OwnedFd,
-    /// When it was first accepted (for logs and metrics).
-    pub accepted: Instant,
 }
 
 /// Lifecycle of a worker in the pool.
@@ -119,11 +117,6 @@ impl Worker {
     /// Whether it can take one more connection now.
     pub fn available(&self) -> bool {
         self.state == State::Ready && !self.blocked && (self.in_flight.len() as u32) < self.capacity
-    }
-
-    /// Connections sent and not yet acknowledged.
-    pub fn unacked(&self) -> usize {
-        self.unacked
     }
 
     /// Whether its oldest unacknowledged connection is older than
@@ -366,7 +359,6 @@ mod tests {
                 local: "127.0.0.1:2".parse().unwrap(),
             },
             fd: a.into(),
-            accepted: Instant::now(),
         }
     }
 
@@ -427,11 +419,11 @@ mod tests {
         assert!(w.done(3));
         assert!(!w.done(3));
         assert_eq!(w.oldest_unacked(), Some(now));
-        assert_eq!(w.unacked(), 2);
+        assert_eq!(w.unacked, 2);
         let back: Vec<u64> = w.take_unacked().iter().map(|h| h.info.id).collect();
         assert_eq!(back, vec![5, 9]);
         assert!(w.in_flight.is_empty());
-        assert_eq!(w.unacked(), 0);
+        assert_eq!(w.unacked, 0);
     }
 
     #[test]
@@ -507,6 +499,6 @@ mod tests {
         assert_eq!(p.workers[0].full_since, Some(now));
         assert!(p.workers[0].done(1), "DONE without ACK is accepted");
         assert_eq!(p.workers[0].full_since, None);
-        assert_eq!(p.workers[0].unacked(), 1);
+        assert_eq!(p.workers[0].unacked, 1);
     }
 }

@@ -315,7 +315,6 @@ impl Acceptor {
                                 local,
                             },
                             fd,
-                            accepted: now,
                         };
                         holding += 1;
                         if let Err(h) = self.dispatch(p, held, now) {

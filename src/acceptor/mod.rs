@@ -14,14 +14,14 @@
 //! | `WORKER_BASE + (pool << 20) + key` | a worker's SEQPACKET channel | HELLO / ACK / DONE / PARK; EOF = worker gone (read to its end first) |
 //! | `PARKED_BASE + key`    | a parked keep-alive connection | readable: back to `pending` for a worker; hang-up: closed |
 //!
-//! **Pools.** The acceptor runs one or more pools ([`PoolState`]), each
+//! **Pools.** The acceptor runs one or more pools (`PoolState`), each
 //! with its own listeners, worker command, sandbox, capacity, balancing,
 //! supervisor slots, pending queue and rolling restart. A connection
 //! accepted on a pool's listener goes only to that pool's workers (and,
 //! parked, comes back to it). What is the acceptor's own is shared by all
 //! pools: the fd budget, the parked set, the control and worker sockets
 //! (registering workers join the first pool), the metrics endpoint. A
-//! worker is named by its pool and its key there ([`Wk`]). Each pool has a
+//! worker is named by its pool and its key there (`Wk`). Each pool has a
 //! small shared memory file (memfd) that every worker it spawns inherits
 //! (`BATON_SHARED_FD`): state the workers of one pool share, such as a
 //! proxy's view of its upstreams' health.

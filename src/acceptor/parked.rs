@@ -143,7 +143,6 @@ impl Acceptor {
         ps.pending.push_back(Held {
             info: p.info,
             fd: p.fd,
-            accepted: Instant::now(),
         });
     }
 
