@@ -35,32 +35,43 @@ pub const BACKOFF_PROVEN_MAX: Duration = Duration::from_secs(1);
 /// backs off from [`BACKOFF_START`] to [`BACKOFF_PROVEN_MAX`].
 pub const PROVEN_QUICK: Duration = Duration::from_secs(1);
 
+/// Where a slot's process is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// No process and none planned: not spawned yet, or stopped at
+    /// shutdown.
+    Idle,
+    /// Its process runs.
+    Running { pid: i32 },
+    /// Its process exited; the next one is due at `at`.
+    Restarting { at: Instant },
+    /// It is not restarted again (crash loop, or a sandbox that cannot
+    /// apply); `pid` while its last process still runs.
+    GivenUp { pid: Option<i32> },
+}
+
 /// One spawned worker position in the pool.
 #[derive(Debug)]
 pub struct Slot {
-    /// The pid of the running process, until it is reaped.
-    pub pid: Option<i32>,
+    life: Life,
     /// The worker id of the current (or last) process.
-    pub worker_id: u32,
+    worker_id: u32,
     /// Pool key of its channel while connected.
-    pub worker: Option<usize>,
-    pub started: Instant,
+    worker: Option<usize>,
+    started: Instant,
     /// Consecutive exits that came sooner than the restart window.
-    pub failures: u32,
-    pub restarts: u32,
-    pub restart_at: Option<Instant>,
-    /// Crash-looped: no more restarts.
-    pub given_up: bool,
+    failures: u32,
+    restarts: u32,
     /// Being removed: its worker drains and is not restarted.
-    pub retired: bool,
+    retired: bool,
     /// The current process said HELLO and was given connections: its exit
     /// is never a crash loop.
-    pub proven: bool,
+    proven: bool,
     /// The current process was stopped for want of resources (fds) on the
     /// acceptor's side: its exit is not its failure.
-    pub spared: bool,
+    spared: bool,
     /// Consecutive quick exits of proven processes (for their backoff).
-    pub proven_failures: u32,
+    proven_failures: u32,
 }
 
 /// What to do after a worker's process exited.
@@ -74,19 +85,138 @@ impl Slot {
     /// A slot for a worker about to be spawned.
     pub fn new(now: Instant) -> Slot {
         Slot {
-            pid: None,
+            life: Life::Idle,
             worker_id: 0,
             worker: None,
             started: now,
             failures: 0,
             restarts: 0,
-            restart_at: None,
-            given_up: false,
             retired: false,
             proven: false,
             spared: false,
             proven_failures: 0,
         }
+    }
+
+    /// A process was spawned for it: worker `id`, pid `pid`, connected as
+    /// pool key `worker`.
+    pub fn spawned(&mut self, pid: i32, id: u32, worker: usize, now: Instant) {
+        self.life = Life::Running { pid };
+        self.worker_id = id;
+        self.worker = Some(worker);
+        self.started = now;
+        self.proven = false;
+        self.spared = false;
+    }
+
+    pub fn life(&self) -> Life {
+        self.life
+    }
+
+    /// The pid of its process while one runs (until it is reaped).
+    pub fn pid(&self) -> Option<i32> {
+        match self.life {
+            Life::Running { pid } | Life::GivenUp { pid: Some(pid) } => Some(pid),
+            _ => None,
+        }
+    }
+
+    pub fn worker_id(&self) -> u32 {
+        self.worker_id
+    }
+
+    /// Pool key of its worker's channel, while connected.
+    pub fn worker(&self) -> Option<usize> {
+        self.worker
+    }
+
+    /// Its worker's channel is gone (the process may still run).
+    pub fn disconnected(&mut self) {
+        self.worker = None;
+    }
+
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    /// Its process is about to be spawned again.
+    pub fn note_restart(&mut self) {
+        self.restarts += 1;
+    }
+
+    pub fn is_given_up(&self) -> bool {
+        matches!(self.life, Life::GivenUp { .. })
+    }
+
+    /// Never restart it again (its process, if any, still has to exit).
+    pub fn give_up(&mut self) {
+        self.life = Life::GivenUp { pid: self.pid() };
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.retired
+    }
+
+    /// Being removed: not restarted, whatever happens to its process.
+    pub fn retire(&mut self) {
+        self.retired = true;
+        self.cancel_restart();
+    }
+
+    /// Its worker said HELLO and was given work (`served`): its exit is
+    /// no crash loop.
+    pub fn prove(&mut self, served: bool) {
+        self.proven |= served;
+    }
+
+    /// Its process is stopped for want of resources on the acceptor's side.
+    pub fn spare(&mut self) {
+        self.spared = true;
+    }
+
+    /// Its process was reaped (or killed and waited for).
+    pub fn reaped(&mut self) {
+        self.life = match self.life {
+            Life::GivenUp { .. } => Life::GivenUp { pid: None },
+            Life::Running { .. } => Life::Idle,
+            other => other,
+        };
+    }
+
+    /// A planned restart is called off (shutdown, removal).
+    pub fn cancel_restart(&mut self) {
+        if let Life::Restarting { .. } = self.life {
+            self.life = Life::Idle;
+        }
+    }
+
+    /// When its next process is due, if one is planned.
+    pub fn restart_at(&self) -> Option<Instant> {
+        match self.life {
+            Life::Restarting { at } => Some(at),
+            _ => None,
+        }
+    }
+
+    /// Plans its next process for `at` (a spawn that failed for want of
+    /// resources is retried).
+    pub fn retry_at(&mut self, at: Instant) {
+        if !self.is_given_up() {
+            self.life = Life::Restarting { at };
+        }
+    }
+
+    /// Waiting for a restart (not connected, not given up, not retired).
+    pub fn restarting(&self) -> bool {
+        self.worker.is_none() && !self.is_given_up() && !self.retired
     }
 
     /// Applies the restart policy to an exit of this slot's process.
@@ -100,11 +230,19 @@ impl Slot {
     ///   counted.
     /// * Otherwise (it never got as far as serving), exits within `window`
     ///   of the start count; past `max_restarts` in a row it is given up.
+    ///
+    /// A slot already given up stays so.
     pub fn exited(&mut self, now: Instant, window: Duration, max_restarts: u32) -> After {
+        self.reaped();
+        if self.is_given_up() {
+            return After::GiveUp;
+        }
         let quick = now.duration_since(self.started) < window;
         if std::mem::take(&mut self.spared) {
             self.proven = false;
-            self.restart_at = Some(now + BACKOFF_START);
+            self.life = Life::Restarting {
+                at: now + BACKOFF_START,
+            };
             return After::Restart(BACKOFF_START);
         }
         if std::mem::take(&mut self.proven) {
@@ -121,7 +259,7 @@ impl Slot {
                     .saturating_mul(1 << (n - 1).min(16))
                     .min(BACKOFF_PROVEN_MAX),
             };
-            self.restart_at = Some(now + delay);
+            self.life = Life::Restarting { at: now + delay };
             return After::Restart(delay);
         }
         if !quick {
@@ -129,14 +267,13 @@ impl Slot {
         }
         self.failures += 1;
         if self.failures > max_restarts {
-            self.given_up = true;
-            self.restart_at = None;
+            self.life = Life::GivenUp { pid: None };
             return After::GiveUp;
         }
         let delay = BACKOFF_START
             .saturating_mul(1 << (self.failures - 1).min(16))
             .min(BACKOFF_MAX);
-        self.restart_at = Some(now + delay);
+        self.life = Life::Restarting { at: now + delay };
         After::Restart(delay)
     }
 }
@@ -287,7 +424,7 @@ mod tests {
         assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START * 2));
         assert_eq!(s.exited(now, window, 3), After::Restart(BACKOFF_START * 4));
         assert_eq!(s.exited(now, window, 3), After::GiveUp);
-        assert!(s.given_up);
+        assert!(s.is_given_up());
     }
 
     #[test]
@@ -297,7 +434,7 @@ mod tests {
         let window = Duration::from_secs(10);
         let mut delays = Vec::new();
         for _ in 0..20 {
-            s.proven = true;
+            s.prove(true);
             match s.exited(now, window, 2) {
                 After::Restart(d) => delays.push(d),
                 After::GiveUp => panic!("a proven worker was given up"),
@@ -306,9 +443,9 @@ mod tests {
         assert_eq!(delays[0], BACKOFF_START);
         assert_eq!(delays[1], BACKOFF_START * 2);
         assert_eq!(*delays.last().unwrap(), BACKOFF_PROVEN_MAX, "capped");
-        assert!(!s.given_up);
+        assert!(!s.is_given_up());
         // One that ran a while is restarted at once.
-        s.proven = true;
+        s.prove(true);
         assert_eq!(
             s.exited(now + PROVEN_QUICK, window, 2),
             After::Restart(Duration::ZERO)
@@ -324,7 +461,7 @@ mod tests {
         let now = Instant::now();
         let mut s = slot(now);
         for _ in 0..10 {
-            s.spared = true;
+            s.spare();
             assert_eq!(
                 s.exited(now, Duration::from_secs(10), 1),
                 After::Restart(BACKOFF_START)

@@ -246,13 +246,13 @@ impl PoolState {
     pub(super) fn spawned_live(&self) -> usize {
         self.slots
             .iter()
-            .filter(|(_, s)| !s.retired && !s.given_up)
+            .filter(|(_, s)| !s.is_retired() && !s.is_given_up())
             .count()
     }
 
     /// Processes of its spawned workers still running.
     fn procs(&self) -> usize {
-        self.slots.iter().filter(|(_, s)| s.pid.is_some()).count()
+        self.slots.iter().filter(|(_, s)| s.pid().is_some()).count()
     }
 
     pub(super) fn rolling(&self) -> bool {
@@ -597,13 +597,7 @@ impl Acceptor {
         let wk = self.add_to_pool(p, id, sp.chan, Some(key), sp.pid)?;
         let ps = &mut self.pools[p];
         let slot = &mut ps.slots[key];
-        slot.pid = Some(sp.pid);
-        slot.worker_id = id;
-        slot.worker = Some(wk.key);
-        slot.started = Instant::now();
-        slot.restart_at = None;
-        slot.proven = false;
-        slot.spared = false;
+        slot.spawned(sp.pid, id, wk.key, Instant::now());
         info!(worker = id, pid = sp.pid, pool = %ps.cfg.name, "worker started");
         Ok(())
     }
@@ -778,7 +772,7 @@ impl Acceptor {
             let found = self.pools.iter().find_map(|(p, ps)| {
                 ps.slots
                     .iter()
-                    .find(|(_, s)| s.pid == Some(exit.pid))
+                    .find(|(_, s)| s.pid() == Some(exit.pid))
                     .map(|(k, _)| (p, k))
             });
             let Some((p, key)) = found else {
@@ -786,10 +780,11 @@ impl Acceptor {
                 continue;
             };
             let slot = &mut self.pools[p].slots[key];
-            slot.pid = None;
-            let worker_id = slot.worker_id;
-            let uptime = now.duration_since(slot.started);
-            if let Some(wkey) = slot.worker {
+            let worker_id = slot.worker_id();
+            let uptime = now.duration_since(slot.started());
+            // The pid is no longer ours from here: nothing may signal it.
+            slot.reaped();
+            if let Some(wkey) = slot.worker() {
                 // close_worker reads what the worker queued before it died
                 // (its last ACKs and DONEs are facts) before anything of it
                 // is given to another worker.
@@ -797,7 +792,7 @@ impl Acceptor {
             }
             let ps = &mut self.pools[p];
             let pool = ps.cfg.name.clone();
-            if self.shutdown.is_some() || ps.slots[key].retired {
+            if self.shutdown.is_some() || ps.slots[key].is_retired() {
                 info!(worker = worker_id, pid = exit.pid, pool = %pool, status = %exit.describe(), "worker exited");
                 if self.shutdown.is_none() {
                     ps.slots.remove(key);
@@ -812,8 +807,7 @@ impl Acceptor {
             let (window, max) = (ps.cfg.restart_window, ps.cfg.max_restarts);
             let slot = &mut ps.slots[key];
             if exit.sandbox_failure() {
-                slot.given_up = true;
-                slot.restart_at = None;
+                slot.give_up();
                 error!(
                     worker = worker_id,
                     pid = exit.pid,
@@ -822,12 +816,18 @@ impl Acceptor {
                 );
                 continue;
             }
+            if slot.is_given_up() {
+                // Given up while it ran (its sandbox did not check out):
+                // the reason was logged then.
+                info!(worker = worker_id, pool = %pool, "not restarting a worker that was given up");
+                continue;
+            }
             match slot.exited(now, window, max) {
                 After::Restart(delay) => {
                     info!(
                         worker = worker_id,
                         delay_ms = delay.as_millis() as u64,
-                        failures = slot.failures,
+                        failures = slot.failures(),
                         "worker restarting"
                     );
                 }
@@ -835,10 +835,10 @@ impl Acceptor {
                     error!(
                         worker = worker_id,
                         pool = %pool,
-                        failures = slot.failures,
+                        failures = slot.failures(),
                         window_s = window.as_secs_f64(),
                         "worker is crash-looping: it exited {} times in a row within {:?} of starting; not restarting it",
-                        slot.failures,
+                        slot.failures(),
                         window
                     );
                 }
@@ -870,7 +870,7 @@ impl Acceptor {
         let mut workers = 0;
         for (_, ps) in self.pools.iter_mut() {
             for (_, s) in ps.slots.iter_mut() {
-                s.restart_at = None;
+                s.cancel_restart();
             }
             ps.rolling.clear();
             ps.rolling_current = None;
@@ -935,7 +935,7 @@ impl Acceptor {
         let pids: Vec<i32> = self
             .pools
             .iter()
-            .flat_map(|(_, ps)| ps.slots.iter().filter_map(|(_, s)| s.pid))
+            .flat_map(|(_, ps)| ps.slots.iter().filter_map(|(_, s)| s.pid()))
             .collect();
         for pid in &pids {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
@@ -947,7 +947,7 @@ impl Acceptor {
         }
         for (_, ps) in self.pools.iter_mut() {
             for (_, s) in ps.slots.iter_mut() {
-                s.pid = None;
+                s.reaped();
             }
         }
     }
@@ -995,7 +995,11 @@ impl Acceptor {
         // nothing will ever serve. (A pool emptied on purpose, by `ctl
         // remove`, keeps running.)
         let all_given_up = self.pools.iter().all(|(_, ps)| {
-            !ps.slots.is_empty() && ps.slots.iter().all(|(_, s)| s.given_up && s.pid.is_none())
+            !ps.slots.is_empty()
+                && ps
+                    .slots
+                    .iter()
+                    .all(|(_, s)| s.is_given_up() && s.pid().is_none())
         });
         if connected == 0 && all_given_up && self.worker_listener.is_none() {
             return Err(Error::NoWorkers);
@@ -1041,9 +1045,7 @@ impl Acceptor {
         }
         for (_, ps) in self.pools.iter_mut() {
             for (_, s) in ps.slots.iter() {
-                if s.pid.is_none() && !s.given_up {
-                    consider(s.restart_at);
-                }
+                consider(s.restart_at());
             }
             let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);
             let stall = ps.cfg.stall_timeout;
@@ -1137,19 +1139,17 @@ impl Acceptor {
                 .flat_map(|(p, ps)| {
                     ps.slots
                         .iter()
-                        .filter(|(_, s)| {
-                            s.pid.is_none() && !s.given_up && s.restart_at.is_some_and(|t| t <= now)
-                        })
+                        .filter(|(_, s)| s.restart_at().is_some_and(|t| t <= now))
                         .map(move |(k, _)| (p, k))
                 })
                 .collect();
             for (p, key) in due {
-                self.pools[p].slots[key].restarts += 1;
+                self.pools[p].slots[key].note_restart();
                 if let Err(e) = self.spawn_slot(p, key) {
                     if supervisor::is_resource_error(&e) {
                         // Not the worker's fault, and not a crash: try again.
                         warn!(error = %e, retry_ms = RESOURCE_RETRY.as_millis() as u64, "cannot spawn a worker for want of resources; retrying");
-                        self.pools[p].slots[key].restart_at = Some(now + RESOURCE_RETRY);
+                        self.pools[p].slots[key].retry_at(now + RESOURCE_RETRY);
                         continue;
                     }
                     let ps = &mut self.pools[p];

@@ -22,7 +22,7 @@ impl Acceptor {
         let mut ids = Vec::new();
         for _ in 0..count {
             match self.add_slot(p) {
-                Ok(key) => ids.push(self.pools[p].slots[key].worker_id),
+                Ok(key) => ids.push(self.pools[p].slots[key].worker_id()),
                 Err(e) => {
                     return Err(format!(
                         "spawned {} of {count}: cannot spawn {}: {e}",
@@ -114,7 +114,7 @@ impl Acceptor {
         w.drain_deadline = Some(Instant::now() + timeout);
         let (id, slot, in_flight) = (w.id, w.slot, w.in_flight.len());
         if let Some(s) = slot.and_then(|s| ps.slots.get_mut(s)) {
-            s.retired = true;
+            s.retire();
         }
         info!(
             worker = id,
@@ -141,11 +141,11 @@ impl Acceptor {
         if let Some((old, new)) = ps.rolling_current {
             let new_slot = ps.slots.get(new);
             let ready = new_slot
-                .and_then(|s| s.worker)
+                .and_then(|s| s.worker())
                 .and_then(|k| ps.pool.workers.get(k))
                 .is_some_and(|w| w.state == State::Ready);
             if !ready {
-                if new_slot.is_none_or(|s| s.given_up) {
+                if new_slot.is_none_or(|s| s.is_given_up()) {
                     error!(pool = %ps.cfg.name, "rolling restart aborted: the replacement worker does not start");
                     ps.rolling.clear();
                     ps.rolling_current = None;
@@ -156,19 +156,19 @@ impl Acceptor {
             if ps.rolling.is_empty() {
                 info!(pool = %ps.cfg.name, "rolling restart finished: every worker replaced");
             }
-            if let Some(wkey) = ps.slots.get(old).and_then(|s| s.worker) {
+            if let Some(wkey) = ps.slots.get(old).and_then(|s| s.worker()) {
                 let t = ps.cfg.drain_timeout;
                 self.retire_worker(Wk { pool: p, key: wkey }, t);
             } else if let Some(s) = ps.slots.get_mut(old) {
                 // Between a crash and its restart: just do not restart it.
-                s.retired = true;
-                if s.pid.is_none() {
+                s.retire();
+                if s.pid().is_none() {
                     ps.slots.remove(old);
                 }
             }
         }
         while let Some(old) = self.pools[p].rolling.pop_front() {
-            if self.pools[p].slots.get(old).is_none_or(|s| s.retired) {
+            if self.pools[p].slots.get(old).is_none_or(|s| s.is_retired()) {
                 continue;
             }
             match self.add_slot(p) {
@@ -176,8 +176,8 @@ impl Acceptor {
                     let ps = &mut self.pools[p];
                     info!(
                         pool = %ps.cfg.name,
-                        old = ps.slots[old].worker_id,
-                        new = ps.slots[new].worker_id,
+                        old = ps.slots[old].worker_id(),
+                        new = ps.slots[new].worker_id(),
                         left = ps.rolling.len(),
                         "rolling restart: replacing a worker"
                     );
@@ -201,7 +201,7 @@ impl Acceptor {
         ps.rolling = ps
             .slots
             .iter()
-            .filter(|(_, s)| !s.retired)
+            .filter(|(_, s)| !s.is_retired())
             .map(|(k, _)| k)
             .collect();
         ps.rolling.len()
@@ -493,8 +493,7 @@ impl Acceptor {
         ps.rolling.clear();
         ps.rolling_current = None;
         for (_, s) in ps.slots.iter_mut() {
-            s.retired = true;
-            s.restart_at = None;
+            s.retire();
         }
         let t = ps.cfg.drain_timeout;
         info!(pool = %ps.cfg.name, workers = ps.pool.workers.len(), "pool removed: its workers drain");

@@ -198,7 +198,7 @@ impl Acceptor {
                     if let Err(e) = std::fs::File::open(format!("/proc/{real}/status")) {
                         if supervisor::is_resource_error(&e) {
                             if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
-                                slot.spared = true;
+                                slot.spare();
                             }
                             return Err(Gone::Unverifiable(format!(
                                 "cannot open /proc/{real}/status: {e}"
@@ -208,7 +208,7 @@ impl Acceptor {
                     if let Err(m) = baton_sdk::sandbox::verify(real, profile) {
                         // The same profile would fail the same way: no restart.
                         if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
-                            slot.given_up = true;
+                            slot.give_up();
                         }
                         return Err(Gone::Sandbox(baton_sdk::sandbox::describe(&m)));
                     }
@@ -375,14 +375,14 @@ impl Acceptor {
             );
         }
         if let Some(slot) = w.slot.and_then(|s| ps.slots.get_mut(s)) {
-            slot.worker = None;
+            slot.disconnected();
             // Welcomed and given work: whatever happens to it now is no
             // crash loop.
-            slot.proven |= w.state != State::Starting && w.sent_total > 0;
+            slot.prove(w.state != State::Starting && w.sent_total > 0);
             if why.kill() {
-                if let Some(pid) = slot.pid {
+                if let Some(pid) = slot.pid() {
                     // The pid is still ours: it is only released when we reap
-                    // it, which clears slot.pid first.
+                    // it, which marks the slot reaped first.
                     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
                 }
             }

@@ -8,19 +8,17 @@ use serde_json::json;
 use super::{Acceptor, PoolState};
 use crate::control::WorkerRow;
 use crate::pool::State;
+use crate::supervisor::Life;
 
 impl PoolState {
     /// Spawned slots whose worker is gone and will be restarted.
     fn slots_restarting(&self) -> usize {
-        self.slots
-            .iter()
-            .filter(|(_, s)| s.worker.is_none() && !s.given_up && !s.retired)
-            .count()
+        self.slots.iter().filter(|(_, s)| s.restarting()).count()
     }
 
     /// Slots given up on (crash loop, or a sandbox that cannot apply).
     fn slots_given_up(&self) -> usize {
-        self.slots.iter().filter(|(_, s)| s.given_up).count()
+        self.slots.iter().filter(|(_, s)| s.is_given_up()).count()
     }
 
     fn count(&self, st: State) -> usize {
@@ -82,7 +80,7 @@ impl Acceptor {
                     in_flight: w.in_flight.len(),
                     handled: w.handled,
                     parked: w.parked,
-                    restarts: slot.map_or(0, |s| s.restarts),
+                    restarts: slot.map_or(0, |s| s.restarts()),
                     memory_kib: status.and_then(|s| s.rss_kib),
                     age_s: now.duration_since(w.connected).as_secs_f64(),
                 }
@@ -90,27 +88,25 @@ impl Acceptor {
             // Slots whose worker is not connected: waiting to restart, or
             // given up (they will not come back without an operator).
             for (_, s) in ps.slots.iter() {
-                if s.worker.is_some() || s.retired {
+                if s.worker().is_some() || s.is_retired() {
                     continue;
                 }
-                let state = if s.given_up {
-                    "given-up"
-                } else if s.pid.is_some() {
-                    "exiting"
-                } else {
-                    "restarting"
+                let state = match s.life() {
+                    Life::GivenUp { .. } => "given-up",
+                    Life::Running { .. } => "exiting",
+                    Life::Restarting { .. } | Life::Idle => "restarting",
                 };
                 rows.push(WorkerRow {
-                    id: s.worker_id,
+                    id: s.worker_id(),
                     pool: name.clone(),
-                    pid: s.pid,
+                    pid: s.pid(),
                     user: "-".to_string(),
                     state: state.to_string(),
                     origin: "spawned".to_string(),
                     in_flight: 0,
                     handled: 0,
                     parked: 0,
-                    restarts: s.restarts,
+                    restarts: s.restarts(),
                     memory_kib: None,
                     age_s: 0.0,
                 });
@@ -359,7 +355,7 @@ impl Acceptor {
             &|ps, w| {
                 w.slot
                     .and_then(|s| ps.slots.get(s))
-                    .map(|s| u64::from(s.restarts))
+                    .map(|s| u64::from(s.restarts()))
             },
         );
         m
