@@ -7,7 +7,7 @@
 //! in one small, testable place.
 
 use std::collections::{HashMap, VecDeque};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use baton_sdk::proto::ConnInfo;
@@ -44,51 +44,192 @@ pub enum State {
 /// One worker's channel and accounting.
 #[derive(Debug)]
 pub struct Worker {
-    pub id: u32,
-    pub chan: Channel,
-    pub state: State,
+    id: u32,
+    chan: Channel,
+    state: State,
     /// The pid the worker announced (or was spawned as).
-    pub pid: Option<i32>,
+    pid: Option<i32>,
     /// Index of the supervisor slot that spawned it; None if it registered.
-    pub slot: Option<usize>,
-    pub capacity: u32,
+    slot: Option<usize>,
+    capacity: u32,
     /// The capacity the worker announced in HELLO (0: none of its own).
-    pub announced: u32,
+    announced: u32,
     /// Since when it has had no connection (for autoscaling).
-    pub idle_since: Option<Instant>,
+    idle_since: Option<Instant>,
     /// Connections sent and not yet DONE. `Some` holds the acceptor's copy
     /// of a connection not yet ACKed.
-    pub in_flight: HashMap<u64, Option<Held>>,
+    in_flight: HashMap<u64, Option<Held>>,
     /// Send order of unacknowledged connections, for the ACK timeout.
     /// Entries already acknowledged are skipped lazily.
-    pub unacked_order: VecDeque<(Instant, u64)>,
+    unacked_order: VecDeque<(Instant, u64)>,
     /// The socket's send buffer was full: skip until it is writable.
-    pub blocked: bool,
+    blocked: bool,
     /// Connections assigned to it and not sent yet, in order: the acceptor
     /// sends them in as few messages as the worker's version allows once
     /// the current round of accepting is over (they are in `in_flight`,
     /// unacknowledged, meanwhile).
-    pub outbox: Vec<u64>,
+    outbox: Vec<u64>,
     /// Connections it handed back idle (PARK).
-    pub parked: u64,
+    parked: u64,
     /// Connections sent and not yet acknowledged (the `Some` entries of
     /// `in_flight`): fds the acceptor still holds for this worker.
     unacked: usize,
     /// Since when it has been at its capacity without a DONE (for the
     /// stall warning).
-    pub full_since: Option<Instant>,
+    full_since: Option<Instant>,
     /// It was reported stalled (full, no DONE for `--stall-timeout`).
-    pub stalled: bool,
+    stalled: bool,
     /// CONN messages it was sent (a worker that was given work proved it
     /// can start).
-    pub sent_total: u64,
-    pub handled: u64,
-    pub connected: Instant,
+    sent_total: u64,
+    handled: u64,
+    connected: Instant,
     /// While draining for removal: when it is stopped regardless.
-    pub drain_deadline: Option<Instant>,
+    drain_deadline: Option<Instant>,
 }
 
 impl Worker {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn chan(&self) -> &Channel {
+        &self.chan
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// It said HELLO: it takes connections from now on.
+    pub fn set_ready(&mut self, now: Instant) {
+        self.state = State::Ready;
+        self.idle_since = Some(now);
+    }
+
+    /// It was sent DRAIN: no new connection.
+    pub fn set_draining(&mut self) {
+        self.state = State::Draining;
+    }
+
+    /// The pid the worker announced (or was spawned as).
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+
+    /// Key of the supervisor slot that spawned it; None if it registered.
+    pub fn slot(&self) -> Option<usize> {
+        self.slot
+    }
+
+    pub fn capacity(&self) -> u32 {
+        self.capacity
+    }
+
+    pub fn announced(&self) -> u32 {
+        self.announced
+    }
+
+    /// Since when it has had no connection.
+    pub fn idle_since(&self) -> Option<Instant> {
+        self.idle_since
+    }
+
+    /// Connections it holds: sent and not yet DONE.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Connections it acknowledged and has not finished: its own to serve.
+    pub fn owned(&self) -> usize {
+        self.in_flight.values().filter(|h| h.is_none()).count()
+    }
+
+    pub fn blocked(&self) -> bool {
+        self.blocked
+    }
+
+    pub fn set_blocked(&mut self, blocked: bool) {
+        self.blocked = blocked;
+    }
+
+    /// Connections assigned to it and not sent yet.
+    pub fn outbox_len(&self) -> usize {
+        self.outbox.len()
+    }
+
+    /// Assigns `held` to it: counted as sent (unacknowledged) at once, and
+    /// queued in its outbox for the next message.
+    pub fn assign(&mut self, held: Held, now: Instant) {
+        let id = held.info.id;
+        self.sent(held, now);
+        self.outbox.push(id);
+    }
+
+    /// The first `n` connections of its outbox, for one message: their
+    /// records and the fds the acceptor still holds for them.
+    pub fn next_batch(&self, n: usize) -> (Vec<ConnInfo>, Vec<BorrowedFd<'_>>) {
+        let mut infos = Vec::with_capacity(n);
+        let mut fds = Vec::with_capacity(n);
+        for id in &self.outbox[..n.min(self.outbox.len())] {
+            // Only an id the worker was sent can be acknowledged, so an
+            // entry is missing only if a worker guessed ids; skip it.
+            if let Some(Some(h)) = self.in_flight.get(id) {
+                infos.push(h.info);
+                fds.push(h.fd.as_fd());
+            }
+        }
+        (infos, fds)
+    }
+
+    /// The first `n` connections of its outbox went out.
+    pub fn batch_sent(&mut self, n: usize) {
+        let n = n.min(self.outbox.len());
+        self.outbox.drain(..n);
+    }
+
+    /// Connections it handed back idle (PARK).
+    pub fn parked(&self) -> u64 {
+        self.parked
+    }
+
+    /// Since when it has been full without a DONE.
+    pub fn full_since(&self) -> Option<Instant> {
+        self.full_since
+    }
+
+    pub fn stalled(&self) -> bool {
+        self.stalled
+    }
+
+    pub fn set_stalled(&mut self, stalled: bool) {
+        self.stalled = stalled;
+    }
+
+    /// Connections it was sent, in all.
+    pub fn sent_total(&self) -> u64 {
+        self.sent_total
+    }
+
+    /// Connections it finished, in all.
+    pub fn handled(&self) -> u64 {
+        self.handled
+    }
+
+    /// When its channel joined the pool.
+    pub fn connected(&self) -> Instant {
+        self.connected
+    }
+
+    /// While draining for removal: when it is stopped regardless.
+    pub fn drain_deadline(&self) -> Option<Instant> {
+        self.drain_deadline
+    }
+
+    pub fn set_drain_deadline(&mut self, at: Instant) {
+        self.drain_deadline = Some(at);
+    }
+
     pub fn new(id: u32, chan: Channel, slot: Option<usize>, pid: Option<i32>) -> Worker {
         Worker {
             id,
@@ -148,7 +289,7 @@ impl Worker {
         };
     }
 
-    pub fn sent(&mut self, held: Held, now: Instant) {
+    fn sent(&mut self, held: Held, now: Instant) {
         self.idle_since = None;
         let id = held.info.id;
         self.unacked_order.push_back((now, id));
@@ -175,7 +316,7 @@ impl Worker {
 
     /// The worker handed `id` back idle (PARK): it is finished with it, as
     /// with DONE. Returns false unless the worker owned it (acknowledged).
-    pub fn parked(&mut self, id: u64) -> bool {
+    pub fn park(&mut self, id: u64) -> bool {
         if matches!(self.in_flight.get(&id), Some(None)) {
             self.parked += 1;
             self.done(id)

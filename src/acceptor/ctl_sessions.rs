@@ -286,12 +286,12 @@ impl Acceptor {
                             .iter()
                             .filter(|(_, ps)| {
                                 !ps.removing
-                                    && ps.pool.workers.iter().any(|(_, w)| ids.contains(&w.id))
+                                    && ps.pool.workers.iter().any(|(_, w)| ids.contains(&w.id()))
                                     && ps
                                         .pool
                                         .workers
                                         .iter()
-                                        .all(|(_, w)| w.state == State::Draining)
+                                        .all(|(_, w)| w.state() == State::Draining)
                             })
                             .map(|(_, ps)| ps.cfg.name.clone())
                             .collect();

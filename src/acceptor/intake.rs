@@ -3,7 +3,7 @@
 //! CONNS).
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use baton_sdk::proto::{ConnInfo, MAX_BATCH};
@@ -81,12 +81,10 @@ impl Acceptor {
             return Err(held);
         };
         let w = &mut ps.pool.workers[key];
-        let id = held.info.id;
-        w.sent(held, now);
-        w.outbox.push(id);
+        w.assign(held, now);
         self.stats.handed_off += 1;
         ps.stats.handed_off += 1;
-        if w.outbox.len() >= MAX_BATCH {
+        if w.outbox_len() >= MAX_BATCH {
             self.flush(Wk { pool: p, key });
         }
         Ok(())
@@ -106,30 +104,25 @@ impl Acceptor {
             else {
                 return;
             };
-            if w.outbox.is_empty() {
+            if w.outbox_len() == 0 {
                 return;
             }
-            let batch = if w.chan.version() >= 2 { MAX_BATCH } else { 1 };
-            let n = w.outbox.len().min(batch);
-            let mut infos = Vec::with_capacity(n);
-            let mut fds = Vec::with_capacity(n);
-            for id in &w.outbox[..n] {
-                // Only an id the worker was sent can be acknowledged, so an
-                // entry is missing only if a worker guessed ids; skip it.
-                if let Some(Some(h)) = w.in_flight.get(id) {
-                    infos.push(h.info);
-                    fds.push(h.fd.as_fd());
-                }
-            }
+            let batch = if w.chan().version() >= 2 {
+                MAX_BATCH
+            } else {
+                1
+            };
+            let n = w.outbox_len().min(batch);
+            let (infos, fds) = w.next_batch(n);
             self.stats.sends += 1;
             let sent = match infos.len() {
                 0 => Ok(()),
-                1 if batch == 1 => w.chan.send_fds(&Msg::Conn(infos[0]), &fds),
-                _ => w.chan.send_fds(&Msg::Conns(infos), &fds),
+                1 if batch == 1 => w.chan().send_fds(&Msg::Conn(infos[0]), &fds),
+                _ => w.chan().send_fds(&Msg::Conns(infos), &fds),
             };
             match sent {
                 Ok(()) => {
-                    w.outbox.drain(..n);
+                    w.batch_sent(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // Its queue is full: no more for it until it is
@@ -154,7 +147,7 @@ impl Acceptor {
                 ps.pool
                     .workers
                     .iter()
-                    .filter(|(_, w)| !w.outbox.is_empty() && !w.blocked)
+                    .filter(|(_, w)| w.outbox_len() > 0 && !w.blocked())
                     .map(move |(key, _)| Wk { pool: p, key })
             })
             .collect();
@@ -174,21 +167,21 @@ impl Acceptor {
         else {
             return;
         };
-        if w.blocked == blocked {
+        if w.blocked() == blocked {
             return;
         }
-        w.blocked = blocked;
+        w.set_blocked(blocked);
         let interest = if blocked {
             Interest::READABLE | Interest::WRITABLE
         } else {
             Interest::READABLE
         };
         if let Err(e) = self.poll.registry().reregister(
-            &mut SourceFd(&w.chan.as_raw_fd()),
+            &mut SourceFd(&w.chan().as_raw_fd()),
             wk.token(),
             interest,
         ) {
-            let id = w.id;
+            let id = w.id();
             error!(worker = id, error = %e, "epoll_ctl on a worker channel failed");
         }
     }

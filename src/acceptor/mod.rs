@@ -908,7 +908,7 @@ impl Acceptor {
         let Some(w) = self.worker(wk) else {
             return;
         };
-        match w.state {
+        match w.state() {
             State::Draining => return,
             // It has no connection and has not said HELLO: DRAIN would be
             // out of order, so it is simply stopped.
@@ -918,9 +918,9 @@ impl Acceptor {
             }
             State::Ready => {}
         }
-        w.state = State::Draining;
-        let id = w.id;
-        if let Err(e) = w.chan.send(&Msg::Drain, None) {
+        w.set_draining();
+        let id = w.id();
+        if let Err(e) = w.chan().send(&Msg::Drain, None) {
             // A worker that cannot take DRAIN is gone or stuck: stop it.
             self.close_worker(
                 wk,
@@ -974,7 +974,7 @@ impl Acceptor {
                     .pools
                     .iter()
                     .flat_map(|(_, ps)| ps.pool.workers.iter())
-                    .map(|(_, w)| w.in_flight.len())
+                    .map(|(_, w)| w.in_flight())
                     .sum();
                 self.stats.cut_at_shutdown += cut as u64;
                 warn!(
@@ -1050,20 +1050,20 @@ impl Acceptor {
             let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);
             let stall = ps.cfg.stall_timeout;
             for (_, w) in ps.pool.workers.iter_mut() {
-                if w.state == State::Starting {
-                    consider(Some(w.connected + hello));
+                if w.state() == State::Starting {
+                    consider(Some(w.connected() + hello));
                 }
                 consider(w.oldest_unacked().map(|t| t + ack));
-                consider(w.drain_deadline);
-                if !w.stalled {
-                    consider(w.full_since.map(|t| t + stall));
+                consider(w.drain_deadline());
+                if !w.stalled() {
+                    consider(w.full_since().map(|t| t + stall));
                 }
             }
             if ps.spawned_live() > ps.cfg.min_workers {
                 let idle = ps.cfg.scale_idle_timeout;
                 for (_, w) in ps.pool.workers.iter() {
-                    if w.slot.is_some() && w.state == State::Ready {
-                        consider(w.idle_since.map(|t| t + idle));
+                    if w.slot().is_some() && w.state() == State::Ready {
+                        consider(w.idle_since().map(|t| t + idle));
                     }
                 }
             }
@@ -1081,32 +1081,29 @@ impl Acceptor {
             let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);
             let stall = ps.cfg.stall_timeout;
             for (key, w) in ps.pool.workers.iter_mut() {
-                if !w.stalled && w.full_since.is_some_and(|t| t + stall <= now) {
-                    w.stalled = true;
+                if !w.stalled() && w.full_since().is_some_and(|t| t + stall <= now) {
+                    w.set_stalled(true);
                     warn!(
-                        worker = w.id,
-                        pid = w.pid,
+                        worker = w.id(),
+                        pid = w.pid(),
                         pool = %ps.cfg.name,
-                        in_flight = w.in_flight.len(),
+                        in_flight = w.in_flight(),
                         stall_ms = stall.as_millis() as u64,
                         "worker stalled: it is full and reported no connection done for the stall timeout; it gets no new connection until it finishes one (the others serve)"
                     );
                 }
                 let wk = Wk { pool: p, key };
-                if w.state == State::Starting && w.connected + hello <= now {
+                if w.state() == State::Starting && w.connected() + hello <= now {
                     overdue.push((wk, format!("no HELLO within {hello:?}")));
                 } else if w.oldest_unacked().is_some_and(|t| t + ack <= now) {
                     overdue.push((
                         wk,
                         format!("did not acknowledge a connection within {ack:?}"),
                     ));
-                } else if w.drain_deadline.is_some_and(|t| t <= now) {
+                } else if w.drain_deadline().is_some_and(|t| t <= now) {
                     overdue.push((
                         wk,
-                        format!(
-                            "drain timeout: {} connections still open",
-                            w.in_flight.len()
-                        ),
+                        format!("drain timeout: {} connections still open", w.in_flight()),
                     ));
                 }
             }

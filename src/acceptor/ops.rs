@@ -54,7 +54,7 @@ impl Acceptor {
                         ps.pool
                             .workers
                             .iter()
-                            .find(|(_, w)| w.id == id)
+                            .find(|(_, w)| w.id() == id)
                             .map(|(key, _)| Wk { pool: p, key })
                     })
                     .ok_or_else(|| match pool {
@@ -64,7 +64,7 @@ impl Acceptor {
                         ),
                         None => format!("remove: no worker with id {id}"),
                     })?;
-                if self.pools[wk.pool].pool.workers[wk.key].state == State::Draining {
+                if self.pools[wk.pool].pool.workers[wk.key].state() == State::Draining {
                     return Err(format!("remove: worker {id} is already draining"));
                 }
                 vec![wk]
@@ -74,8 +74,8 @@ impl Acceptor {
                     .pool
                     .workers
                     .iter()
-                    .filter(|(_, w)| w.state != State::Draining)
-                    .map(|(k, w)| (w.id, k))
+                    .filter(|(_, w)| w.state() != State::Draining)
+                    .map(|(k, w)| (w.id(), k))
                     .collect();
                 if n == 0 || n as usize > live.len() {
                     return Err(format!(
@@ -95,7 +95,7 @@ impl Acceptor {
         let mut ids = Vec::new();
         for wk in wks {
             let ps = &self.pools[wk.pool];
-            ids.push(ps.pool.workers[wk.key].id);
+            ids.push(ps.pool.workers[wk.key].id());
             let t = timeout.unwrap_or(ps.cfg.drain_timeout);
             self.retire_worker(wk, t);
         }
@@ -111,8 +111,8 @@ impl Acceptor {
         let Some(w) = ps.pool.workers.get_mut(wk.key) else {
             return;
         };
-        w.drain_deadline = Some(Instant::now() + timeout);
-        let (id, slot, in_flight) = (w.id, w.slot, w.in_flight.len());
+        w.set_drain_deadline(Instant::now() + timeout);
+        let (id, slot, in_flight) = (w.id(), w.slot(), w.in_flight());
         if let Some(s) = slot.and_then(|s| ps.slots.get_mut(s)) {
             s.retire();
         }
@@ -143,7 +143,7 @@ impl Acceptor {
             let ready = new_slot
                 .and_then(|s| s.worker())
                 .and_then(|k| ps.pool.workers.get(k))
-                .is_some_and(|w| w.state == State::Ready);
+                .is_some_and(|w| w.state() == State::Ready);
             if !ready {
                 if new_slot.is_none_or(|s| s.is_given_up()) {
                     error!(pool = %ps.cfg.name, "rolling restart aborted: the replacement worker does not start");
@@ -243,7 +243,7 @@ impl Acceptor {
                 crate::pool::Scale::Retire(key) => {
                     info!(
                         pool = %ps.cfg.name,
-                        worker = ps.pool.workers[key].id,
+                        worker = ps.pool.workers[key].id(),
                         workers = live - 1,
                         min = bounds.min,
                         "autoscale: retiring an idle worker"
@@ -450,7 +450,7 @@ impl Acceptor {
         }
         if pc.worker_connections != ps.cfg.worker_connections {
             for (_, w) in ps.pool.workers.iter_mut() {
-                let announced = w.announced;
+                let announced = w.announced();
                 w.set_capacity(announced, pc.worker_connections);
             }
             say(

@@ -82,7 +82,7 @@ impl std::fmt::Display for Gone {
 fn read_to_end(w: &mut crate::pool::Worker) {
     // A shut-down channel cannot grow; the bound is only a guard.
     for _ in 0..100_000 {
-        match w.chan.try_recv() {
+        match w.chan().try_recv() {
             Ok(Some(r)) => match r.msg {
                 Msg::Ack(ids) => {
                     for id in ids {
@@ -112,7 +112,7 @@ impl Acceptor {
             let Some(w) = self.worker(key) else {
                 return;
             };
-            match w.chan.try_recv() {
+            match w.chan().try_recv() {
                 Ok(Some(r)) => {
                     if let Err(why) = self.on_worker_msg(key, r) {
                         self.close_worker(key, why);
@@ -161,7 +161,7 @@ impl Acceptor {
                         .and_then(|ps| ps.pool.workers.get_mut(key.key))
                     {
                         for id in lost {
-                            if w.parked(id) {
+                            if w.park(id) {
                                 self.stats.parked_closed += 1;
                             }
                         }
@@ -180,7 +180,7 @@ impl Acceptor {
         let max_cap = ps.cfg.worker_connections;
         let drain_now = ps.drain_sent;
         let w = &mut ps.pool.workers[key.key];
-        match (w.state, r.msg) {
+        match (w.state(), r.msg) {
             (State::Starting, Msg::Hello { .. }) if r.version > baton_sdk::proto::VERSION => {
                 // decode() refuses versions it does not know; belt and braces.
                 Err(Gone::Protocol(format!("HELLO of version {}", r.version)))
@@ -189,15 +189,15 @@ impl Acceptor {
                 // Checked from outside before its first connection: the
                 // process (as spawned, or as SO_PEERCRED saw it) must be
                 // confined as the pool's profile says.
-                let check = w.slot.is_some() || ps.cfg.worker_require_sandbox;
+                let check = w.slot().is_some() || ps.cfg.worker_require_sandbox;
                 if let (true, Some(profile), Some(real)) =
-                    (check, ps.cfg.sandbox.profile.as_ref(), w.pid)
+                    (check, ps.cfg.sandbox.profile.as_ref(), w.pid())
                 {
                     // Out of fds on our side is not the worker's fault: it is
                     // stopped and restarted, never given up for that.
                     if let Err(e) = std::fs::File::open(format!("/proc/{real}/status")) {
                         if supervisor::is_resource_error(&e) {
-                            if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
+                            if let Some(slot) = w.slot().and_then(|k| ps.slots.get_mut(k)) {
                                 slot.spare();
                             }
                             return Err(Gone::Unverifiable(format!(
@@ -207,18 +207,17 @@ impl Acceptor {
                     }
                     if let Err(m) = baton_sdk::sandbox::verify(real, profile) {
                         // The same profile would fail the same way: no restart.
-                        if let Some(slot) = w.slot.and_then(|k| ps.slots.get_mut(k)) {
+                        if let Some(slot) = w.slot().and_then(|k| ps.slots.get_mut(k)) {
                             slot.give_up();
                         }
                         return Err(Gone::Sandbox(baton_sdk::sandbox::describe(&m)));
                     }
                 }
                 w.set_capacity(capacity, max_cap);
-                w.idle_since = Some(Instant::now());
-                if w.pid.is_some_and(|p| p != pid as i32) {
+                if w.pid().is_some_and(|p| p != pid as i32) {
                     debug!(
-                        worker = w.id,
-                        spawned = w.pid,
+                        worker = w.id(),
+                        spawned = w.pid(),
                         announced = pid,
                         "worker announced another pid"
                     );
@@ -226,17 +225,18 @@ impl Acceptor {
                 // The version both speak: what the worker's HELLO says, at
                 // most ours. WELCOME goes out in it, and so does everything
                 // after.
-                w.chan.set_version(r.version.min(baton_sdk::proto::VERSION));
-                w.chan
-                    .send(&Msg::Welcome { worker_id: w.id }, None)
+                w.chan()
+                    .set_version(r.version.min(baton_sdk::proto::VERSION));
+                w.chan()
+                    .send(&Msg::Welcome { worker_id: w.id() }, None)
                     .map_err(|e| Gone::SendFailed(format!("WELCOME could not be sent: {e}")))?;
-                w.state = State::Ready;
+                w.set_ready(Instant::now());
                 info!(
-                    worker = w.id,
+                    worker = w.id(),
                     pid = pid,
                     pool = %ps.cfg.name,
-                    capacity = w.capacity,
-                    protocol = w.chan.version(),
+                    capacity = w.capacity(),
+                    protocol = w.chan().version(),
                     "worker ready"
                 );
                 if drain_now {
@@ -270,11 +270,11 @@ impl Acceptor {
                         )));
                     }
                 }
-                if w.stalled {
-                    w.stalled = false;
+                if w.stalled() {
+                    w.set_stalled(false);
                     info!(
-                        worker = w.id,
-                        in_flight = w.in_flight.len(),
+                        worker = w.id(),
+                        in_flight = w.in_flight(),
                         "worker no longer stalled: it finished a connection"
                     );
                 }
@@ -286,7 +286,7 @@ impl Acceptor {
                     let Some(w) = self.worker(key) else {
                         return Ok(());
                     };
-                    if !w.parked(p.info.id) {
+                    if !w.park(p.info.id) {
                         return Err(Gone::Protocol(format!(
                             "PARK of connection {}, which it does not own",
                             p.info.id
@@ -330,15 +330,15 @@ impl Acceptor {
         let Some(w) = self.worker(key) else {
             return;
         };
-        let _ = w.chan.shutdown();
+        let _ = w.chan().shutdown();
         read_to_end(w);
         let ps = &mut self.pools[key.pool];
         let mut w = ps.pool.workers.remove(key.key);
         let _ = self
             .poll
             .registry()
-            .deregister(&mut SourceFd(&w.chan.as_raw_fd()));
-        let lost = w.in_flight.values().filter(|h| h.is_none()).count();
+            .deregister(&mut SourceFd(&w.chan().as_raw_fd()));
+        let lost = w.owned();
         let unacked = w.take_unacked();
         let n = unacked.len();
         for h in unacked.into_iter().rev() {
@@ -349,36 +349,36 @@ impl Acceptor {
         ps.stats.redispatched += n as u64;
         ps.stats.lost += lost as u64;
         let quiet = n == 0 && lost == 0 && !why.kill();
-        if (w.state == State::Draining && why.orderly() && quiet)
+        if (w.state() == State::Draining && why.orderly() && quiet)
             || (quiet && self.shutdown.is_some())
         {
             info!(
-                worker = w.id,
-                pid = w.pid,
+                worker = w.id(),
+                pid = w.pid(),
                 pool = %ps.cfg.name,
                 reason = %why,
-                handled = w.handled,
+                handled = w.handled(),
                 "worker disconnected"
             );
         } else {
             // `lost`: connections the worker had acknowledged and not
             // finished; they were its to serve and went down with it.
             warn!(
-                worker = w.id,
-                pid = w.pid,
+                worker = w.id(),
+                pid = w.pid(),
                 pool = %ps.cfg.name,
                 reason = %why,
-                handled = w.handled,
+                handled = w.handled(),
                 redispatched = n,
                 lost,
                 "worker disconnected"
             );
         }
-        if let Some(slot) = w.slot.and_then(|s| ps.slots.get_mut(s)) {
+        if let Some(slot) = w.slot().and_then(|s| ps.slots.get_mut(s)) {
             slot.disconnected();
             // Welcomed and given work: whatever happens to it now is no
             // crash loop.
-            slot.prove(w.state != State::Starting && w.sent_total > 0);
+            slot.prove(w.state() != State::Starting && w.sent_total() > 0);
             if why.kill() {
                 if let Some(pid) = slot.pid() {
                     // The pid is still ours: it is only released when we reap

@@ -25,20 +25,20 @@ impl PoolState {
         self.pool
             .workers
             .iter()
-            .filter(|(_, w)| w.state == st)
+            .filter(|(_, w)| w.state() == st)
             .count()
     }
 
     fn in_flight(&self) -> usize {
-        self.pool
-            .workers
-            .iter()
-            .map(|(_, w)| w.in_flight.len())
-            .sum()
+        self.pool.workers.iter().map(|(_, w)| w.in_flight()).sum()
     }
 
     fn stalled(&self) -> usize {
-        self.pool.workers.iter().filter(|(_, w)| w.stalled).count()
+        self.pool
+            .workers
+            .iter()
+            .filter(|(_, w)| w.stalled())
+            .count()
     }
 }
 
@@ -56,33 +56,33 @@ impl Acceptor {
             }
             let name = &ps.cfg.name;
             rows.extend(ps.pool.workers.iter().map(|(_, w)| {
-                let status = w.pid.and_then(read_proc_status);
-                let slot = w.slot.and_then(|s| ps.slots.get(s));
+                let status = w.pid().and_then(read_proc_status);
+                let slot = w.slot().and_then(|s| ps.slots.get(s));
                 WorkerRow {
-                    id: w.id,
+                    id: w.id(),
                     pool: name.clone(),
-                    pid: w.pid,
+                    pid: w.pid(),
                     user: status
                         .as_ref()
                         .map_or_else(|| "?".to_string(), |s| s.user.clone()),
-                    state: match w.state {
+                    state: match w.state() {
                         State::Starting => "starting",
                         State::Ready => "ready",
                         State::Draining => "draining",
                     }
                     .to_string(),
-                    origin: if w.slot.is_some() {
+                    origin: if w.slot().is_some() {
                         "spawned"
                     } else {
                         "registered"
                     }
                     .to_string(),
-                    in_flight: w.in_flight.len(),
-                    handled: w.handled,
-                    parked: w.parked,
+                    in_flight: w.in_flight(),
+                    handled: w.handled(),
+                    parked: w.parked(),
                     restarts: slot.map_or(0, |s| s.restarts()),
                     memory_kib: status.and_then(|s| s.rss_kib),
-                    age_s: now.duration_since(w.connected).as_secs_f64(),
+                    age_s: now.duration_since(w.connected()).as_secs_f64(),
                 }
             }));
             // Slots whose worker is not connected: waiting to restart, or
@@ -320,7 +320,8 @@ impl Acceptor {
                             let _ = writeln!(
                                 m,
                                 "baton_{name}{{pool=\"{}\",worker=\"{}\"}} {v}",
-                                ps.cfg.name, w.id
+                                ps.cfg.name,
+                                w.id()
                             );
                         }
                     }
@@ -331,21 +332,21 @@ impl Acceptor {
             "worker_stalled",
             "gauge",
             "1 while a worker is full and has reported no DONE for the stall timeout.",
-            &|_, w| Some(u64::from(w.stalled)),
+            &|_, w| Some(u64::from(w.stalled())),
         );
         per_worker(
             &mut m,
             "worker_in_flight",
             "gauge",
             "Connections a worker holds.",
-            &|_, w| Some(w.in_flight.len() as u64),
+            &|_, w| Some(w.in_flight() as u64),
         );
         per_worker(
             &mut m,
             "worker_handled_total",
             "counter",
             "Connections a worker finished.",
-            &|_, w| Some(w.handled),
+            &|_, w| Some(w.handled()),
         );
         per_worker(
             &mut m,
@@ -353,7 +354,7 @@ impl Acceptor {
             "counter",
             "Restarts of a spawned worker's slot.",
             &|ps, w| {
-                w.slot
+                w.slot()
                     .and_then(|s| ps.slots.get(s))
                     .map(|s| u64::from(s.restarts()))
             },
