@@ -195,6 +195,8 @@ import threading
 from dataclasses import dataclass, field
 
 __all__ = [
+    "log",
+    "LOG_FORMAT_ENV",
     "VERSION",
     "VERSION_MIN",
     "CHANNEL_FD_ENV",
@@ -433,6 +435,48 @@ _CLOSED = Closed()
 
 
 # ---- codec ------------------------------------------------------------------
+
+
+LOG_FORMAT_ENV = "BATON_LOG_FORMAT"
+
+
+def log_line(level, program, message):
+    """One log line (with its newline) in the style every baton process
+    uses (`baton_sdk::log`): text shaped like tracing-subscriber's, or one
+    JSON object when BATON_LOG_FORMAT (set by the acceptor from its
+    --log-format) is `json`."""
+    import datetime
+    import json
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%S.%fZ"
+    )
+    pid = os.getpid()
+    level = level.upper()
+    if os.environ.get(LOG_FORMAT_ENV, "").lower() == "json":
+        return (
+            json.dumps(
+                {
+                    "timestamp": now,
+                    "level": level,
+                    "fields": {"message": message},
+                    "target": program,
+                    "span": {"pid": pid, "name": program},
+                },
+                separators=(",", ":"),
+            )
+            + "\n"
+        )
+    return f"{now} {level:>5} {program}{{pid={pid}}}: {message}\n"
+
+
+def log(level, program, message):
+    """Writes one log_line() to stderr in a single write(2), so that it
+    never interleaves with another process's lines on a shared stderr."""
+    try:
+        os.write(2, log_line(level, program, message).encode())
+    except OSError:
+        pass
 
 
 def _check_int(what, value, top):
@@ -1008,9 +1052,11 @@ class Worker:
         """Connections that arrived without their fd cost only themselves:
         acknowledged and reported done at once, so that the acceptor closes
         its copies (best effort: if the channel is gone, so are they)."""
-        sys.stderr.write(
-            f"baton_worker[{os.getpid()}]: {len(ids)} connection(s) arrived "
-            "without their fd (this process is at its fd limit); closed\n"
+        log(
+            "warn",
+            "baton_worker",
+            f"{len(ids)} connection(s) arrived without their fd "
+            "(this process is at its fd limit); closed",
         )
         try:
             for kind in (Kind.ACK, Kind.DONE):

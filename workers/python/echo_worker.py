@@ -23,10 +23,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baton_worker  # noqa: E402
 
 
-def log(text):
-    """One stderr line in a single write(2), so it never interleaves with the
-    acceptor's lines on a shared stderr."""
-    os.write(2, f"baton-echo-py[{os.getpid()}]: {text}\n".encode())
+def log(text, level="info"):
+    """One stderr line in baton's shared style (text or JSON, as the
+    acceptor's --log-format says)."""
+    baton_worker.log(level, "baton-echo-py", text)
 
 
 class InFlight:
@@ -56,12 +56,12 @@ def serve(worker, conn, inflight):
                     break
                 s.sendall(data)
     except OSError as e:
-        log(f"connection {conn.id}: {e}")
+        log(f"connection {conn.id}: {e}", "warn")
     # The socket is closed by now: only then is the connection done.
     try:
         worker.done(conn.id)
     except (OSError, baton_worker.WorkerError) as e:
-        log(f"cannot report connection {conn.id} done: {e}")
+        log(f"cannot report connection {conn.id} done: {e}", "warn")
     inflight.add(-1)
 
 
@@ -81,10 +81,10 @@ def main():
         else:
             worker = baton_worker.Worker.from_env(args.capacity, args.protocol)
     except baton_worker.SandboxUnsupported as e:
-        log(str(e))
+        log(str(e), "error")
         return baton_worker.EXIT_SANDBOX  # fail closed; not restarted
     except (OSError, baton_worker.WorkerError) as e:
-        log(str(e))
+        log(str(e), "error")
         return 1
     log(f"worker {worker.id} ready (protocol {worker.version})")
     inflight = InFlight()
@@ -98,7 +98,7 @@ def main():
                 t = threading.Thread(target=serve, args=(worker, ev, inflight), daemon=True)
                 t.start()
     except (OSError, baton_worker.WorkerError) as e:
-        log(str(e))
+        log(str(e), "error")
         status = 1
     # Finish what we have, then exit.
     inflight.wait_zero()

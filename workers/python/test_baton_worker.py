@@ -1067,5 +1067,36 @@ class Setup(unittest.TestCase):
                 bw.Worker.register(os.path.join(d, "nowhere"))
 
 
+
+class LogLines(unittest.TestCase):
+    """The shared log style of every baton process (baton_sdk::log)."""
+
+    def setUp(self):
+        self.saved = os.environ.pop(bw.LOG_FORMAT_ENV, None)
+
+    def tearDown(self):
+        os.environ.pop(bw.LOG_FORMAT_ENV, None)
+        if self.saved is not None:
+            os.environ[bw.LOG_FORMAT_ENV] = self.saved
+
+    def test_text_looks_like_the_rust_workers_lines(self):
+        line = bw.log_line("info", "baton-echo-py", "hello 1")
+        self.assertTrue(
+            line.endswith(f"  INFO baton-echo-py{{pid={os.getpid()}}}: hello 1\n"), line
+        )
+        self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z ")
+
+    def test_json_when_asked(self):
+        import json
+
+        os.environ[bw.LOG_FORMAT_ENV] = "json"
+        line = bw.log_line("warn", "baton-echo-py", "careful")
+        self.assertTrue(line.endswith("\n") and line.count("\n") == 1)
+        v = json.loads(line)
+        self.assertEqual(v["level"], "WARN")
+        self.assertEqual(v["fields"], {"message": "careful"})
+        self.assertEqual(v["span"], {"pid": os.getpid(), "name": "baton-echo-py"})
+
+
 if __name__ == "__main__":
     unittest.main()
