@@ -615,6 +615,27 @@ fn spawned_python_pool(protocol: u8) {
         b.count("shutdown timeout reached: killing the workers that are still running"),
         0
     );
+    // The Python workers log in baton's style: with --log-format json (the
+    // harness's), every line of every process is JSON, theirs included.
+    let py = |l: &&common::LogLine| l.json["span"]["name"] == "baton-echo-py";
+    let theirs: Vec<&common::LogLine> = b.seen.iter().filter(py).collect();
+    assert!(
+        theirs
+            .iter()
+            .any(|l| l.message().contains("ready (protocol"))
+            && theirs.iter().any(|l| l.message().contains("exiting after")),
+        "{theirs:?}"
+    );
+    let not_json: Vec<&str> = b
+        .seen
+        .iter()
+        .filter(|l| l.json.is_null())
+        .map(|l| l.raw.as_str())
+        .collect();
+    assert!(
+        not_json.is_empty(),
+        "lines that are not JSON: {not_json:#?}"
+    );
 }
 
 #[test]
