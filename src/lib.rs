@@ -64,6 +64,7 @@ pub mod options;
 mod pool;
 pub mod sandbox;
 mod supervisor;
+pub mod systemd;
 mod unix;
 
 use std::io;

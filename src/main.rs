@@ -112,6 +112,8 @@ fn run(loader: Loader) -> ExitCode {
         eprintln!("baton: error: {e}");
         return ExitCode::from(2);
     }
+    // Socket activation, while the process is still single-threaded.
+    let inherited = baton::systemd::take_listeners();
     // Every worker spawned from now on logs in the same format. Set while
     // this process is still single-threaded.
     std::env::set_var(baton_sdk::log::FORMAT_ENV, cfg.log_format.as_str());
@@ -131,7 +133,7 @@ fn run(loader: Loader) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let result = Acceptor::new(cfg).and_then(|a| a.with_reload(loader).run());
+    let result = Acceptor::new(cfg, inherited).and_then(|a| a.with_reload(loader).run());
     match result {
         Ok(Outcome::Graceful) => ExitCode::SUCCESS,
         Ok(Outcome::Forced) => ExitCode::from(1),

@@ -322,6 +322,8 @@ pub fn spawn(
         .env(WORKER_ID_ENV, worker_id.to_string())
         .env_remove(SANDBOX_ENV)
         .env_remove(SHARED_FD_ENV)
+        // The service manager's socket is the acceptor's, not theirs.
+        .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null());
     if let Some(fd) = &shared {
         command.env(SHARED_FD_ENV, fd.as_raw_fd().to_string());

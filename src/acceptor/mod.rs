@@ -260,6 +260,11 @@ impl PoolState {
     }
 }
 
+/// A mio listener of an inherited listening socket.
+fn tcp_listener(fd: std::os::fd::OwnedFd) -> mio::net::TcpListener {
+    mio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
+}
+
 /// A zero-filled memory file of [`SHARED_SIZE`] bytes for the workers of
 /// pool `name` to map.
 fn shared_memory(name: &str) -> io::Result<std::os::fd::OwnedFd> {
@@ -339,6 +344,8 @@ pub struct Acceptor {
     /// The stop signal that began the shutdown: when, which, from which pid.
     stop_signal: Option<(Instant, Signal, u32)>,
     stats: Stats,
+    /// `READY=1` was sent to the service manager.
+    ready_sent: bool,
     /// Self-registering workers connect here.
     worker_listener: Option<UnixListener>,
     /// `baton ctl` connects here.
@@ -359,28 +366,73 @@ pub struct Acceptor {
 
 impl Acceptor {
     /// Binds every listener and prepares the loop. Nothing is spawned yet.
-    pub fn new(mut cfg: Config) -> Result<Acceptor, Error> {
+    ///
+    /// `inherited` are the listening sockets of socket activation
+    /// ([`crate::systemd::take_listeners`]): each serves the configured
+    /// listener of its address, or else the pool its name names; the others
+    /// are closed. Configured addresses no inherited socket serves are bound.
+    pub fn new(
+        mut cfg: Config,
+        mut inherited: Vec<crate::systemd::InheritedListener>,
+    ) -> Result<Acceptor, Error> {
         let poll = Poll::new().map_err(Error::Poll)?;
         let mut listeners = Slab::new();
         let mut pools = Slab::new();
+        let add = |listeners: &mut Slab<Listener>,
+                   sock: mio::net::TcpListener,
+                   spec: SocketAddr,
+                   pool: usize,
+                   name: &str,
+                   from: &str|
+         -> Result<(), Error> {
+            let addr = sock
+                .local_addr()
+                .map_err(|source| Error::Bind { addr: spec, source })?;
+            info!(addr = %addr, pool = %name, listener = listeners.len(), from, "listening");
+            listeners.insert(Listener {
+                sock,
+                addr,
+                spec,
+                registered: false,
+                pool,
+            });
+            Ok(())
+        };
         for pc in std::mem::take(&mut cfg.pools) {
             let pool = pools.vacant_key();
             for l in &pc.listen {
-                let sock = listener::bind(l.0, cfg.backlog)
-                    .map_err(|source| Error::Bind { addr: l.0, source })?;
-                let addr = sock
-                    .local_addr()
-                    .map_err(|source| Error::Bind { addr: l.0, source })?;
-                info!(addr = %addr, pool = %pc.name, listener = listeners.len(), "listening");
-                listeners.insert(Listener {
-                    sock,
-                    addr,
-                    spec: l.0,
-                    registered: false,
+                let found = inherited
+                    .iter()
+                    .position(|i| l.0.port() != 0 && i.addr == l.0);
+                let (sock, from) = match found {
+                    Some(i) => {
+                        let i = inherited.remove(i);
+                        (tcp_listener(i.fd), "systemd")
+                    }
+                    None => (
+                        listener::bind(l.0, cfg.backlog)
+                            .map_err(|source| Error::Bind { addr: l.0, source })?,
+                        "bound",
+                    ),
+                };
+                add(&mut listeners, sock, l.0, pool, &pc.name, from)?;
+            }
+            // Inherited sockets that name this pool.
+            while let Some(i) = inherited.iter().position(|i| i.name == pc.name) {
+                let i = inherited.remove(i);
+                add(
+                    &mut listeners,
+                    tcp_listener(i.fd),
+                    i.addr,
                     pool,
-                });
+                    &pc.name,
+                    "systemd",
+                )?;
             }
             pools.insert(PoolState::new(pc));
+        }
+        for i in inherited {
+            warn!(addr = %i.addr, name = %i.name, "an inherited socket serves no configured listener and names no pool; closed (list its address in `listen`, or set FileDescriptorName= to a pool's name)");
         }
         let worker_listener = cfg
             .worker_socket
@@ -467,6 +519,7 @@ impl Acceptor {
             emfile_unlogged: 0,
             shutdown: None,
             stop_signal: None,
+            ready_sent: false,
             stats: Stats::default(),
             worker_listener,
             control,
@@ -568,6 +621,7 @@ impl Acceptor {
             self.autoscale(Instant::now());
             self.pump();
             self.drop_removed_pools();
+            self.check_ready();
             if let Some(outcome) = self.check_finished()? {
                 return Ok(outcome);
             }
@@ -676,6 +730,31 @@ impl Acceptor {
                     .map(move |(key, _)| Wk { pool: p, key })
             })
             .collect()
+    }
+
+    /// Tells the service manager (`READY=1`) once, when every pool's first
+    /// workers said HELLO (or were given up on: systemd then sees a
+    /// running baton whose log says why a pool is short).
+    fn check_ready(&mut self) {
+        if self.ready_sent || self.shutdown.is_some() {
+            return;
+        }
+        let ready = self.pools.iter().all(|(_, ps)| {
+            ps.slots.iter().all(|(_, s)| {
+                s.is_given_up()
+                    || s.worker()
+                        .and_then(|k| ps.pool.workers.get(k))
+                        .is_some_and(|w| w.state() != State::Starting)
+            })
+        });
+        if ready {
+            self.ready_sent = true;
+            let workers: usize = self.pools.iter().map(|(_, ps)| ps.pool.workers.len()).sum();
+            crate::systemd::ready(&format!(
+                "serving: {} pool(s), {workers} worker(s)",
+                self.pools.len()
+            ));
+        }
     }
 
     /// Forgets pools a reload removed once their last worker has gone.
@@ -864,6 +943,7 @@ impl Acceptor {
     }
 
     fn begin_shutdown(&mut self, sig: Signal) {
+        crate::systemd::stopping();
         self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
         self.close_all_parked(None);
         self.close_listeners(None);

@@ -269,6 +269,9 @@ impl Acceptor {
         let Some(loader) = self.reload.as_ref().filter(|l| l.config_path().is_some()) else {
             return Err("nothing to reload: baton was started without --config".to_string());
         };
+        // RELOADING=1 now, READY=1 once this returns, whatever it returns.
+        crate::systemd::reloading();
+        let _ready_again = crate::systemd::ReadyWhenDropped("reloaded");
         let mut new = loader.load().map_err(|e| e.to_string())?;
         let mut changes = Vec::new();
         let several = new.pools.len() > 1 || self.pools.len() > 1;
