@@ -30,7 +30,8 @@ use crate::options::Options;
         baton --listen 127.0.0.1:9000 --workers 4 -- baton-echo\n  \
         baton --listen [::]:80 --listen 0.0.0.0:80 -- baton-static --root /srv/www\n\n\
         SIGNALS: SIGTERM/SIGINT stop gracefully (a second one stops at once);\n\
-        SIGTTIN adds a worker, SIGTTOU drains and removes one, SIGHUP reloads --config.\n\
+        SIGTTIN adds a worker, SIGTTOU drains and removes one, SIGHUP reloads --config,\n\
+        SIGUSR2 upgrades the binary in place (same pid, workers kept).\n\
         LOGS: RUST_LOG (e.g. RUST_LOG=debug) overrides --log-level."
 )]
 pub struct Cli {
@@ -60,6 +61,10 @@ pub enum Sub {
     /// The audit's probe worker (internal).
     #[command(hide = true)]
     Probe,
+    /// Asked by a running baton of the binary it is about to execute for
+    /// an upgrade (internal): can it take over this state?
+    #[command(hide = true, name = "upgrade-check")]
+    UpgradeCheck(Box<UpgradeCheckArgs>),
     /// The bundled static file worker, embedded (internal): what `baton`
     /// runs by default, so that `cargo run` needs no other binary.
     #[command(hide = true, name = "static-worker")]
@@ -67,6 +72,20 @@ pub enum Sub {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+}
+
+/// `baton upgrade-check` (internal): what a running baton asks the binary
+/// it is about to execute.
+#[derive(Debug, clap::Args)]
+pub struct UpgradeCheckArgs {
+    /// The state version the running baton would hand over.
+    #[arg(long)]
+    pub state_version: u32,
+    /// Its pools, each of which the configuration must still have.
+    #[arg(long, value_delimiter = ',')]
+    pub pools: Vec<String>,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// `baton check`.
@@ -141,6 +160,15 @@ pub enum CtlVerb {
     },
     /// Re-read the config file and apply the difference (like SIGHUP).
     Reload,
+    /// Replace baton's binary without a dropped connection: the new binary
+    /// checks the configuration, then baton re-executes itself in place
+    /// (same pid) and keeps every worker, listener and connection (like
+    /// SIGUSR2).
+    Upgrade {
+        /// The new binary [default: the path baton was started from].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+    },
 }
 
 /// The command line of the acceptor (and of `baton check`): the options

@@ -72,6 +72,12 @@ pub enum Request {
     },
     /// Re-read the config file and apply the difference.
     Reload {},
+    /// Re-execute baton in place from `binary` (default: the binary it was
+    /// started from), keeping its pid, workers and connections.
+    Upgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+    },
 }
 
 /// One reply line.

@@ -35,6 +35,9 @@ pub fn run(args: &CtlArgs) -> Result<String, String> {
             pool: pool.name.clone(),
         },
         CtlVerb::Reload => Request::Reload {},
+        CtlVerb::Upgrade { binary } => Request::Upgrade {
+            binary: binary.as_ref().map(|b| b.display().to_string()),
+        },
     };
     let reply = control::call(&args.control, &req, TIMEOUT).map_err(|e| {
         format!(
@@ -92,6 +95,10 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
                 format!("reloaded:\n{}", lines.join("\n"))
             }
         }
+        Request::Upgrade { .. } => format!(
+            "upgraded in place: pid {} now runs {}, {} workers kept",
+            result["pid"], result["upgraded"], result["workers"]
+        ),
         Request::Restart { .. } => format!(
             "rolling restart of {} workers started: each is replaced once its successor is ready",
             result["replacing"]

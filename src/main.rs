@@ -46,6 +46,21 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Sub::UpgradeCheck(args)) => {
+            let sub = matches
+                .subcommand_matches("upgrade-check")
+                .unwrap_or(&matches);
+            match upgrade_check(&args, sub) {
+                Ok(()) => {
+                    println!("ok: can take over state version {}", args.state_version);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("baton upgrade-check: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Sub::Check(args)) => {
             let sub = matches.subcommand_matches("check").unwrap_or(&matches);
             match Loader::new(&args.run, sub).and_then(|l| l.load().map(|c| (l, c))) {
@@ -92,6 +107,36 @@ fn main() -> ExitCode {
     }
 }
 
+/// What a running baton asks of the binary it is about to execute: the
+/// state version is one this binary reads, and its configuration loads and
+/// still has every pool the running one has.
+fn upgrade_check(
+    args: &baton::cli::UpgradeCheckArgs,
+    matches: &clap::ArgMatches,
+) -> Result<(), String> {
+    use baton::acceptor::upgrade::STATE_VERSION;
+    if args.state_version != STATE_VERSION {
+        return Err(format!(
+            "the running baton hands over state version {}, this binary reads version {STATE_VERSION}: stop and start instead",
+            args.state_version
+        ));
+    }
+    let cfg = Loader::new(&args.run, matches)
+        .and_then(|l| l.load())
+        .map_err(|e| format!("the configuration does not load: {e}"))?;
+    let missing: Vec<&String> = args
+        .pools
+        .iter()
+        .filter(|n| !cfg.pools.iter().any(|p| &p.name == *n))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "the configuration no longer has pool(s) {missing:?}: remove them with a reload first"
+        ));
+    }
+    Ok(())
+}
+
 fn plural(n: usize) -> &'static str {
     if n == 1 {
         ""
@@ -133,7 +178,17 @@ fn run(loader: Loader) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let result = Acceptor::new(cfg, inherited).and_then(|a| a.with_reload(loader).run());
+    // After `ctl upgrade`, the image that executed this one left its state.
+    let result = match baton::acceptor::upgrade::take_state() {
+        Ok(Some(state)) => Acceptor::resume(cfg, state),
+        Ok(None) => Acceptor::new(cfg, inherited),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot take over from the upgrading image");
+            eprintln!("baton: error: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    .and_then(|a| a.with_reload(loader).run());
     match result {
         Ok(Outcome::Graceful) => ExitCode::SUCCESS,
         Ok(Outcome::Forced) => ExitCode::from(1),

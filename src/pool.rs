@@ -31,7 +31,7 @@ pub struct Held {
 }
 
 /// Lifecycle of a worker in the pool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum State {
     /// Connected, waiting for its HELLO; gets no connection.
     Starting,
@@ -641,5 +641,173 @@ mod tests {
         assert!(p.workers[0].done(1), "DONE without ACK is accepted");
         assert_eq!(p.workers[0].full_since, None);
         assert_eq!(p.workers[0].unacked, 1);
+    }
+}
+
+/// A connection the acceptor holds, as a binary upgrade passes it to the
+/// next image: its record and the number of its (inherited) fd.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct HeldSnap {
+    pub id: u64,
+    pub listener: u16,
+    pub peer: std::net::SocketAddr,
+    pub local: std::net::SocketAddr,
+    pub fd: std::os::fd::RawFd,
+}
+
+impl HeldSnap {
+    /// The record of `held`; its fd stays open (and owned by `held`).
+    pub fn of(held: &Held) -> HeldSnap {
+        use std::os::fd::AsRawFd;
+        HeldSnap {
+            id: held.info.id,
+            listener: held.info.listener,
+            peer: held.info.peer,
+            local: held.info.local,
+            fd: held.fd.as_raw_fd(),
+        }
+    }
+
+    /// The connection again, owning `fd` (the adopted descriptor).
+    pub fn into_held(self, fd: OwnedFd) -> Held {
+        Held {
+            info: ConnInfo {
+                id: self.id,
+                listener: self.listener,
+                peer: self.peer,
+                local: self.local,
+            },
+            fd,
+        }
+    }
+}
+
+/// How long ago `t` was, in ms (for a snapshot: `Instant`s do not cross
+/// an exec).
+pub fn ago(now: Instant, t: Instant) -> u64 {
+    now.saturating_duration_since(t).as_millis() as u64
+}
+
+/// The instant `ms` before `now` (or `now`, if the clock does not go back
+/// that far).
+pub fn before(now: Instant, ms: u64) -> Instant {
+    now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)
+}
+
+/// A worker's accounting, as a binary upgrade passes it to the next image.
+/// Its channel and the connections it has not acknowledged are fds the
+/// next image inherits.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorkerSnap {
+    pub id: u32,
+    pub chan: std::os::fd::RawFd,
+    pub version: u8,
+    pub state: State,
+    pub pid: Option<i32>,
+    pub slot: Option<usize>,
+    pub capacity: u32,
+    pub announced: u32,
+    pub idle_ms: Option<u64>,
+    /// Connections it holds: `Some` while not acknowledged.
+    pub in_flight: Vec<(u64, Option<HeldSnap>)>,
+    pub unacked_order: Vec<(u64, u64)>,
+    pub blocked: bool,
+    pub outbox: Vec<u64>,
+    pub parked: u64,
+    pub full_ms: Option<u64>,
+    pub stalled: bool,
+    pub sent_total: u64,
+    pub handled: u64,
+    pub connected_ms: u64,
+    pub drain_left_ms: Option<u64>,
+}
+
+impl Worker {
+    /// Its snapshot at `now`; nothing of it is closed or moved.
+    pub fn snapshot(&self, now: Instant) -> WorkerSnap {
+        use std::os::fd::AsRawFd;
+        WorkerSnap {
+            id: self.id,
+            chan: self.chan.as_raw_fd(),
+            version: self.chan.version(),
+            state: self.state,
+            pid: self.pid,
+            slot: self.slot,
+            capacity: self.capacity,
+            announced: self.announced,
+            idle_ms: self.idle_since.map(|t| ago(now, t)),
+            in_flight: self
+                .in_flight
+                .iter()
+                .map(|(id, h)| (*id, h.as_ref().map(HeldSnap::of)))
+                .collect(),
+            unacked_order: self
+                .unacked_order
+                .iter()
+                .map(|(t, id)| (ago(now, *t), *id))
+                .collect(),
+            blocked: self.blocked,
+            outbox: self.outbox.clone(),
+            parked: self.parked,
+            full_ms: self.full_since.map(|t| ago(now, t)),
+            stalled: self.stalled,
+            sent_total: self.sent_total,
+            handled: self.handled,
+            connected_ms: ago(now, self.connected),
+            drain_left_ms: self
+                .drain_deadline
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+        }
+    }
+
+    /// The worker of `snap`, with its channel and connections adopted
+    /// (`adopt` turns an inherited fd number into an owned fd).
+    pub fn restore(
+        snap: WorkerSnap,
+        chan: Channel,
+        now: Instant,
+        adopt: &mut dyn FnMut(std::os::fd::RawFd) -> OwnedFd,
+    ) -> Worker {
+        chan.set_version(snap.version);
+        let in_flight: HashMap<u64, Option<Held>> = snap
+            .in_flight
+            .into_iter()
+            .map(|(id, h)| {
+                (
+                    id,
+                    h.map(|h| {
+                        let fd = adopt(h.fd);
+                        h.into_held(fd)
+                    }),
+                )
+            })
+            .collect();
+        let unacked = in_flight.values().filter(|h| h.is_some()).count();
+        Worker {
+            id: snap.id,
+            chan,
+            state: snap.state,
+            pid: snap.pid,
+            slot: snap.slot,
+            capacity: snap.capacity,
+            announced: snap.announced,
+            idle_since: snap.idle_ms.map(|ms| before(now, ms)),
+            in_flight,
+            unacked_order: snap
+                .unacked_order
+                .into_iter()
+                .map(|(ms, id)| (before(now, ms), id))
+                .collect(),
+            blocked: snap.blocked,
+            outbox: snap.outbox,
+            parked: snap.parked,
+            unacked,
+            full_since: snap.full_ms.map(|ms| before(now, ms)),
+            stalled: snap.stalled,
+            sent_total: snap.sent_total,
+            handled: snap.handled,
+            connected: before(now, snap.connected_ms),
+            drain_deadline: snap.drain_left_ms.map(|ms| now + Duration::from_millis(ms)),
+        }
     }
 }

@@ -74,6 +74,76 @@ pub struct Slot {
     proven_failures: u32,
 }
 
+/// A slot, as a binary upgrade passes it to the next image (times as
+/// durations: `Instant`s do not cross an exec).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct SlotSnap {
+    /// `idle`, `running`, `restarting` or `given-up`.
+    pub life: String,
+    pub pid: Option<i32>,
+    pub restart_in_ms: Option<u64>,
+    pub worker_id: u32,
+    pub worker: Option<usize>,
+    pub started_ms: u64,
+    pub failures: u32,
+    pub restarts: u32,
+    pub retired: bool,
+    pub proven: bool,
+    pub spared: bool,
+    pub proven_failures: u32,
+}
+
+impl Slot {
+    pub fn snapshot(&self, now: Instant) -> SlotSnap {
+        let (life, restart_in_ms) = match self.life {
+            Life::Idle => ("idle", None),
+            Life::Running { .. } => ("running", None),
+            Life::Restarting { at } => (
+                "restarting",
+                Some(at.saturating_duration_since(now).as_millis() as u64),
+            ),
+            Life::GivenUp { .. } => ("given-up", None),
+        };
+        SlotSnap {
+            life: life.to_string(),
+            pid: self.pid(),
+            restart_in_ms,
+            worker_id: self.worker_id,
+            worker: self.worker,
+            started_ms: crate::pool::ago(now, self.started),
+            failures: self.failures,
+            restarts: self.restarts,
+            retired: self.retired,
+            proven: self.proven,
+            spared: self.spared,
+            proven_failures: self.proven_failures,
+        }
+    }
+
+    pub fn restore(snap: SlotSnap, now: Instant) -> Slot {
+        let life = match (snap.life.as_str(), snap.pid) {
+            ("running", Some(pid)) => Life::Running { pid },
+            ("restarting", _) => Life::Restarting {
+                at: now + Duration::from_millis(snap.restart_in_ms.unwrap_or(0)),
+            },
+            ("given-up", pid) => Life::GivenUp { pid },
+            _ => Life::Idle,
+        };
+        Slot {
+            life,
+            worker_id: snap.worker_id,
+            worker: snap.worker,
+            started: crate::pool::before(now, snap.started_ms),
+            failures: snap.failures,
+            restarts: snap.restarts,
+            retired: snap.retired,
+            proven: snap.proven,
+            spared: snap.spared,
+            proven_failures: snap.proven_failures,
+        }
+    }
+}
+
 /// What to do after a worker's process exited.
 #[derive(Debug, PartialEq, Eq)]
 pub enum After {

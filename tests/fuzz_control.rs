@@ -19,8 +19,8 @@ use baton::control::{parse_request, Request};
 use proptest::prelude::*;
 use serde_json::{Map, Value};
 
-const COMMANDS: [&str; 7] = [
-    "workers", "status", "metrics", "add", "remove", "restart", "reload",
+const COMMANDS: [&str; 8] = [
+    "workers", "status", "metrics", "add", "remove", "restart", "reload", "upgrade",
 ];
 
 /// The rules every parse must obey, whatever the input.
@@ -74,6 +74,13 @@ fn model(obj: &Map<String, Value>) -> Option<Request> {
         "metrics" if others.is_empty() => Some(Request::Metrics {}),
         "restart" if only(&["pool"]) => Some(Request::Restart { pool: pool()? }),
         "reload" if others.is_empty() => Some(Request::Reload {}),
+        "upgrade" if only(&["binary"]) => Some(Request::Upgrade {
+            binary: match obj.get("binary") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(_) => return None,
+            },
+        }),
         "add" if only(&["count", "pool"]) => Some(Request::Add {
             count: u32_of(obj.get("count")?)?,
             pool: pool()?,
@@ -120,6 +127,7 @@ fn request_object() -> impl Strategy<Value = Map<String, Value>> {
         "id",
         "drain_timeout_ms",
         "pool",
+        "binary",
         "extra",
         "Count",
     ]);

@@ -69,6 +69,13 @@ pub struct CtlClient {
     closing: bool,
 }
 
+impl CtlClient {
+    /// Its socket's fd (handed to the next image by an upgrade).
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
 impl Acceptor {
     // ---- control socket ------------------------------------------------
 
@@ -178,6 +185,14 @@ impl Acceptor {
                     continue;
                 }
                 let reply = match control::parse_request(line) {
+                    Ok(Request::Upgrade { binary }) if self.shutdown.is_none() => {
+                        // Answered by the new image (or, if it fails, by
+                        // this one), once this round of events is over.
+                        info!(uid = peer.uid, pid = peer.pid, binary = ?binary, "control request: upgrade");
+                        self.upgrade_asked =
+                            Some((binary.map(std::path::PathBuf::from), Some(key)));
+                        continue;
+                    }
                     Ok(req) => {
                         info!(uid = peer.uid, pid = peer.pid, request = ?req, "control request");
                         self.handle_request(req)
@@ -192,6 +207,14 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// Queues `reply` for control client `key` and sends what it can.
+    pub(super) fn ctl_reply(&mut self, key: usize, reply: Reply) {
+        if let Some(c) = self.ctl.get_mut(key) {
+            c.out.extend(reply.to_line());
+        }
+        self.ctl_flush(key);
     }
 
     pub(super) fn ctl_flush(&mut self, key: usize) {
@@ -316,6 +339,7 @@ impl Acceptor {
                     Reply::err(format!("reload failed, nothing changed: {e}"))
                 }
             },
+            Request::Upgrade { .. } => Reply::err("baton is shutting down: no upgrade now"),
             Request::Restart { pool } => {
                 let p = match self.pool_named(pool.as_deref()) {
                     Ok(p) => p,

@@ -84,6 +84,7 @@ mod parked;
 mod scrape;
 mod sessions;
 mod status;
+pub mod upgrade;
 use ctl_sessions::CtlClient;
 use intake::{count_open_fds, raise_nofile};
 use parked::ParkedConn;
@@ -125,7 +126,7 @@ const DUPLICATE_SIGNAL: Duration = Duration::from_secs(1);
 const RESOURCE_RETRY: Duration = Duration::from_millis(500);
 
 /// Counters for logs, `ctl status` and metrics.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub accepted: u64,
     pub handed_off: u64,
@@ -190,7 +191,7 @@ impl Wk {
 }
 
 /// Counters of one pool (the acceptor's [`Stats`] has the totals).
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct PoolStats {
     pub accepted: u64,
     pub handed_off: u64,
@@ -227,6 +228,13 @@ impl PoolState {
         let shared = shared_memory(&cfg.name)
             .map_err(|e| warn!(pool = %cfg.name, error = %e, "cannot create the pool's shared memory; its workers share no state"))
             .ok();
+        PoolState::new_with_shared(cfg, shared)
+    }
+
+    fn new_with_shared(
+        cfg: crate::config::PoolConfig,
+        shared: Option<std::os::fd::OwnedFd>,
+    ) -> PoolState {
         PoolState {
             pool: Pool::new(cfg.balance),
             cfg,
@@ -346,6 +354,14 @@ pub struct Acceptor {
     stats: Stats,
     /// `READY=1` was sent to the service manager.
     ready_sent: bool,
+    /// The binary this image runs (what `ctl upgrade` re-executes by
+    /// default).
+    exe: std::path::PathBuf,
+    /// Taken over from an upgrading image: the workers exist already.
+    resumed: bool,
+    /// An upgrade asked for by SIGUSR2 or `ctl upgrade` (with the control
+    /// client to answer), done between two rounds of events.
+    upgrade_asked: Option<(Option<std::path::PathBuf>, Option<usize>)>,
     /// Self-registering workers connect here.
     worker_listener: Option<UnixListener>,
     /// `baton ctl` connects here.
@@ -486,6 +502,7 @@ impl Acceptor {
             Signal::SIGTTIN,
             Signal::SIGTTOU,
             Signal::SIGHUP,
+            Signal::SIGUSR2,
         ] {
             mask.add(s);
         }
@@ -520,6 +537,9 @@ impl Acceptor {
             shutdown: None,
             stop_signal: None,
             ready_sent: false,
+            exe: std::env::current_exe().unwrap_or_else(|_| std::path::PathBuf::from("baton")),
+            resumed: false,
+            upgrade_asked: None,
             stats: Stats::default(),
             worker_listener,
             control,
@@ -544,8 +564,12 @@ impl Acceptor {
 
     /// Spawns the pool and runs until shutdown.
     pub fn run(mut self) -> Result<Outcome, Error> {
-        // Listeners and the pools' memory files are counted on their own.
-        self.fd_fixed = count_open_fds().saturating_sub(self.listeners.len() + self.pools.len());
+        // Listeners, the pools' memory files, worker channels and held
+        // connections are counted on their own (the last two are there
+        // already after an upgrade).
+        let channels: usize = self.pools.iter().map(|(_, p)| p.pool.workers.len()).sum();
+        self.fd_fixed = count_open_fds()
+            .saturating_sub(self.listeners.len() + self.pools.len() + channels + self.held());
         let workers: usize = self.pools.iter().map(|(_, p)| p.cfg.workers).sum();
         let needed = self.fd_fixed + self.listeners.len() + workers + FD_RESERVE + 16;
         if self.fd_limit < needed {
@@ -560,7 +584,11 @@ impl Acceptor {
             reserve = FD_RESERVE,
             "file descriptors"
         );
-        let keys: Vec<usize> = self.pools.iter().map(|(k, _)| k).collect();
+        let keys: Vec<usize> = if self.resumed {
+            Vec::new()
+        } else {
+            self.pools.iter().map(|(k, _)| k).collect()
+        };
         for p in keys {
             for _ in 0..self.pools[p].cfg.workers {
                 // A worker that cannot even be spawned at start-up is a
@@ -622,6 +650,9 @@ impl Acceptor {
             self.pump();
             self.drop_removed_pools();
             self.check_ready();
+            if let Some((binary, client)) = self.upgrade_asked.take() {
+                self.do_upgrade(binary, client);
+            }
             if let Some(outcome) = self.check_finished()? {
                 return Ok(outcome);
             }
@@ -757,6 +788,28 @@ impl Acceptor {
         }
     }
 
+    /// Runs an upgrade asked for; on failure, answers the control client
+    /// (if one asked) with why, and goes on.
+    fn do_upgrade(&mut self, binary: Option<std::path::PathBuf>, client: Option<usize>) {
+        // Let the ACKs and DONEs of this round out first: nothing queued
+        // for a worker is lost either way (it is in the state), but sent
+        // is simpler.
+        self.flush_all();
+        let reply_to = client.and_then(|k| self.ctl.get(k)).map(|c| c.raw_fd());
+        match self.upgrade(binary, reply_to) {
+            Ok(never) => match never {},
+            Err(e) => {
+                error!(error = %e, "upgrade failed; the running binary keeps serving");
+                if let Some(k) = client {
+                    self.ctl_reply(
+                        k,
+                        crate::control::Reply::err(format!("upgrade failed, nothing changed: {e}")),
+                    );
+                }
+            }
+        }
+    }
+
     /// Forgets pools a reload removed once their last worker has gone.
     fn drop_removed_pools(&mut self) {
         let done: Vec<usize> = self
@@ -801,6 +854,10 @@ impl Acceptor {
                                     error!(error = %e, "reload failed; the running configuration is unchanged")
                                 }
                             }
+                        }
+                        Some(Signal::SIGUSR2) if self.shutdown.is_none() => {
+                            info!("SIGUSR2: upgrading to the binary baton was started from");
+                            self.upgrade_asked = Some((None, None));
                         }
                         Some(Signal::SIGTTOU) if self.shutdown.is_none() => {
                             info!("SIGTTOU: removing a worker from the first pool");
