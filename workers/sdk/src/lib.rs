@@ -12,6 +12,9 @@
 //!   the application sees a connection, DONE when it is closed.
 //! * [`log`]: the log line style (text or JSON, as the acceptor says in
 //!   `BATON_LOG_FORMAT`) of workers that do not use `tracing`.
+//! * [`shared`]: the memory region every worker of a pool maps, for state
+//!   they must agree on (baton-proxy's upstream health).
+//! * [`proxy_protocol`]: the PROXY protocol v1/v2 parser and v2 encoder.
 //! * [`sandbox`]: the confinement a worker applies to itself first thing
 //!   (uid/gid, chroot, capabilities, no_new_privs, seccomp), its check from
 //!   outside, and the audit probe.
@@ -39,7 +42,9 @@
 pub mod channel;
 pub mod log;
 pub mod proto;
+pub mod proxy_protocol;
 pub mod sandbox;
+pub mod shared;
 pub mod worker;
 
 pub use channel::{Channel, Received, RecvError};

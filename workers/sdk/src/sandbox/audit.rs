@@ -344,7 +344,7 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
         Ok(m) => m.to_string(),
         Err(e) => errno_str(e),
     };
-    let filtered = profile.seccomp == SeccompMode::Default;
+    let filtered = profile.seccomp.filtered();
     rows.push(if filtered {
         Row::new("seccomp mode", "prctl(PR_GET_SECCOMP)", "2 (filter)")
             .verdict(mode == Ok(2), mode_s)
@@ -448,6 +448,9 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
         .verdict(raw_ok, raw_obs.join("; ")),
     );
     rows.push(bind_row());
+    if profile.seccomp == SeccompMode::Proxy {
+        rows.extend(proxy_rows());
+    }
 
     // Other processes.
     let pt = sys::ptrace_seize(1);
@@ -620,6 +623,91 @@ fn outside_row(profile: &Profile, rec: Option<&super::Record>) -> Row {
         }
     }
     row.verdict(!escaped, seen.join("; "))
+}
+
+/// What the `proxy` seccomp profile promises beyond the default one:
+/// outbound TCP works, and nothing else about sockets does.
+fn proxy_rows() -> Vec<Row> {
+    let mut rows = Vec::new();
+    let connect_row = Row::new(
+        "proxy: outbound connect allowed",
+        "socket(AF_INET, SOCK_STREAM|SOCK_NONBLOCK), connect(127.0.0.1:1)",
+        "not refused by seccomp (any answer but EPERM)",
+    );
+    rows.push(
+        match sys::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) {
+            Err(e) => connect_row.verdict(false, format!("socket refused: {}", errno_str(e))),
+            Ok(fd) => {
+                let r = sys::connect_loopback_v4(fd, 1);
+                sys::close(fd);
+                match r {
+                    Ok(()) => connect_row.verdict(true, "connected"),
+                    Err(Errno::EPERM) => connect_row.verdict(false, "refused: EPERM"),
+                    // ECONNREFUSED, EINPROGRESS, ENETUNREACH (unshare=net):
+                    // the call reached the kernel.
+                    Err(e) => {
+                        connect_row.verdict(true, format!("reached the kernel: {}", errno_str(e)))
+                    }
+                }
+            }
+        },
+    );
+    let bind_any = Row::new(
+        "proxy: bind refused",
+        "socket(AF_INET, SOCK_STREAM), bind(0.0.0.0:0), listen()",
+        "refused",
+    );
+    rows.push(match sys::socket(libc::AF_INET, libc::SOCK_STREAM, 0) {
+        Err(e) => bind_any.verdict(
+            false,
+            format!("inconclusive: socket refused: {}", errno_str(e)),
+        ),
+        Ok(fd) => {
+            let b = sys::bind_any_v4(fd, 0);
+            let l = sys::listen(fd);
+            sys::close(fd);
+            let (ok_b, obs_b) = refused(b);
+            let (ok_l, obs_l) = refused(l);
+            bind_any.verdict(ok_b && ok_l, format!("bind: {obs_b}; listen: {obs_l}"))
+        }
+    });
+    let mut ok = true;
+    let mut obs = Vec::new();
+    for (name, dom, ty) in [
+        (
+            "socket(AF_UNIX, SOCK_STREAM)",
+            libc::AF_UNIX,
+            libc::SOCK_STREAM,
+        ),
+        (
+            "socket(AF_INET, SOCK_DGRAM)",
+            libc::AF_INET,
+            libc::SOCK_DGRAM,
+        ),
+        (
+            "socket(AF_NETLINK, SOCK_RAW)",
+            libc::AF_NETLINK,
+            libc::SOCK_RAW,
+        ),
+    ] {
+        match sys::socket(dom, ty, 0) {
+            Ok(fd) => {
+                sys::close(fd);
+                ok = false;
+                obs.push(format!("{name}: succeeded"));
+            }
+            Err(e) => obs.push(format!("{name}: refused: {}", errno_str(e))),
+        }
+    }
+    rows.push(
+        Row::new(
+            "proxy: other sockets refused",
+            "socket(AF_UNIX), socket(AF_INET, SOCK_DGRAM), socket(AF_NETLINK)",
+            "refused",
+        )
+        .verdict(ok, obs.join("; ")),
+    );
+    rows
 }
 
 fn bind_row() -> Row {

@@ -470,14 +470,44 @@ pub fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
-/// `bind(2)` of an IPv4 socket to `0.0.0.0:port`.
-pub fn bind_any_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
-    let sin = libc::sockaddr_in {
+fn sockaddr_v4(ip: std::net::Ipv4Addr, port: u16) -> libc::sockaddr_in {
+    libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
         sin_zero: [0; 8],
-    };
+    }
+}
+
+/// `connect(2)` of an IPv4 socket to `127.0.0.1:port`.
+pub fn connect_loopback_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
+    let sin = sockaddr_v4(std::net::Ipv4Addr::LOCALHOST, port);
+    // SAFETY: `sin` is a valid sockaddr_in that outlives the call, and the
+    // length passed is its size.
+    check(
+        unsafe {
+            libc::connect(
+                fd,
+                &sin as *const libc::sockaddr_in as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        }
+        .into(),
+    )
+    .map(|_| ())
+}
+
+/// `listen(2)` with a backlog of 1.
+pub fn listen(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::listen(fd, 1) }.into()).map(|_| ())
+}
+
+/// `bind(2)` of an IPv4 socket to `0.0.0.0:port`.
+pub fn bind_any_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
+    let sin = sockaddr_v4(std::net::Ipv4Addr::UNSPECIFIED, port);
     // SAFETY: `sin` is a valid sockaddr_in that outlives the call, and the
     // length passed is its size.
     check(
