@@ -180,12 +180,12 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
         .collect();
     log!(
         Level::Info,
-        "worker {} ready: tcp mode, {} upstream(s): {}; balance {:?}, health check {:?}, health state {}",
+        "worker {} ready: tcp mode, {} upstream(s): {}; balance {}, health check {}, health state {}",
         worker.id(),
         n,
         names.join(", "),
-        cfg.balance,
-        cfg.health_check,
+        value_name(cfg.balance),
+        value_name(cfg.health_check),
         if prep.shared.pooled() {
             "shared with the pool"
         } else {
@@ -247,6 +247,12 @@ struct Server {
     next_probe: Option<Instant>,
     again: Vec<usize>,
     served: u64,
+}
+
+/// How an option value is spelled on the command line.
+fn value_name(v: impl clap::ValueEnum) -> String {
+    v.to_possible_value()
+        .map_or_else(|| "?".to_string(), |p| p.get_name().to_string())
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
