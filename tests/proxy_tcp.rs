@@ -5,14 +5,14 @@
 
 mod common;
 
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_sdk::proxy_protocol::{self, Parsed};
-use common::{bin, connect, Baton};
+use common::{bin, connect, echo_once, Baton};
 
 /// What a test upstream does with each connection.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -187,18 +187,15 @@ fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// One request: sends `payload`, half-closes, reads to the end.
-fn exchange(addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
-    let mut s = connect(addr)?;
-    s.write_all(payload)?;
-    s.shutdown(Shutdown::Write)?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back)?;
-    Ok(back)
+/// `--upstream A --upstream B --balance POLICY EXTRA`.
+fn two(a: &str, b: &str, policy: &str, extra: &[&str]) -> Vec<String> {
+    let mut v = args(&["--upstream", a, "--upstream", b, "--balance", policy]);
+    v.extend(args(extra));
+    v
 }
 
 fn expect_echo(addr: SocketAddr, payload: &[u8]) {
-    let back = exchange(addr, payload).expect("exchange through the proxy");
+    let back = echo_once(addr, payload).expect("exchange through the proxy");
     let mut want = payload.to_vec();
     want.extend_from_slice(format!("BYE {}\n", payload.len()).as_bytes());
     assert_eq!(back, want);
@@ -300,17 +297,7 @@ fn connections_are_spread_by_weight() {
     let a = Upstream::start(Kind::Echo);
     let c = Upstream::start(Kind::Echo);
     let weighted = format!("{},weight=3", c.arg());
-    let b = start(
-        1,
-        &args(&[
-            "--upstream",
-            &a.arg(),
-            "--upstream",
-            &weighted,
-            "--balance",
-            "round-robin",
-        ]),
-    );
+    let b = start(1, &two(&a.arg(), &weighted, "round-robin", &[]));
     for i in 0..40 {
         expect_echo(b.addr(), format!("request {i}").as_bytes());
     }
@@ -321,17 +308,7 @@ fn connections_are_spread_by_weight() {
 fn least_conn_and_hash_spread_and_stick() {
     let a = Upstream::start(Kind::Echo);
     let c = Upstream::start(Kind::Echo);
-    let b = start(
-        1,
-        &args(&[
-            "--upstream",
-            &a.arg(),
-            "--upstream",
-            &c.arg(),
-            "--balance",
-            "least-conn",
-        ]),
-    );
+    let b = start(1, &two(&a.arg(), &c.arg(), "least-conn", &[]));
     // Two connections held open at once go to two servers.
     let mut s1 = connect(b.addr()).unwrap();
     s1.write_all(b"x").unwrap();
@@ -344,17 +321,7 @@ fn least_conn_and_hash_spread_and_stick() {
     drop((s1, s2));
     drop(b);
     // hash: every connection of one client address goes to one server.
-    let b = start(
-        2,
-        &args(&[
-            "--upstream",
-            &a.arg(),
-            "--upstream",
-            &c.arg(),
-            "--balance",
-            "hash",
-        ]),
-    );
+    let b = start(2, &two(&a.arg(), &c.arg(), "hash", &[]));
     let before = (a.count(), c.count());
     for i in 0..10 {
         expect_echo(b.addr(), format!("sticky {i}").as_bytes());
@@ -370,16 +337,12 @@ fn a_dead_upstream_is_taken_out_and_comes_back() {
     let a_addr = a.addr;
     let mut b = start(
         2,
-        &args(&[
-            "--upstream",
+        &two(
             &a.arg(),
-            "--upstream",
             &c.arg(),
-            "--balance",
             "round-robin",
-            "--health-check",
-            "tcp",
-        ]),
+            &["--health-check", "tcp"],
+        ),
     );
     for i in 0..4 {
         expect_echo(b.addr(), format!("before {i}").as_bytes());
@@ -430,16 +393,12 @@ fn a_refused_connect_is_retried_on_another_server() {
     let c = Upstream::start(Kind::Echo);
     let mut b = start(
         1,
-        &args(&[
-            "--upstream",
+        &two(
             &dead.to_string(),
-            "--upstream",
             &c.arg(),
-            "--balance",
             "round-robin",
-            "--max-fails",
-            "2",
-        ]),
+            &["--max-fails", "2"],
+        ),
     );
     for i in 0..6 {
         expect_echo(b.addr(), format!("retry {i}").as_bytes());

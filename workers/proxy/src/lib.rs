@@ -130,7 +130,7 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!(Level::Error, "{e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(1)
         }
     }
 }

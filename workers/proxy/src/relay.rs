@@ -54,22 +54,10 @@ impl Pipe {
     }
 }
 
-/// `splice(from, to, len)`, non-blocking on the pipe side (the sockets are
-/// non-blocking themselves). Ok(0) is end of file on `from`.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+/// Runs a system call returning a byte count or -1, again on `EINTR`.
+pub(crate) fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> {
     loop {
-        // SAFETY: plain fds and null offsets (neither end is seekable);
-        // the kernel touches no memory of ours.
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
-            )
-        };
+        let n = call();
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -78,6 +66,23 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
             return Err(e);
         }
     }
+}
+
+/// `splice(from, to, len)`, non-blocking on the pipe side (the sockets are
+/// non-blocking themselves). Ok(0) is end of file on `from`.
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    // SAFETY: plain fds and null offsets (neither end is seekable); the
+    // kernel touches no memory of ours.
+    retry_eintr(|| unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE,
+        )
+    })
 }
 
 /// What one [`Direction::pump`] did.

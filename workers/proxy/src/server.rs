@@ -20,17 +20,14 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use baton_sdk::event::{self, DoneQueue, DrainSignals};
 use baton_sdk::log::Level;
 use baton_sdk::shared::{now_ms, Shared};
 use baton_sdk::{Connection, Event, Worker};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::errno::Errno;
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use slab::Slab;
 
 use crate::balance::{Balancer, Candidate, Server as BServer};
@@ -55,67 +52,18 @@ pub const TURN_BUDGET: usize = 1 << 20;
 /// How long one ACK or DONE send may wait for the acceptor (as baton-static).
 pub const CHANNEL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the worker stopped.
+/// Why the worker stopped serving (it has joined the acceptor by then).
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("cannot join the acceptor: {0}")]
-    Join(baton_sdk::Error),
     #[error("the acceptor's channel failed: {0}")]
     Channel(baton_sdk::Error),
     #[error("event loop: {0}")]
     Poll(#[source] io::Error),
 }
 
-impl Error {
-    /// The exit status: the SDK's for a sandbox failure, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::Join(e) | Error::Channel(e) => e.exit_code(),
-            Error::Poll(_) => 1,
-        }
-    }
-}
-
-static SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-static WAKER: OnceLock<mio::Waker> = OnceLock::new();
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    let saved = Errno::last_raw();
-    LAST_SIGNAL.store(sig, Ordering::SeqCst);
-    SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
-    if let Some(w) = WAKER.get() {
-        let _ = w.wake();
-    }
-    Errno::set_raw(saved);
-}
-
-/// SIGTERM/SIGINT drain the worker, through a handler and mio's eventfd
-/// waker (the sandbox allows `rt_sigaction` and `eventfd2`; see
-/// baton-static's server for why not a signalfd).
-fn catch_signals(registry: &mio::Registry) -> io::Result<()> {
-    let waker = mio::Waker::new(registry, SIGNALS)?;
-    let _ = WAKER.set(waker);
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: `on_signal` is async-signal-safe: atomics, an eventfd
-        // write(2), errno saved and restored.
-        unsafe { sigaction(sig, &action) }?;
-    }
-    Ok(())
-}
-
-/// The channel stays blocking with a send timeout, so that an ACK or DONE
-/// is never dropped on EAGAIN (see baton-static's `bound_channel_sends`).
-fn bound_channel_sends(worker: &Worker) -> io::Result<()> {
-    // SAFETY: the fd is the worker's channel, open as long as `worker`.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(worker.as_raw_fd()) };
-    worker.set_nonblocking(false)?;
-    socket2::SockRef::from(&fd).set_write_timeout(Some(CHANNEL_SEND_TIMEOUT))
+/// Watches an fd of ours for readability.
+fn watch(registry: &mio::Registry, fd: std::os::fd::RawFd, token: Token) -> io::Result<()> {
+    registry.register(&mut SourceFd(&fd), token, Interest::READABLE)
 }
 
 /// Everything resolved before the sandbox: upstreams and shared state.
@@ -126,21 +74,23 @@ pub struct Prepared {
 
 /// Joins the acceptor and serves until drained (TCP mode).
 pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
-    bound_channel_sends(&worker).map_err(|e| Error::Channel(e.into()))?;
+    event::bound_channel_sends(&worker, CHANNEL_SEND_TIMEOUT)
+        .map_err(|e| Error::Channel(e.into()))?;
     let poll = Poll::new().map_err(Error::Poll)?;
-    poll.registry()
-        .register(
-            &mut SourceFd(&worker.as_raw_fd()),
-            CHANNEL,
-            Interest::READABLE,
-        )
-        .map_err(Error::Poll)?;
-    if let Err(e) = catch_signals(poll.registry()) {
-        log!(
-            Level::Warn,
-            "SIGTERM/SIGINT will stop this worker without draining: {e}"
-        );
-    }
+    watch(poll.registry(), worker.as_raw_fd(), CHANNEL).map_err(Error::Poll)?;
+    let signals = match DrainSignals::install() {
+        Ok(s) => {
+            watch(poll.registry(), s.as_raw_fd(), SIGNALS).map_err(Error::Poll)?;
+            Some(s)
+        }
+        Err(e) => {
+            log!(
+                Level::Warn,
+                "SIGTERM/SIGINT will stop this worker without draining: {e}"
+            );
+            None
+        }
+    };
     let servers: Vec<BServer> = prep
         .upstreams
         .iter()
@@ -206,8 +156,8 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
         poll,
         worker,
         now,
-        signals_seen: 0,
-        done: Vec::new(),
+        signals,
+        done: DoneQueue::default(),
         draining: false,
         drain_deadline: None,
         closed: false,
@@ -235,8 +185,8 @@ struct Server {
     poll: Poll,
     worker: Worker,
     now: Instant,
-    signals_seen: u32,
-    done: Vec<u64>,
+    signals: Option<DrainSignals>,
+    done: DoneQueue,
     draining: bool,
     drain_deadline: Option<Instant>,
     closed: bool,
@@ -294,9 +244,7 @@ impl Server {
                 return Err(Error::Poll(e));
             }
             self.now = Instant::now();
-            if SIGNALS_SEEN.load(Ordering::SeqCst) != self.signals_seen {
-                self.signal_ready();
-            }
+            self.signal_ready();
             for ev in events.iter() {
                 match ev.token() {
                     CHANNEL => self.channel_ready(&mut incoming),
@@ -359,11 +307,7 @@ impl Server {
     }
 
     fn signal_ready(&mut self) {
-        let seen = SIGNALS_SEEN.load(Ordering::SeqCst);
-        while self.signals_seen < seen {
-            self.signals_seen += 1;
-            let sig =
-                Signal::try_from(LAST_SIGNAL.load(Ordering::SeqCst)).map_or("?", |s| s.as_str());
+        while let Some(sig) = self.signals.as_mut().and_then(|s| s.take()) {
             if self.draining {
                 log!(
                     Level::Warn,
@@ -425,27 +369,50 @@ impl Server {
             self.now,
         );
         let key = self.conns.insert(conn);
+        if !self.watch_conn(key, Side::Client) {
+            return;
+        }
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if let Err(e) = self.poll.registry().register(
-            &mut conn.client,
-            Token(FIRST + 2 * key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log!(
-                Level::Warn,
-                "conn {id}: cannot watch the client socket: {e}"
-            );
-            self.close(key, "");
-            return;
-        }
         if phase == Phase::Header {
             conn.deadline = self.now + self.cfg.accept_proxy_timeout;
             self.schedule(key);
             self.drive(key);
         } else {
             self.connect_next(key, None);
+        }
+    }
+
+    /// Registers one of `key`'s sockets with the poller, or closes the
+    /// connection (logged) and returns false.
+    fn watch_conn(&mut self, key: usize, side: Side) -> bool {
+        let Some(c) = self.conns.get_mut(key) else {
+            return false;
+        };
+        let (sock, token, what) = match side {
+            Side::Client => (Some(&mut c.client), FIRST + 2 * key, "client"),
+            Side::Upstream => (c.upstream.as_mut(), FIRST + 2 * key + 1, "upstream"),
+        };
+        let r = match sock {
+            Some(sock) => self.poll.registry().register(
+                sock,
+                Token(token),
+                Interest::READABLE | Interest::WRITABLE,
+            ),
+            None => Err(io::Error::other("no socket")),
+        };
+        match r {
+            Ok(()) => true,
+            Err(e) => {
+                log!(
+                    Level::Warn,
+                    "conn {}: cannot watch the {what} socket: {e}",
+                    c.id
+                );
+                self.close(key, "");
+                false
+            }
         }
     }
 
@@ -471,22 +438,12 @@ impl Server {
                     c.phase = Phase::Connecting;
                     self.connect_next(key, None);
                 }
-                HeaderStep::Closed => {
-                    let peer = c.peer;
-                    log!(
-                        Level::Warn,
-                        "conn {} from {peer}: closed before a whole PROXY header; closing",
-                        c.id
-                    );
-                    self.close(key, "");
-                }
-                HeaderStep::Bad(e) => {
-                    let peer = c.peer;
-                    log!(
-                        Level::Warn,
-                        "conn {} from {peer}: PROXY header refused: {e}; closing",
-                        c.id
-                    );
+                step @ (HeaderStep::Closed | HeaderStep::Bad(_)) => {
+                    let why = match step {
+                        HeaderStep::Bad(e) => format!("PROXY header refused: {e}"),
+                        _ => "closed before a whole PROXY header".to_string(),
+                    };
+                    log!(Level::Warn, "conn {} from {}: {why}; closing", c.id, c.peer);
                     self.close(key, "");
                 }
             },
@@ -563,25 +520,15 @@ impl Server {
             c.attempts += 1;
             c.upstream = None;
             match mio::net::TcpStream::connect(addr) {
-                Ok(mut sock) => {
-                    if let Err(e) = self.poll.registry().register(
-                        &mut sock,
-                        Token(FIRST + 2 * key + 1),
-                        Interest::READABLE | Interest::WRITABLE,
-                    ) {
-                        log!(
-                            Level::Warn,
-                            "conn {id}: cannot watch the upstream socket: {e}"
-                        );
-                        self.close(key, "");
-                        return;
-                    }
+                Ok(sock) => {
                     c.upstream = Some(sock);
                     c.server = Some(i);
                     c.phase = Phase::Connecting;
                     c.deadline = deadline;
                     self.outstanding[i] += 1;
-                    self.schedule(key);
+                    if self.watch_conn(key, Side::Upstream) {
+                        self.schedule(key);
+                    }
                     return;
                 }
                 Err(e) => {
@@ -916,30 +863,13 @@ impl Server {
 
     /// Sends DONE for every connection closed since the last call.
     fn report_done(&mut self) {
-        if self.done.is_empty() {
-            return;
-        }
         if self.closed {
             self.done.clear();
             return;
         }
-        let mut sent = 0;
-        let mut broken = false;
-        for chunk in self.done.chunks(baton_sdk::proto::MAX_IDS) {
-            match self.worker.done_many(chunk) {
-                Ok(()) => sent += chunk.len(),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => {
-                    log!(Level::Warn, "cannot report connections done: {e}; draining");
-                    broken = true;
-                    break;
-                }
-            }
-        }
-        self.done.drain(..sent);
-        if broken {
+        if let Err(e) = self.done.flush(&self.worker) {
+            log!(Level::Warn, "cannot report connections done: {e}; draining");
             self.closed = true;
-            self.done.clear();
             self.start_drain();
         }
     }

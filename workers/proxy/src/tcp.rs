@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use baton_sdk::proxy_protocol::{self, Parsed, V2_MAX};
 
-use crate::relay::{Direction, End};
+use crate::relay::{retry_eintr, Direction, End};
 
 /// Where a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,45 +98,27 @@ pub enum RelayStep {
 }
 
 fn recv(fd: &impl AsRawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for writes of its length for the call.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                flags | libc::MSG_DONTWAIT,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    // SAFETY: `buf` is valid for writes of its length for the call.
+    retry_eintr(|| unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_DONTWAIT,
+        )
+    })
 }
 
 fn send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
-    loop {
-        // SAFETY: `buf` is valid for reads of its length for the call.
-        let n = unsafe {
-            libc::send(
-                fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
-        if n >= 0 {
-            return Ok(n as usize);
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
+    // SAFETY: `buf` is valid for reads of its length for the call.
+    retry_eintr(|| unsafe {
+        libc::send(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    })
 }
 
 impl Conn {
@@ -236,24 +218,21 @@ impl Conn {
         let (cfd, ufd) = (self.client.as_raw_fd(), up.as_raw_fd());
         let mut moved = 0;
         let mut more = false;
-        if !c2u.finished() {
-            match c2u.pump(cfd, ufd, budget) {
-                Ok(p) => {
-                    moved += p.moved;
-                    more |= p.more;
-                }
-                Err((End::Source, e)) => return RelayStep::Failed(Side::Client, e),
-                Err((End::Destination, e)) => return RelayStep::Failed(Side::Upstream, e),
+        // Each way, with which side its source and destination are.
+        for (dir, src, dst, sides) in [
+            (&mut *c2u, cfd, ufd, (Side::Client, Side::Upstream)),
+            (&mut *u2c, ufd, cfd, (Side::Upstream, Side::Client)),
+        ] {
+            if dir.finished() {
+                continue;
             }
-        }
-        if !u2c.finished() {
-            match u2c.pump(ufd, cfd, budget) {
+            match dir.pump(src, dst, budget) {
                 Ok(p) => {
                     moved += p.moved;
                     more |= p.more;
                 }
-                Err((End::Source, e)) => return RelayStep::Failed(Side::Upstream, e),
-                Err((End::Destination, e)) => return RelayStep::Failed(Side::Client, e),
+                Err((End::Source, e)) => return RelayStep::Failed(sides.0, e),
+                Err((End::Destination, e)) => return RelayStep::Failed(sides.1, e),
             }
         }
         if c2u.finished() && u2c.finished() {

@@ -10,6 +10,8 @@
 //!   with their fds (`MSG_CMSG_CLOEXEC`, truncation refused).
 //! * [`worker`]: the receive loop a worker uses: hello, receive, ACK before
 //!   the application sees a connection, DONE when it is closed.
+//! * [`event`]: what an event-driven worker needs around its poller: drain
+//!   signals as events, bounded channel sends, batched DONE reports.
 //! * [`log`]: the log line style (text or JSON, as the acceptor says in
 //!   `BATON_LOG_FORMAT`) of workers that do not use `tracing`.
 //! * [`shared`]: the memory region every worker of a pool maps, for state
@@ -40,6 +42,7 @@
 //! ```
 
 pub mod channel;
+pub mod event;
 pub mod log;
 pub mod proto;
 pub mod proxy_protocol;

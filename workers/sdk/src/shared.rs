@@ -60,7 +60,9 @@
 //! `now + interval`. The others skip that server until the lease expires.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::worker::EnvFdError;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -198,24 +200,14 @@ impl Shared {
     /// variable is not set. Closes the fd (the mapping outlives it) and
     /// removes the variable. Call it before the sandbox is applied.
     pub fn from_env(hash: u64, slots: usize) -> Result<Shared, SharedError> {
-        let Ok(var) = std::env::var(SHARED_FD_ENV) else {
-            return Shared::anonymous(hash, slots);
+        let owned = match crate::worker::take_env_fd(SHARED_FD_ENV) {
+            None => return Shared::anonymous(hash, slots),
+            Some(Err(EnvFdError::BadVar(v))) => return Err(SharedError::BadVar(v)),
+            Some(Err(EnvFdError::BadFd(fd, source))) => {
+                return Err(SharedError::BadFd { fd, source })
+            }
+            Some(Ok((_, owned))) => owned,
         };
-        let fd: RawFd = var
-            .trim()
-            .parse()
-            .ok()
-            .filter(|fd| *fd > 2)
-            .ok_or_else(|| SharedError::BadVar(var.clone()))?;
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| SharedError::BadFd {
-            fd,
-            source: e.into(),
-        })?;
-        // SAFETY: the fd is open (F_GETFD succeeded) and was passed to this
-        // process for the shared region alone; the variable is removed so
-        // that nothing else claims it.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        std::env::remove_var(SHARED_FD_ENV);
         Shared::from_fd(&owned, hash, slots)
         // `owned` is closed here; the mapping stays.
     }

@@ -414,9 +414,7 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
     );
 
     // Network.
-    let mut raw_ok = true;
-    let mut raw_obs = Vec::new();
-    for (name, dom, ty, proto) in [
+    let (raw_ok, raw_obs) = sockets_refused(&[
         (
             "socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)",
             libc::AF_INET,
@@ -429,23 +427,14 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
             libc::SOCK_RAW,
             0,
         ),
-    ] {
-        match sys::socket(dom, ty, proto) {
-            Ok(fd) => {
-                sys::close(fd);
-                raw_ok = false;
-                raw_obs.push(format!("{name}: succeeded"));
-            }
-            Err(e) => raw_obs.push(format!("{name}: refused: {}", errno_str(e))),
-        }
-    }
+    ]);
     rows.push(
         Row::new(
             "raw sockets refused",
             "socket(AF_INET, SOCK_RAW), socket(AF_PACKET, SOCK_RAW)",
             "refused",
         )
-        .verdict(raw_ok, raw_obs.join("; ")),
+        .verdict(raw_ok, raw_obs),
     );
     rows.push(bind_row());
     if profile.seccomp == SeccompMode::Proxy {
@@ -671,26 +660,44 @@ fn proxy_rows() -> Vec<Row> {
             bind_any.verdict(ok_b && ok_l, format!("bind: {obs_b}; listen: {obs_l}"))
         }
     });
-    let mut ok = true;
-    let mut obs = Vec::new();
-    for (name, dom, ty) in [
+    let (ok, obs) = sockets_refused(&[
         (
             "socket(AF_UNIX, SOCK_STREAM)",
             libc::AF_UNIX,
             libc::SOCK_STREAM,
+            0,
         ),
         (
             "socket(AF_INET, SOCK_DGRAM)",
             libc::AF_INET,
             libc::SOCK_DGRAM,
+            0,
         ),
         (
             "socket(AF_NETLINK, SOCK_RAW)",
             libc::AF_NETLINK,
             libc::SOCK_RAW,
+            0,
         ),
-    ] {
-        match sys::socket(dom, ty, 0) {
+    ]);
+    rows.push(
+        Row::new(
+            "proxy: other sockets refused",
+            "socket(AF_UNIX), socket(AF_INET, SOCK_DGRAM), socket(AF_NETLINK)",
+            "refused",
+        )
+        .verdict(ok, obs),
+    );
+    rows
+}
+
+/// Tries to create each `(name, domain, type, protocol)` socket: whether
+/// every one was refused, and what happened to each.
+fn sockets_refused(list: &[(&str, libc::c_int, libc::c_int, libc::c_int)]) -> (bool, String) {
+    let mut ok = true;
+    let mut obs = Vec::new();
+    for &(name, dom, ty, proto) in list {
+        match sys::socket(dom, ty, proto) {
             Ok(fd) => {
                 sys::close(fd);
                 ok = false;
@@ -699,15 +706,7 @@ fn proxy_rows() -> Vec<Row> {
             Err(e) => obs.push(format!("{name}: refused: {}", errno_str(e))),
         }
     }
-    rows.push(
-        Row::new(
-            "proxy: other sockets refused",
-            "socket(AF_UNIX), socket(AF_INET, SOCK_DGRAM), socket(AF_NETLINK)",
-            "refused",
-        )
-        .verdict(ok, obs.join("; ")),
-    );
-    rows
+    (ok, obs.join("; "))
 }
 
 fn bind_row() -> Row {
