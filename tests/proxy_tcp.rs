@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -517,4 +517,154 @@ fn http_mode_says_it_is_not_built_yet() {
         help.contains("weight=N") && help.contains("[default: least-conn]"),
         "{help}"
     );
+}
+
+/// A baton-proxy started by hand that joins `baton --worker-socket`, with
+/// the pool's shared region inherited in BATON_SHARED_FD (as the acceptor
+/// will pass it to the workers it spawns), its JSON log lines sent to `tx`.
+fn registered_proxy(
+    sock: &str,
+    region: &std::os::fd::OwnedFd,
+    proxy_args: &[String],
+    tx: std::sync::mpsc::Sender<String>,
+) -> std::process::Child {
+    use std::io::BufRead;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fd = region.as_raw_fd();
+    let mut cmd = std::process::Command::new(bin("baton-proxy"));
+    cmd.args(["--register", sock, "--mode", "tcp"])
+        .args(proxy_args)
+        .env("BATON_LOG_FORMAT", "json")
+        .env(baton_sdk::shared::SHARED_FD_ENV, fd.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the closure only calls fcntl(2), which
+    // is async-signal-safe, on an fd this process owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let mut child = cmd.spawn().expect("start baton-proxy");
+    let stderr = child.stderr.take().expect("piped");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            let msg = v["fields"]["message"].as_str().unwrap_or(&line).to_string();
+            if tx.send(msg).is_err() {
+                break;
+            }
+        }
+    });
+    child
+}
+
+/// The next message satisfying `pred` within `timeout`.
+fn next_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    timeout: Duration,
+    pred: impl Fn(&str) -> bool,
+) -> Option<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(m) if pred(&m) => return Some(m),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+#[test]
+fn workers_of_one_pool_share_health_through_the_region() {
+    let mut a = Upstream::start(Kind::Echo);
+    let c = Upstream::start(Kind::Echo);
+    let a_addr = a.addr;
+    let region = baton_sdk::shared::create_region("baton-proxy-test").unwrap();
+    let dir = common::tempdir("baton-proxy-shared");
+    let sock = dir.join("workers.sock").display().to_string();
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "0",
+            "--no-control",
+            "--worker-socket",
+            &sock,
+        ],
+        0,
+    );
+    // Probes every 300 ms, one failure takes a server down: with private
+    // state each worker would report every change itself within 300 ms.
+    let opts = two(
+        &a.arg(),
+        &c.arg(),
+        "round-robin",
+        &[
+            "--health-check",
+            "tcp",
+            "--health-interval",
+            "300ms",
+            "--health-timeout",
+            "300ms",
+            "--health-fall",
+            "1",
+        ],
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut workers: Vec<_> = (0..2)
+        .map(|_| registered_proxy(&sock, &region, &opts, tx.clone()))
+        .collect();
+    drop(tx);
+    for _ in 0..2 {
+        next_line(&rx, Duration::from_secs(20), |m| {
+            m.contains("ready: tcp mode") && m.contains("health state shared with the pool")
+        })
+        .expect("each worker maps the pool's region");
+        b.wait_for("worker ready", Duration::from_secs(20));
+    }
+    a.kill();
+    let down = format!("upstream {a_addr} down");
+    next_line(&rx, Duration::from_secs(3), |m| m.starts_with(&down))
+        .expect("one worker reports it");
+    // Nobody reports it twice: the other worker saw the shared slot (three
+    // more probe intervals of its own go by).
+    assert_eq!(
+        next_line(&rx, Duration::from_millis(900), |m| m.starts_with(&down)),
+        None,
+        "a second worker took the same server down: state not shared"
+    );
+    let c_before = c.count();
+    for i in 0..8 {
+        expect_echo(b.addr(), format!("shared {i}").as_bytes());
+    }
+    assert_eq!(c.count() - c_before, 8);
+    let a2 = Upstream::start_on(a_addr, Kind::Echo);
+    let up = format!("upstream {a_addr} up");
+    next_line(&rx, Duration::from_secs(3), |m| m.starts_with(&up))
+        .expect("one worker reports it back");
+    assert_eq!(
+        next_line(&rx, Duration::from_millis(900), |m| m.starts_with(&up)),
+        None,
+        "reported back twice"
+    );
+    for i in 0..8 {
+        expect_echo(b.addr(), format!("back {i}").as_bytes());
+    }
+    assert!(
+        a2.count() >= 2,
+        "both workers send to it again: {}",
+        a2.count()
+    );
+    for w in &mut workers {
+        let _ = w.kill();
+        let _ = w.wait();
+    }
 }
