@@ -668,3 +668,100 @@ fn workers_of_one_pool_share_health_through_the_region() {
         let _ = w.wait();
     }
 }
+
+/// An HTTP server answering every request with the status in `status`
+/// (its health-check endpoint, as far as the proxy knows); counts requests
+/// whose path is `/healthz`.
+fn http_status_server(status: Arc<std::sync::atomic::AtomicU16>) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            if head.starts_with(b"GET /healthz HTTP/1.1\r\n") {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
+            let code = status.load(Ordering::SeqCst);
+            let _ =
+                s.write_all(format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n").as_bytes());
+        }
+    });
+    (addr, hits)
+}
+
+#[test]
+fn http_health_checks_follow_the_status() {
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let (a, hits) = http_status_server(status.clone());
+    let c = Upstream::start(Kind::Echo);
+    let mut b = start(
+        1,
+        &two(
+            &a.to_string(),
+            &c.arg(),
+            "round-robin",
+            &[
+                "--health-check",
+                "http",
+                "--health-path",
+                "/healthz",
+                "--health-interval",
+                "200ms",
+                "--health-timeout",
+                "200ms",
+            ],
+        ),
+    );
+    status.store(503, Ordering::SeqCst);
+    let down = format!("upstream {a} down");
+    let line = b
+        .wait_until(Duration::from_secs(5), |l| l.message().starts_with(&down))
+        .expect("a 503 takes it down");
+    assert!(line.message().contains("status 503"), "{}", line.message());
+    assert!(
+        hits.load(Ordering::SeqCst) >= 2,
+        "probes asked for /healthz"
+    );
+    status.store(204, Ordering::SeqCst);
+    let up = format!("upstream {a} up (health check passed)");
+    b.wait_until(Duration::from_secs(5), |l| l.message() == up)
+        .expect("a 2xx brings it back");
+}
+
+#[test]
+fn drain_lets_a_relayed_connection_finish() {
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start(1, &args(&["--upstream", &up.arg()]));
+    let mut s = connect(b.addr()).unwrap();
+    s.write_all(b"before the drain ").unwrap();
+    let mut first = [0u8; 17];
+    s.read_exact(&mut first).unwrap();
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    b.wait_until(Duration::from_secs(10), |l| {
+        l.message().starts_with("DRAIN from the acceptor")
+    })
+    .expect("the worker is told to drain");
+    // The connection is still relayed, both ways, to its end.
+    s.write_all(b"and after").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"and afterBYE 26\n");
+    b.wait_until(Duration::from_secs(10), |l| {
+        l.message().contains("drained, exiting")
+    })
+    .expect("then the worker exits");
+    let st = b.wait_exit(Duration::from_secs(30));
+    assert!(st.success(), "baton exited with {st:?}");
+}
