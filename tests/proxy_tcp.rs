@@ -765,3 +765,33 @@ fn drain_lets_a_relayed_connection_finish() {
     let st = b.wait_exit(Duration::from_secs(30));
     assert!(st.success(), "baton exited with {st:?}");
 }
+
+#[test]
+fn under_the_default_seccomp_profile_it_says_to_use_proxy() {
+    let proxy = bin("baton-proxy").display().to_string();
+    let mut b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--no-control",
+            "--",
+            &proxy,
+            "--mode",
+            "tcp",
+            "--upstream",
+            "127.0.0.1:1",
+        ],
+        0,
+    );
+    b.wait_until(Duration::from_secs(20), |l| {
+        l.message()
+            .contains("the sandbox refuses to create sockets")
+            && l.message().contains("--seccomp proxy")
+    })
+    .expect("the worker says what to do");
+    // Exit 78: not restarted; with no worker left, baton stops.
+    let st = b.wait_exit(Duration::from_secs(30));
+    assert!(!st.success());
+}

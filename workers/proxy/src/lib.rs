@@ -60,6 +60,22 @@ fn raise_nofile() {
     }
 }
 
+/// Checks, once confined, that this process may create the sockets it
+/// connects upstream with: under baton's default seccomp profile it may
+/// not, and every connection would fail; better to say so at start.
+fn can_connect_out() -> Result<(), String> {
+    use socket2::{Domain, Socket, Type};
+    match Socket::new(Domain::IPV4, Type::STREAM, None) {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EPERM | libc::EACCES)) => Err(format!(
+            "the sandbox refuses to create sockets ({e}): a proxy connects to its upstreams; \
+             start baton with --seccomp proxy (outbound TCP only) instead of the default profile"
+        )),
+        // Out of fds or memory right now says nothing about the sandbox.
+        Err(_) => Ok(()),
+    }
+}
+
 /// The whole `baton-proxy` program: parses `args` (the first is the
 /// program name), prepares what needs the unconfined process, confines
 /// itself, joins the acceptor and serves until drained.
@@ -112,6 +128,10 @@ where
             log!(Level::Error, "{e}");
             return ExitCode::from(baton_sdk::EXIT_SANDBOX);
         }
+    }
+    if let Err(e) = can_connect_out() {
+        log!(Level::Error, "{e}");
+        return ExitCode::from(EXIT_CONFIG);
     }
     // Two sockets and two pipes per connection.
     let worker = match &cfg.register {
