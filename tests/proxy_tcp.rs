@@ -630,31 +630,24 @@ fn workers_of_one_pool_share_health_through_the_region() {
         .expect("each worker maps the pool's region");
         b.wait_for("worker ready", Duration::from_secs(20));
     }
+    // One worker reports each change, and nobody a second time: the other
+    // worker saw the shared slot (three more probe intervals of its own go
+    // by, in which it would have reported it with state of its own).
+    let once = |prefix: String| {
+        next_line(&rx, Duration::from_secs(3), |m| m.starts_with(&prefix))
+            .unwrap_or_else(|| panic!("no {prefix:?} line"));
+        let again = next_line(&rx, Duration::from_millis(900), |m| m.starts_with(&prefix));
+        assert_eq!(again, None, "reported twice: state not shared");
+    };
     a.kill();
-    let down = format!("upstream {a_addr} down");
-    next_line(&rx, Duration::from_secs(3), |m| m.starts_with(&down))
-        .expect("one worker reports it");
-    // Nobody reports it twice: the other worker saw the shared slot (three
-    // more probe intervals of its own go by).
-    assert_eq!(
-        next_line(&rx, Duration::from_millis(900), |m| m.starts_with(&down)),
-        None,
-        "a second worker took the same server down: state not shared"
-    );
+    once(format!("upstream {a_addr} down"));
     let c_before = c.count();
     for i in 0..8 {
         expect_echo(b.addr(), format!("shared {i}").as_bytes());
     }
     assert_eq!(c.count() - c_before, 8);
     let a2 = Upstream::start_on(a_addr, Kind::Echo);
-    let up = format!("upstream {a_addr} up");
-    next_line(&rx, Duration::from_secs(3), |m| m.starts_with(&up))
-        .expect("one worker reports it back");
-    assert_eq!(
-        next_line(&rx, Duration::from_millis(900), |m| m.starts_with(&up)),
-        None,
-        "reported back twice"
-    );
+    once(format!("upstream {a_addr} up"));
     for i in 0..8 {
         expect_echo(b.addr(), format!("back {i}").as_bytes());
     }
