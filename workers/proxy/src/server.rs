@@ -163,7 +163,7 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
         closed: false,
         channel_error: None,
         next_check: None,
-        next_probe: Some(now),
+        next_probe: rules.active.then_some(now),
         again: Vec::new(),
         served: 0,
     };
@@ -215,11 +215,6 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 impl Server {
     fn run(&mut self) -> Result<(), Error> {
-        if self.rules.active {
-            self.next_probe = Some(self.now);
-        } else {
-            self.next_probe = None;
-        }
         let mut events = Events::with_capacity(1024);
         let mut incoming = Vec::new();
         self.channel_ready(&mut incoming);
