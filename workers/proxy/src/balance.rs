@@ -326,4 +326,37 @@ mod tests {
         let c = counts(&mut b, &up(2), 4000);
         assert!(c[0] > 2600 && c[0] < 3400, "{c:?}");
     }
+
+    proptest::proptest! {
+        /// Whatever the policy, weights, load and key: the pick is usable,
+        /// a backup only when no primary is, and None only when nothing is.
+        #[test]
+        fn picks_obey_the_rules(
+            policy in proptest::sample::select(vec![Policy::RoundRobin, Policy::LeastConn, Policy::P2c, Policy::Hash]),
+            servers in proptest::collection::vec((1u32..=1000, proptest::bool::ANY, proptest::bool::ANY, 0u32..50), 1..12),
+            keys in proptest::collection::vec(proptest::num::u64::ANY, 1..20),
+        ) {
+            let list: Vec<Server> = servers
+                .iter()
+                .enumerate()
+                .map(|(i, &(weight, backup, _, _))| Server { weight, backup, id: mix(i as u64) })
+                .collect();
+            let state: Vec<Candidate> = servers
+                .iter()
+                .map(|&(_, _, usable, outstanding)| Candidate { usable, outstanding })
+                .collect();
+            let primary_usable = servers.iter().any(|&(_, b, u, _)| u && !b);
+            let any_usable = servers.iter().any(|&(_, _, u, _)| u);
+            let mut b = Balancer::new(policy, list, 42);
+            for k in keys {
+                match b.pick(&state, k) {
+                    Some(i) => {
+                        proptest::prop_assert!(state[i].usable);
+                        proptest::prop_assert!(!servers[i].1 || !primary_usable);
+                    }
+                    None => proptest::prop_assert!(!any_usable),
+                }
+            }
+        }
+    }
 }
