@@ -10,8 +10,13 @@
 //!   with their fds (`MSG_CMSG_CLOEXEC`, truncation refused).
 //! * [`worker`]: the receive loop a worker uses: hello, receive, ACK before
 //!   the application sees a connection, DONE when it is closed.
+//! * [`event`]: what an event-driven worker needs around its poller: drain
+//!   signals as events, bounded channel sends, batched DONE reports.
 //! * [`log`]: the log line style (text or JSON, as the acceptor says in
 //!   `BATON_LOG_FORMAT`) of workers that do not use `tracing`.
+//! * [`shared`]: the memory region every worker of a pool maps, for state
+//!   they must agree on (baton-proxy's upstream health).
+//! * [`proxy_protocol`]: the PROXY protocol v1/v2 parser and v2 encoder.
 //! * [`sandbox`]: the confinement a worker applies to itself first thing
 //!   (uid/gid, chroot, capabilities, no_new_privs, seccomp), its check from
 //!   outside, and the audit probe.
@@ -37,9 +42,12 @@
 //! ```
 
 pub mod channel;
+pub mod event;
 pub mod log;
 pub mod proto;
+pub mod proxy_protocol;
 pub mod sandbox;
+pub mod shared;
 pub mod worker;
 
 pub use channel::{Channel, Received, RecvError};

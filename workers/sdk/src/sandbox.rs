@@ -515,8 +515,8 @@ pub fn apply(profile: &Profile) -> Result<Applied, SandboxError> {
     }
 
     // 11. seccomp, last
-    if profile.seccomp == SeccompMode::Default {
-        seccomp::install_default()?;
+    if profile.seccomp.filtered() {
+        seccomp::install(profile.seccomp)?;
         if sys::seccomp_mode() != Ok(2) {
             return Err(check(
                 Step::Seccomp,

@@ -186,23 +186,14 @@ impl Worker {
                 );
             }
         }
-        let var = std::env::var(CHANNEL_FD_ENV).map_err(|_| Error::NoChannel)?;
-        let fd: RawFd = var
-            .trim()
-            .parse()
-            .ok()
-            .filter(|fd| *fd > 2)
-            .ok_or_else(|| Error::BadChannelVar(var.clone()))?;
-        // Refuse anything that is not an open fd before taking ownership.
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).map_err(|e| Error::BadChannelFd {
-            fd,
-            source: e.into(),
-        })?;
-        // SAFETY: the fd is open (F_GETFD succeeded) and was passed to this
-        // process for the sole use of the worker library; the variable is
-        // removed below so that nothing else in the process claims it too.
-        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        std::env::remove_var(CHANNEL_FD_ENV);
+        let (fd, owned) = match take_env_fd(CHANNEL_FD_ENV) {
+            None => return Err(Error::NoChannel),
+            Some(Err(EnvFdError::BadVar(v))) => return Err(Error::BadChannelVar(v)),
+            Some(Err(EnvFdError::BadFd(fd, source))) => {
+                return Err(Error::BadChannelFd { fd, source })
+            }
+            Some(Ok(taken)) => taken,
+        };
         // Mark it close-on-exec so that anything this worker runs does not
         // inherit the acceptor's channel.
         let _ = nix::fcntl::fcntl(
@@ -497,6 +488,35 @@ impl Worker {
         }
         Err(Error::Io(e))
     }
+}
+
+/// Why the fd an environment variable names cannot be taken.
+#[derive(Debug)]
+pub(crate) enum EnvFdError {
+    /// The value is not a number above 2.
+    BadVar(String),
+    /// That fd is not open.
+    BadFd(RawFd, io::Error),
+}
+
+/// Takes ownership of the inherited fd whose number is in `var` (above 2,
+/// open), and removes the variable so that nothing else in the process
+/// claims it too. None when the variable is not set.
+pub(crate) fn take_env_fd(var: &str) -> Option<Result<(RawFd, OwnedFd), EnvFdError>> {
+    let value = std::env::var(var).ok()?;
+    let Some(fd) = value.trim().parse::<RawFd>().ok().filter(|fd| *fd > 2) else {
+        return Some(Err(EnvFdError::BadVar(value)));
+    };
+    // Refuse anything that is not an open fd before taking ownership.
+    if let Err(e) = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD) {
+        return Some(Err(EnvFdError::BadFd(fd, e.into())));
+    }
+    // SAFETY: the fd is open (F_GETFD succeeded) and was passed to this
+    // process for the sole use of the caller; the variable is removed so
+    // that nothing else claims it.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    std::env::remove_var(var);
+    Some(Ok((fd, owned)))
 }
 
 /// Sends `ids` as ACK (or DONE) messages of at most [`crate::proto::MAX_IDS`]. On error,

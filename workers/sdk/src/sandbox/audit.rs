@@ -344,7 +344,7 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
         Ok(m) => m.to_string(),
         Err(e) => errno_str(e),
     };
-    let filtered = profile.seccomp == SeccompMode::Default;
+    let filtered = profile.seccomp.filtered();
     rows.push(if filtered {
         Row::new("seccomp mode", "prctl(PR_GET_SECCOMP)", "2 (filter)")
             .verdict(mode == Ok(2), mode_s)
@@ -414,9 +414,7 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
     );
 
     // Network.
-    let mut raw_ok = true;
-    let mut raw_obs = Vec::new();
-    for (name, dom, ty, proto) in [
+    let (raw_ok, raw_obs) = sockets_refused(&[
         (
             "socket(AF_INET, SOCK_RAW, IPPROTO_ICMP)",
             libc::AF_INET,
@@ -429,25 +427,19 @@ pub fn run_probe(profile: &Profile) -> Vec<Row> {
             libc::SOCK_RAW,
             0,
         ),
-    ] {
-        match sys::socket(dom, ty, proto) {
-            Ok(fd) => {
-                sys::close(fd);
-                raw_ok = false;
-                raw_obs.push(format!("{name}: succeeded"));
-            }
-            Err(e) => raw_obs.push(format!("{name}: refused: {}", errno_str(e))),
-        }
-    }
+    ]);
     rows.push(
         Row::new(
             "raw sockets refused",
             "socket(AF_INET, SOCK_RAW), socket(AF_PACKET, SOCK_RAW)",
             "refused",
         )
-        .verdict(raw_ok, raw_obs.join("; ")),
+        .verdict(raw_ok, raw_obs),
     );
     rows.push(bind_row());
+    if profile.seccomp == SeccompMode::Proxy {
+        rows.extend(proxy_rows());
+    }
 
     // Other processes.
     let pt = sys::ptrace_seize(1);
@@ -620,6 +612,101 @@ fn outside_row(profile: &Profile, rec: Option<&super::Record>) -> Row {
         }
     }
     row.verdict(!escaped, seen.join("; "))
+}
+
+/// What the `proxy` seccomp profile promises beyond the default one:
+/// outbound TCP works, and nothing else about sockets does.
+fn proxy_rows() -> Vec<Row> {
+    let mut rows = Vec::new();
+    let connect_row = Row::new(
+        "proxy: outbound connect allowed",
+        "socket(AF_INET, SOCK_STREAM|SOCK_NONBLOCK), connect(127.0.0.1:1)",
+        "not refused by seccomp (any answer but EPERM)",
+    );
+    rows.push(
+        match sys::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) {
+            Err(e) => connect_row.verdict(false, format!("socket refused: {}", errno_str(e))),
+            Ok(fd) => {
+                let r = sys::connect_loopback_v4(fd, 1);
+                sys::close(fd);
+                match r {
+                    Ok(()) => connect_row.verdict(true, "connected"),
+                    Err(Errno::EPERM) => connect_row.verdict(false, "refused: EPERM"),
+                    // ECONNREFUSED, EINPROGRESS, ENETUNREACH (unshare=net):
+                    // the call reached the kernel.
+                    Err(e) => {
+                        connect_row.verdict(true, format!("reached the kernel: {}", errno_str(e)))
+                    }
+                }
+            }
+        },
+    );
+    let bind_any = Row::new(
+        "proxy: bind refused",
+        "socket(AF_INET, SOCK_STREAM), bind(0.0.0.0:0), listen()",
+        "refused",
+    );
+    rows.push(match sys::socket(libc::AF_INET, libc::SOCK_STREAM, 0) {
+        Err(e) => bind_any.verdict(
+            false,
+            format!("inconclusive: socket refused: {}", errno_str(e)),
+        ),
+        Ok(fd) => {
+            let b = sys::bind_any_v4(fd, 0);
+            let l = sys::listen(fd);
+            sys::close(fd);
+            let (ok_b, obs_b) = refused(b);
+            let (ok_l, obs_l) = refused(l);
+            bind_any.verdict(ok_b && ok_l, format!("bind: {obs_b}; listen: {obs_l}"))
+        }
+    });
+    let (ok, obs) = sockets_refused(&[
+        (
+            "socket(AF_UNIX, SOCK_STREAM)",
+            libc::AF_UNIX,
+            libc::SOCK_STREAM,
+            0,
+        ),
+        (
+            "socket(AF_INET, SOCK_DGRAM)",
+            libc::AF_INET,
+            libc::SOCK_DGRAM,
+            0,
+        ),
+        (
+            "socket(AF_NETLINK, SOCK_RAW)",
+            libc::AF_NETLINK,
+            libc::SOCK_RAW,
+            0,
+        ),
+    ]);
+    rows.push(
+        Row::new(
+            "proxy: other sockets refused",
+            "socket(AF_UNIX), socket(AF_INET, SOCK_DGRAM), socket(AF_NETLINK)",
+            "refused",
+        )
+        .verdict(ok, obs),
+    );
+    rows
+}
+
+/// Tries to create each `(name, domain, type, protocol)` socket: whether
+/// every one was refused, and what happened to each.
+fn sockets_refused(list: &[(&str, libc::c_int, libc::c_int, libc::c_int)]) -> (bool, String) {
+    let mut ok = true;
+    let mut obs = Vec::new();
+    for &(name, dom, ty, proto) in list {
+        match sys::socket(dom, ty, proto) {
+            Ok(fd) => {
+                sys::close(fd);
+                ok = false;
+                obs.push(format!("{name}: succeeded"));
+            }
+            Err(e) => obs.push(format!("{name}: refused: {}", errno_str(e))),
+        }
+    }
+    (ok, obs.join("; "))
 }
 
 fn bind_row() -> Row {

@@ -14,7 +14,7 @@
 //! | `v`          | `1`; must be the first field                                 | required    |
 //! | `uid`, `gid` | `keep`, or a decimal id below 4294967295                     | `keep`      |
 //! | `chroot`     | `none`, or an absolute path, percent-encoded (below)         | `none`      |
-//! | `seccomp`    | `default` or `off`                                           | `default`   |
+//! | `seccomp`    | `default`, `proxy` or `off`                                  | `default`   |
 //! | `unshare`    | `none`, or a comma list of `mount`, `pid`, `ipc`, `uts`, `net` | `none`    |
 //! | `nofile`     | `keep`, or a decimal open-file limit of at least 1           | `keep`      |
 //! | `core0`      | `0` or `1`                                                   | `1`         |
@@ -53,6 +53,10 @@ pub enum SeccompMode {
     /// [`seccomp`](super::seccomp)).
     #[default]
     Default,
+    /// The default allowlist plus outbound TCP: `socket` for
+    /// `AF_INET`/`AF_INET6` `SOCK_STREAM` only, `connect`, `pipe2` and
+    /// `splice` (see [`seccomp`](super::seccomp)), for `baton-proxy`.
+    Proxy,
     /// No filter.
     Off,
 }
@@ -61,8 +65,14 @@ impl SeccompMode {
     pub fn as_str(self) -> &'static str {
         match self {
             SeccompMode::Default => "default",
+            SeccompMode::Proxy => "proxy",
             SeccompMode::Off => "off",
         }
+    }
+
+    /// Whether a filter is installed (every mode but `off`).
+    pub fn filtered(self) -> bool {
+        self != SeccompMode::Off
     }
 }
 
@@ -74,15 +84,16 @@ impl fmt::Display for SeccompMode {
 
 impl FromStr for SeccompMode {
     type Err = ProfileError;
-    /// `default` or `off`, as `--seccomp` takes them.
+    /// `default`, `proxy` or `off`, as `--seccomp` takes them.
     fn from_str(s: &str) -> Result<Self, ProfileError> {
         match s {
             "default" => Ok(SeccompMode::Default),
+            "proxy" => Ok(SeccompMode::Proxy),
             "off" => Ok(SeccompMode::Off),
             _ => Err(ProfileError::BadValue {
                 key: "seccomp",
                 value: s.to_string(),
-                reason: "expected `default` or `off`",
+                reason: "expected `default`, `proxy` or `off`",
             }),
         }
     }
@@ -741,6 +752,12 @@ mod tests {
     #[test]
     fn option_parsers() {
         assert_eq!("off".parse::<SeccompMode>().unwrap(), SeccompMode::Off);
+        assert_eq!("proxy".parse::<SeccompMode>().unwrap(), SeccompMode::Proxy);
+        let p = Profile {
+            seccomp: SeccompMode::Proxy,
+            ..Profile::default()
+        };
+        assert_eq!(Profile::from_env_str(&p.to_env()).unwrap(), p);
         let u: Unshare = "pid,net".parse().unwrap();
         assert!(u.pid && u.net && !u.mount);
         assert_eq!(u.to_string(), "pid,net");

@@ -39,6 +39,25 @@
 //! `setns`, `chroot`, every `set*id`, `kill`, `bpf`, `perf_event_open`,
 //! `io_uring_*`, `keyctl`, `userfaultfd`, `getppid`.
 //!
+//! # The `proxy` profile
+//!
+//! `baton-proxy` connects to upstream servers, so its profile
+//! ([`SeccompMode::Proxy`](super::SeccompMode::Proxy)) is the default
+//! allowlist plus exactly what an outbound TCP relay needs:
+//!
+//! * `socket` only for `AF_INET` or `AF_INET6`, type `SOCK_STREAM` (with
+//!   `SOCK_NONBLOCK` and `SOCK_CLOEXEC` allowed and no other bit), protocol
+//!   `0` or `IPPROTO_TCP`: no raw, packet, netlink, UDP or Unix socket;
+//! * `connect` (on those sockets: nothing else can be created);
+//! * `pipe2` and `splice`, to move bytes between two sockets through a pipe
+//!   without copying them to user space (`getsockopt`/`setsockopt` are in
+//!   the default list already).
+//!
+//! Still refused: `bind`, `listen`, `accept`, `execve`, every write-mode
+//! `open`, and everything else the default list leaves out. `baton audit
+//! --seccomp proxy` checks that connect works and bind, raw and Unix
+//! sockets do not.
+//!
 //! # The action: `EPERM`, not kill
 //!
 //! A call outside the list fails with `EPERM` and the worker goes on. The
@@ -76,6 +95,7 @@
 
 use std::collections::BTreeMap;
 
+use super::SeccompMode;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule,
@@ -312,6 +332,47 @@ pub(crate) fn allowlist(_pid: u32) -> Result<Vec<Allow>, SeccompError> {
     Err(SeccompError::UnsupportedArch(std::env::consts::ARCH))
 }
 
+/// What the `proxy` profile adds to [`allowlist`]: outbound TCP sockets and
+/// the calls to relay between two of them (see the [module docs](self)).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::unnecessary_cast)]
+pub(crate) fn proxy_extra() -> Vec<Allow> {
+    use libc::*;
+    // Every bit of the type argument but these two flags must be
+    // SOCK_STREAM exactly.
+    let type_mask = u64::from(!((SOCK_NONBLOCK | SOCK_CLOEXEC) as u32));
+    let mut socket_rules = Vec::new();
+    for family in [AF_INET, AF_INET6] {
+        for proto in [0, IPPROTO_TCP] {
+            socket_rules.push(vec![
+                d(0, SeccompCmpOp::Eq, family as u64),
+                d(1, SeccompCmpOp::MaskedEq(type_mask), SOCK_STREAM as u64),
+                d(2, SeccompCmpOp::Eq, proto as u64),
+            ]);
+        }
+    }
+    vec![
+        when("socket", SYS_socket, socket_rules),
+        any("connect", SYS_connect),
+        any("pipe2", SYS_pipe2),
+        any("splice", SYS_splice),
+    ]
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) fn proxy_extra() -> Vec<Allow> {
+    Vec::new()
+}
+
+/// The allowlist of a filtering mode (`off` has none).
+fn allowlist_for(mode: SeccompMode, pid: u32) -> Result<Vec<Allow>, SeccompError> {
+    let mut list = allowlist(pid)?;
+    if mode == SeccompMode::Proxy {
+        list.extend(proxy_extra());
+    }
+    Ok(list)
+}
+
 /// The calls that answer `ENOSYS` so that callers fall back to a call the
 /// allowlist can inspect.
 #[cfg(target_arch = "x86_64")]
@@ -356,9 +417,14 @@ fn target() -> Result<seccompiler::TargetArch, SeccompError> {
 /// the `ENOSYS` list (everything else allowed), then the allowlist
 /// (`EPERM` for the rest; the `ENOSYS` calls pass through it to the first).
 pub(crate) fn compile_default(pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
+    compile(SeccompMode::Default, pid)
+}
+
+/// The two BPF programs of a filtering `mode`, as [`compile_default`].
+pub(crate) fn compile(mode: SeccompMode, pid: u32) -> Result<Vec<BpfProgram>, SeccompError> {
     let arch = target()?;
     let c = |e: seccompiler::BackendError| SeccompError::Compile(e.to_string());
-    let mut list = allowlist(pid)?;
+    let mut list = allowlist_for(mode, pid)?;
     list.extend(enosys_list().into_iter().map(|(name, nr)| any(name, nr)));
     let allow = SeccompFilter::new(
         to_rules(list)?,
@@ -383,12 +449,12 @@ pub(crate) fn compile_default(pid: u32) -> Result<Vec<BpfProgram>, SeccompError>
     ])
 }
 
-/// Compiles and installs the default profile on the calling thread (the
-/// process is single-threaded when `apply` runs, and threads started later
-/// inherit the filter). Sets no_new_privs (seccompiler does, before each
-/// filter; `apply` already has).
-pub(crate) fn install_default() -> Result<(), SeccompError> {
-    let progs = compile_default(std::process::id())?;
+/// Compiles and installs the filter of a filtering `mode` on the calling
+/// thread (the process is single-threaded when `apply` runs, and threads
+/// started later inherit the filter). Sets no_new_privs (seccompiler does,
+/// before each filter; `apply` already has).
+pub(crate) fn install(mode: SeccompMode) -> Result<(), SeccompError> {
+    let progs = compile(mode, std::process::id())?;
     for p in &progs {
         seccompiler::apply_filter(p).map_err(|e| SeccompError::Install(e.to_string()))?;
     }
@@ -399,6 +465,21 @@ pub(crate) fn install_default() -> Result<(), SeccompError> {
 /// lets a supervisor find out at start-up that the profile cannot load here.
 pub fn check_default() -> Result<(), SeccompError> {
     compile_default(std::process::id()).map(|_| ())
+}
+
+/// Builds the filter of `mode` without installing it, as [`check_default`]
+/// (`off` always succeeds).
+pub fn check(mode: SeccompMode) -> Result<(), SeccompError> {
+    if !mode.filtered() {
+        return Ok(());
+    }
+    compile(mode, std::process::id()).map(|_| ())
+}
+
+/// The names of the system calls the `proxy` profile allows beyond the
+/// default ones (some only with the conditions in the [module docs](self)).
+pub fn proxy_additions() -> Vec<&'static str> {
+    proxy_extra().into_iter().map(|a| a.name).collect()
 }
 
 /// The names of the system calls the default profile allows (some only
@@ -426,59 +507,61 @@ mod tests {
         assert!(progs.iter().all(|p| !p.is_empty() && p.len() < 4096));
     }
 
+    /// Calls no profile allows (the default one refuses `socket` and
+    /// `connect` too).
+    const NEVER: &[&str] = &[
+        "bind",
+        "listen",
+        "accept",
+        "accept4",
+        "execve",
+        "execveat",
+        "fork",
+        "vfork",
+        "clone3",
+        "ptrace",
+        "mount",
+        "umount2",
+        "pivot_root",
+        "unshare",
+        "setns",
+        "chroot",
+        "setuid",
+        "setgid",
+        "setresuid",
+        "setresgid",
+        "setgroups",
+        "capset",
+        "kill",
+        "bpf",
+        "perf_event_open",
+        "io_uring_setup",
+        "keyctl",
+        "userfaultfd",
+        "init_module",
+        "finit_module",
+        "kexec_load",
+        "reboot",
+        "getppid",
+        "openat2",
+        "unlink",
+        "unlinkat",
+        "rename",
+        "mkdir",
+        "chmod",
+        "chown",
+        "creat",
+        "memfd_create",
+        "process_vm_writev",
+        "pidfd_open",
+        "seccomp",
+    ];
+
     #[test]
     fn dangerous_calls_are_not_allowed() {
         let allowed = default_allowlist();
-        for bad in [
-            "socket",
-            "connect",
-            "bind",
-            "listen",
-            "accept",
-            "accept4",
-            "execve",
-            "execveat",
-            "fork",
-            "vfork",
-            "clone3",
-            "ptrace",
-            "mount",
-            "umount2",
-            "pivot_root",
-            "unshare",
-            "setns",
-            "chroot",
-            "setuid",
-            "setgid",
-            "setresuid",
-            "setresgid",
-            "setgroups",
-            "capset",
-            "kill",
-            "bpf",
-            "perf_event_open",
-            "io_uring_setup",
-            "keyctl",
-            "userfaultfd",
-            "init_module",
-            "finit_module",
-            "kexec_load",
-            "reboot",
-            "getppid",
-            "openat2",
-            "unlink",
-            "unlinkat",
-            "rename",
-            "mkdir",
-            "chmod",
-            "chown",
-            "creat",
-            "memfd_create",
-            "process_vm_writev",
-            "pidfd_open",
-            "seccomp",
-        ] {
-            assert!(!allowed.contains(&bad), "{bad} must not be allowed");
+        for bad in NEVER.iter().chain(&["socket", "connect"]) {
+            assert!(!allowed.contains(bad), "{bad} must not be allowed");
         }
         // Every name is unique (to_rules would refuse duplicates too).
         let mut sorted = allowed.clone();
@@ -486,5 +569,33 @@ mod tests {
         sorted.dedup();
         assert_eq!(sorted.len(), allowed.len());
         assert_eq!(default_enosys(), vec!["clone3", "openat2"]);
+    }
+
+    #[test]
+    fn the_proxy_profile_adds_outbound_tcp_only() {
+        let progs = compile(SeccompMode::Proxy, std::process::id()).unwrap();
+        assert_eq!(progs.len(), 2);
+        assert!(progs.iter().all(|p| !p.is_empty() && p.len() < 4096));
+        assert_eq!(
+            proxy_additions(),
+            vec!["socket", "connect", "pipe2", "splice"]
+        );
+        let all: Vec<&str> = allowlist_for(SeccompMode::Proxy, 0)
+            .unwrap()
+            .into_iter()
+            .map(|a| a.name)
+            .collect();
+        for bad in NEVER.iter().chain(&["socketpair"]) {
+            assert!(!all.contains(bad), "{bad} must not be allowed");
+        }
+        // The socket rule names the families and the type: nothing
+        // unconditional.
+        let socket = proxy_extra()
+            .into_iter()
+            .find(|a| a.name == "socket")
+            .unwrap();
+        assert_eq!(socket.rules.len(), 4);
+        assert!(check(SeccompMode::Proxy).is_ok());
+        assert!(check(SeccompMode::Off).is_ok());
     }
 }

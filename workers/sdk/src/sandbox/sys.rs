@@ -470,19 +470,25 @@ pub fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
-/// `bind(2)` of an IPv4 socket to `0.0.0.0:port`.
-pub fn bind_any_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
+/// `bind(2)` or `connect(2)`: both take a socket, an address and its length.
+type AddrCall =
+    unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
+
+/// Calls `call` (bind or connect) on `fd` with the IPv4 address `ip:port`.
+fn with_v4(call: AddrCall, fd: RawFd, ip: std::net::Ipv4Addr, port: u16) -> Result<(), Errno> {
     let sin = libc::sockaddr_in {
         sin_family: libc::AF_INET as libc::sa_family_t,
         sin_port: port.to_be(),
-        sin_addr: libc::in_addr { s_addr: 0 },
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
         sin_zero: [0; 8],
     };
-    // SAFETY: `sin` is a valid sockaddr_in that outlives the call, and the
-    // length passed is its size.
+    // SAFETY: `call` is bind or connect; `sin` is a valid sockaddr_in that
+    // outlives the call, and the length passed is its size.
     check(
         unsafe {
-            libc::bind(
+            call(
                 fd,
                 &sin as *const libc::sockaddr_in as *const libc::sockaddr,
                 std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
@@ -491,6 +497,22 @@ pub fn bind_any_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
         .into(),
     )
     .map(drop)
+}
+
+/// `connect(2)` of an IPv4 socket to `127.0.0.1:port`.
+pub fn connect_loopback_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
+    with_v4(libc::connect, fd, std::net::Ipv4Addr::LOCALHOST, port)
+}
+
+/// `listen(2)` with a backlog of 1.
+pub fn listen(fd: RawFd) -> Result<(), Errno> {
+    // SAFETY: integer arguments only.
+    check(unsafe { libc::listen(fd, 1) }.into()).map(drop)
+}
+
+/// `bind(2)` of an IPv4 socket to `0.0.0.0:port`.
+pub fn bind_any_v4(fd: RawFd, port: u16) -> Result<(), Errno> {
+    with_v4(libc::bind, fd, std::net::Ipv4Addr::UNSPECIFIED, port)
 }
 
 /// `ptrace(PTRACE_SEIZE, pid)`: the same permission check as

@@ -15,7 +15,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use super::profile::{Profile, SeccompMode};
+use super::profile::Profile;
 use super::sys;
 
 /// What `/proc/PID/status` says about a process's privileges.
@@ -257,7 +257,7 @@ pub fn verify(pid: i32, profile: &Profile) -> Result<(), Vec<Mismatch>> {
     if st.no_new_privs != Some(true) {
         miss("NoNewPrivs", "1".into(), opt(st.no_new_privs.map(u8::from)));
     }
-    if profile.seccomp == SeccompMode::Default && st.seccomp != Some(2) {
+    if profile.seccomp.filtered() && st.seccomp != Some(2) {
         miss("Seccomp", "2 (filter)".into(), opt(st.seccomp));
     }
 
