@@ -28,7 +28,10 @@ pub struct AuditArgs {
 
 /// Runs the audit; returns the text to print and whether every row passed.
 pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
-    let sandbox = args.sandbox.resolve(1024).map_err(|e| e.to_string())?;
+    let sandbox = args
+        .sandbox
+        .resolve(1024, None)
+        .map_err(|e| e.to_string())?;
     let Some(profile) = sandbox.profile else {
         return Err("--no-sandbox: there is no sandbox to audit".to_string());
     };

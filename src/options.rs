@@ -658,7 +658,8 @@ impl PoolOptions {
                 "--worker-connections must be at least 1".to_string(),
             ));
         }
-        let sandbox = p.sandbox.resolve(worker_connections)?;
+        let program = p.command.first().map(std::path::Path::new);
+        let sandbox = p.sandbox.resolve(worker_connections, program)?;
         let command = match (p.command.split_first(), &p.root) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::Invalid(
@@ -811,7 +812,7 @@ mod tests {
         assert_eq!(o.pool.command, [OsString::from("/bin/true")]);
         assert_eq!(
             o.pool.sandbox.seccomp,
-            baton_sdk::sandbox::SeccompMode::Default
+            crate::sandbox::SeccompChoice::Mode(baton_sdk::sandbox::SeccompMode::Default)
         );
         // What the flags left alone, the file gives.
         assert_eq!(o.backlog, 7);

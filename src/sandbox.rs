@@ -40,10 +40,13 @@ pub struct SandboxArgs {
     pub chroot: Option<PathBuf>,
 
     /// Seccomp filter: `default` (an allowlist fitting the bundled workers:
-    /// no exec, no new sockets, read-only files) or `off`.
-    #[arg(long, value_name = "PROFILE", default_value = "default", value_parser = parse_seccomp)]
+    /// no exec, no new sockets, read-only files), `proxy` (the same plus
+    /// outbound TCP: stream sockets, connect, pipe2, splice; still no bind,
+    /// listen or raw sockets), `off`, or `auto`: `proxy` for a worker
+    /// command named baton-proxy, else `default`.
+    #[arg(long, value_name = "PROFILE", default_value = "auto", value_parser = parse_seccomp)]
     #[serde(with = "crate::options::text")]
-    pub seccomp: SeccompMode,
+    pub seccomp: SeccompChoice,
 
     /// New namespaces for workers: a comma list of mount, pid, ipc, uts,
     /// net (net only for workers that make no outbound connection), or none.
@@ -75,8 +78,56 @@ impl Default for SandboxArgs {
     }
 }
 
-fn parse_seccomp(s: &str) -> Result<SeccompMode, String> {
-    s.parse::<SeccompMode>().map_err(|e| e.to_string())
+fn parse_seccomp(s: &str) -> Result<SeccompChoice, String> {
+    s.parse::<SeccompChoice>()
+}
+
+/// `--seccomp`: a profile, or `auto` (chosen by the worker command).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SeccompChoice {
+    Auto,
+    Mode(SeccompMode),
+}
+
+impl SeccompChoice {
+    /// The profile for workers running `program` (None: the embedded
+    /// static worker, or a probe).
+    pub fn for_program(self, program: Option<&Path>) -> SeccompMode {
+        match self {
+            SeccompChoice::Mode(m) => m,
+            SeccompChoice::Auto => {
+                let proxy = program
+                    .and_then(|p| p.file_name())
+                    .is_some_and(|n| n == "baton-proxy");
+                if proxy {
+                    SeccompMode::Proxy
+                } else {
+                    SeccompMode::Default
+                }
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for SeccompChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<SeccompChoice, String> {
+        if s == "auto" {
+            return Ok(SeccompChoice::Auto);
+        }
+        s.parse::<SeccompMode>()
+            .map(SeccompChoice::Mode)
+            .map_err(|e| format!("{e} (or `auto`)"))
+    }
+}
+
+impl std::fmt::Display for SeccompChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SeccompChoice::Auto => f.write_str("auto"),
+            SeccompChoice::Mode(m) => f.write_str(m.as_str()),
+        }
+    }
 }
 
 fn parse_unshare(s: &str) -> Result<Unshare, String> {
@@ -120,7 +171,13 @@ impl SandboxArgs {
     /// Resolves names to ids and checks what can be checked before any
     /// worker starts: the user and group exist, the chroot is a directory,
     /// privileges suffice.
-    pub fn resolve(&self, worker_connections: u32) -> Result<Sandbox, ConfigError> {
+    /// `program` is the worker command's (None for the embedded static
+    /// worker): `--seccomp auto` chooses by it.
+    pub fn resolve(
+        &self,
+        worker_connections: u32,
+        program: Option<&Path>,
+    ) -> Result<Sandbox, ConfigError> {
         let root = nix::unistd::geteuid().is_root();
         if self.no_sandbox {
             let ignored: Vec<&str> = [
@@ -216,16 +273,14 @@ impl SandboxArgs {
                 }
             }
         }
-        let seccomp = self.seccomp;
-        if seccomp == SeccompMode::Default {
-            // Build the filter here once, so that a profile that cannot load
-            // on this machine stops baton at start-up, not every worker.
-            baton_sdk::sandbox::seccomp::check_default().map_err(|e| {
-                ConfigError::Invalid(format!(
-                    "--seccomp default cannot be used here: {e} (use --seccomp off)"
-                ))
-            })?;
-        }
+        let seccomp = self.seccomp.for_program(program);
+        // Build the filter here once, so that a profile that cannot load on
+        // this machine stops baton at start-up, not every worker.
+        baton_sdk::sandbox::seccomp::check(seccomp).map_err(|e| {
+            ConfigError::Invalid(format!(
+                "--seccomp {seccomp} cannot be used here: {e} (use --seccomp off)"
+            ))
+        })?;
         let (uid, gid) = if root { (uid, gid) } else { (None, None) };
         let profile = Profile {
             uid,

@@ -12,8 +12,9 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use baton_sdk::proto::{CHANNEL_FD_ENV, SHARED_FD_ENV, WORKER_ID_ENV};
+use baton_sdk::proto::{CHANNEL_FD_ENV, WORKER_ID_ENV};
 use baton_sdk::sandbox::{Profile, SANDBOX_ENV};
+use baton_sdk::shared::SHARED_FD_ENV;
 use baton_sdk::Channel;
 use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -400,8 +401,9 @@ pub fn spawn(
     }
     if let Some(p) = profile {
         let mut p = p.clone();
+        // Not the shared memory file: the worker maps it and closes it
+        // before its sandbox, which would fail on a kept fd that is gone.
         p.keep_fds = vec![raw];
-        p.keep_fds.extend(shared.as_ref().map(|fd| fd.as_raw_fd()));
         command.env(SANDBOX_ENV, p.to_env());
     }
     let child = command.spawn();

@@ -102,8 +102,6 @@ const PARKED_BASE: usize = 1 << 32;
 const WORKER_BASE: usize = 1 << 40;
 /// A worker's token: `WORKER_BASE + (pool << POOL_SHIFT) + key`.
 const POOL_SHIFT: u32 = 20;
-/// Size of a pool's shared memory file (`BATON_SHARED_FD`).
-pub const SHARED_SIZE: u64 = 64 * 1024;
 /// A parked connection whose worker gave no idle time left is closed after
 /// this long without a request.
 const PARKED_IDLE: Duration = Duration::from_secs(60);
@@ -273,14 +271,10 @@ fn tcp_listener(fd: std::os::fd::OwnedFd) -> mio::net::TcpListener {
     mio::net::TcpListener::from_std(std::net::TcpListener::from(fd))
 }
 
-/// A zero-filled memory file of [`SHARED_SIZE`] bytes for the workers of
-/// pool `name` to map.
+/// A zero-filled memory file for the workers of pool `name` to map
+/// ([`baton_sdk::shared`] has its layout).
 fn shared_memory(name: &str) -> io::Result<std::os::fd::OwnedFd> {
-    let cname = std::ffi::CString::new(format!("baton-pool-{name}"))
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)?;
-    nix::unistd::ftruncate(&fd, SHARED_SIZE as i64)?;
-    Ok(fd)
+    baton_sdk::shared::create_region(&format!("baton-pool-{name}"))
 }
 
 /// Binds one of the acceptor's local sockets and watches it. With no extra

@@ -98,11 +98,6 @@ pub const MAX_BATCH: usize = 64;
 pub const CHANNEL_FD_ENV: &str = "BATON_CHANNEL_FD";
 /// The environment variable naming the worker's id in the pool (informational).
 pub const WORKER_ID_ENV: &str = "BATON_WORKER_ID";
-/// The environment variable naming the fd of the pool's shared memory
-/// file (64 KiB, zero-filled at the pool's start) that every worker the
-/// acceptor spawns for one pool inherits: state the workers of a pool
-/// share (a proxy's upstream health). Absent for registered workers.
-pub const SHARED_FD_ENV: &str = "BATON_SHARED_FD";
 /// The most connection ids one ACK or DONE message may carry.
 pub const MAX_IDS: usize = 64;
 /// The largest valid message, in bytes (a full PARK).
