@@ -1,0 +1,441 @@
+//! The key process: the only process of baton that holds TLS private keys.
+//!
+//! # Design (OpenBSD relayd's "ca" process)
+//!
+//! A TLS server needs its private key once per full handshake, to sign the
+//! handshake transcript (CertificateVerify in TLS 1.3, ServerKeyExchange in
+//! TLS 1.2). Everything else (parsing ClientHellos, record encryption,
+//! HTTP) needs only public data and session keys. So baton splits them:
+//! workers, which parse untrusted bytes, hold the certificate chain and a
+//! channel to this process; this process holds the keys, parses nothing
+//! but a fixed little request format ([`crate::wire`]), and answers
+//! signing requests.
+//!
+//! # Life of the key process
+//!
+//! 1. [`KeyStore::load`] reads each key file and its certificate and
+//!    checks they match (so a mismatch is reported before any client
+//!    connects). The file buffers are zeroed.
+//! 2. [`confine`] drops everything it can with [`baton_sdk::sandbox`]:
+//!    every fd but its channels is closed, its own unprivileged user when
+//!    started as root (never the workers' user: a worker with the same uid
+//!    could otherwise `ptrace` it, were it not also non-dumpable), no
+//!    capabilities, no_new_privs, no core dumps, `RLIMIT_NPROC` 0, the
+//!    default seccomp allowlist (which has no `socket`, `connect`,
+//!    `execve`, nor any writable `open`), and `PR_SET_DUMPABLE` 0 so no
+//!    process of its uid can read its memory through `/proc` or `ptrace`.
+//!    A chroot to an empty directory (the profile's `chroot`, when root)
+//!    leaves it no file to open at all.
+//! 3. [`serve`] answers requests until its control channel closes (the
+//!    acceptor is gone), then returns, and [`run`] exits 0.
+//!
+//! # Channels and peers
+//!
+//! Every channel is an `AF_UNIX` `SOCK_SEQPACKET` socketpair made by the
+//! acceptor: there is no listening socket, so there is no peer to
+//! authenticate: a peer is whoever the acceptor gave the other end to,
+//! which is the check `SO_PEERCRED` would approximate.
+//!
+//! * The **control** channel (one, from the acceptor) may also carry
+//!   `ADD_PEER` with one fd attached: the key process's end of a new
+//!   worker's channel (workers are spawned and restarted while the key
+//!   process runs). Its end of file ends the key process.
+//! * **Peer** channels (one per worker) may send `SIGN` and `PING` only.
+//!   A peer that sends `ADD_PEER` gets `NotAllowed`; fds a peer attaches
+//!   are closed unread.
+//!
+//! # Threat model
+//!
+//! A compromised worker holds a peer channel. It can ask for any number
+//! of signatures over messages of its choice with any key of the process
+//! (an oracle, as with relayd: the attacker can impersonate the server
+//! while it controls the worker, but cannot take the key away and use it
+//! after the worker is restarted or off this host). It cannot read the
+//! key: the key process shares no memory with it, runs as another uid
+//! when baton is root, is non-dumpable, and parses only fixed-size fields
+//! with bounds checked ([`crate::wire`], property-tested). Malformed,
+//! oversized or unknown requests get an ERROR reply and the process goes
+//! on; a peer that does not read its replies (its socket buffer full) is
+//! disconnected rather than allowed to block the process, and peers are
+//! served one record per turn, so one flooding peer slows the others at
+//! worst by one signature per turn.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use baton_sdk::sandbox::{self, Profile};
+use rustls::sign::SigningKey;
+use rustls::SignatureScheme;
+
+use crate::load::{self, CertChain, LoadError};
+use crate::sock;
+use crate::wire::{self, ErrorCode, Reply, Request};
+
+/// Exit status of [`run`] when a key could not be loaded.
+pub const EXIT_LOAD: i32 = 2;
+/// Exit status of [`run`] when the sandbox could not be applied.
+pub const EXIT_SANDBOX: i32 = baton_sdk::EXIT_SANDBOX as i32;
+/// Exit status of [`run`] when serving failed on its control channel.
+pub const EXIT_IO: i32 = 1;
+
+/// Peers beyond this many are refused (`ADD_PEER` gets `NotAllowed`).
+pub const MAX_PEERS: usize = 4096;
+
+/// One key the process loads: the id requests name it by, its
+/// certificate (to check they match) and the key file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyFiles {
+    pub id: u32,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The keys, by id.
+pub struct KeyStore {
+    keys: HashMap<u32, Arc<dyn SigningKey>>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut ids: Vec<_> = self.keys.keys().collect();
+        ids.sort();
+        f.debug_struct("KeyStore").field("ids", &ids).finish()
+    }
+}
+
+impl KeyStore {
+    /// Loads every key and checks it against its certificate.
+    pub fn load(files: &[KeyFiles]) -> Result<KeyStore, LoadError> {
+        let mut keys = HashMap::new();
+        for f in files {
+            let chain = CertChain::load(&f.cert)?;
+            let key = load::load_key(&f.key)?;
+            let signing = load::check_pair(&chain, &key, &f.key)?;
+            drop(key);
+            keys.insert(f.id, signing);
+        }
+        Ok(KeyStore { keys })
+    }
+
+    /// A store of keys already loaded (tests, embedding).
+    pub fn from_keys(keys: impl IntoIterator<Item = (u32, Arc<dyn SigningKey>)>) -> KeyStore {
+        KeyStore {
+            keys: keys.into_iter().collect(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Signs `message` with key `key` in `scheme`.
+    pub fn sign(
+        &self,
+        key: u32,
+        scheme: SignatureScheme,
+        message: &[u8],
+    ) -> Result<Vec<u8>, ErrorCode> {
+        let k = self.keys.get(&key).ok_or(ErrorCode::UnknownKey)?;
+        let signer = k
+            .choose_scheme(&[scheme])
+            .ok_or(ErrorCode::UnsupportedScheme)?;
+        if signer.scheme() != scheme {
+            return Err(ErrorCode::UnsupportedScheme);
+        }
+        signer.sign(message).map_err(|_| ErrorCode::SignFailed)
+    }
+
+    /// The reply to one received record: `truncated` when it was longer
+    /// than [`wire::MAX_REQUEST`], `fds` how many fds came with it,
+    /// `control` whether it came on the control channel. `AddPeer`
+    /// requests that pass the checks return `None`: the caller adds the
+    /// peer and replies.
+    pub fn handle(&self, record: &[u8], truncated: bool, fds: usize, control: bool) -> Handled {
+        let id_of = |r: &[u8]| {
+            r.get(2..6)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .unwrap_or(0)
+        };
+        let error = |id, code| Handled::Reply(Reply::Error { id, code });
+        if truncated {
+            return error(id_of(record), ErrorCode::TooLarge);
+        }
+        let req = match Request::decode(record) {
+            Ok(r) => r,
+            Err(e) => return error(e.id, e.code),
+        };
+        if fds != req.fds() {
+            return error(req.id(), ErrorCode::Malformed);
+        }
+        match req {
+            Request::Sign {
+                id,
+                key,
+                scheme,
+                message,
+            } => match self.sign(key, scheme, &message) {
+                Ok(signature) => Handled::Reply(Reply::Signature { id, signature }),
+                Err(code) => error(id, code),
+            },
+            Request::Ping { id } => Handled::Reply(Reply::Pong { id }),
+            Request::AddPeer { id } if control => Handled::AddPeer { id },
+            Request::AddPeer { id } => error(id, ErrorCode::NotAllowed),
+        }
+    }
+}
+
+/// What to do with a record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handled {
+    Reply(Reply),
+    /// Add the attached fd as a peer, then reply PONG with this id.
+    AddPeer {
+        id: u32,
+    },
+}
+
+/// Confines the key process: `profile` (its uid/gid, chroot, seccomp...)
+/// with the channels kept, no fork, no core dump, and not dumpable.
+/// Must run single-threaded, after the keys are loaded.
+pub fn confine(
+    profile: &Profile,
+    channels: &[RawFd],
+) -> Result<sandbox::Applied, sandbox::SandboxError> {
+    let mut p = profile.clone();
+    for &fd in channels {
+        if !p.keep_fds.contains(&fd) {
+            p.keep_fds.push(fd);
+        }
+    }
+    p.no_fork = true;
+    p.core0 = true;
+    // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointer; it only changes
+    // this process's dumpable flag.
+    let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if rc != 0 {
+        return Err(sandbox::SandboxError::Check {
+            step: sandbox::Step::Preflight,
+            detail: format!(
+                "prctl(PR_SET_DUMPABLE, 0) failed: {}",
+                io::Error::last_os_error()
+            ),
+        });
+    }
+    sandbox::apply(&p)
+}
+
+/// Serves requests until the control channel reaches its end (`Ok`), or,
+/// without a control channel, until the last peer is gone.
+pub fn serve(store: &KeyStore, control: Option<OwnedFd>, peers: Vec<OwnedFd>) -> io::Result<()> {
+    let mut peers = peers;
+    let mut buf = vec![0u8; wire::MAX_REQUEST + 1];
+    loop {
+        if control.is_none() && peers.is_empty() {
+            return Ok(());
+        }
+        let ready = {
+            let mut fds: Vec<_> = control.iter().map(|c| c.as_fd()).collect();
+            fds.extend(peers.iter().map(|p| p.as_fd()));
+            sock::wait_any(&fds)?
+        };
+        let offset = usize::from(control.is_some());
+        let mut gone = Vec::new();
+        let mut added = Vec::new();
+        for i in ready {
+            let is_control = control.is_some() && i == 0;
+            let fd = if is_control {
+                match control.as_ref() {
+                    Some(c) => c.as_fd(),
+                    None => continue,
+                }
+            } else {
+                match peers.get(i - offset) {
+                    Some(p) => p.as_fd(),
+                    None => continue,
+                }
+            };
+            let rec = match sock::recv(fd, &mut buf, true) {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) if is_control => return Err(e),
+                Err(_) => {
+                    gone.push(i - offset);
+                    continue;
+                }
+            };
+            if rec.len == 0 && rec.fds.is_empty() && !rec.truncated {
+                if is_control {
+                    return Ok(());
+                }
+                gone.push(i - offset);
+                continue;
+            }
+            let len = rec.len.min(buf.len());
+            let nfds = rec.fds.len();
+            let reply = match store.handle(&buf[..len], rec.truncated, nfds, is_control) {
+                Handled::Reply(r) => r,
+                Handled::AddPeer { id } => {
+                    let mut fds = rec.fds;
+                    match fds.pop() {
+                        Some(peer)
+                            if peers.len() + added.len() < MAX_PEERS && is_seqpacket(&peer) =>
+                        {
+                            added.push(peer);
+                            Reply::Pong { id }
+                        }
+                        _ => Reply::Error {
+                            id,
+                            code: ErrorCode::NotAllowed,
+                        },
+                    }
+                }
+            };
+            // Never block on a peer that does not read: disconnect it.
+            if let Err(e) = sock::send_nonblocking(fd, &reply.encode()) {
+                if is_control {
+                    return Err(e);
+                }
+                gone.push(i - offset);
+            }
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        for i in gone.into_iter().rev() {
+            if i < peers.len() {
+                peers.remove(i);
+            }
+        }
+        peers.append(&mut added);
+    }
+}
+
+fn is_seqpacket(fd: &OwnedFd) -> bool {
+    matches!(
+        nix::sys::socket::getsockopt(fd, nix::sys::socket::sockopt::SockType),
+        Ok(nix::sys::socket::SockType::SeqPacket)
+    )
+}
+
+/// The key process's whole life, for a freshly forked or exec'd child:
+/// load, confine (when `profile` is given), serve, exit. Errors go to
+/// stderr with the `baton-keyd:` prefix and the exit status says which
+/// step failed ([`EXIT_LOAD`], [`EXIT_SANDBOX`], [`EXIT_IO`]).
+pub fn run(
+    files: &[KeyFiles],
+    control: Option<OwnedFd>,
+    peers: Vec<OwnedFd>,
+    profile: Option<&Profile>,
+) -> ! {
+    let store = match KeyStore::load(files) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("baton-keyd: {e}");
+            std::process::exit(EXIT_LOAD);
+        }
+    };
+    if let Some(profile) = profile {
+        let mut fds: Vec<RawFd> = peers.iter().map(|p| p.as_raw_fd()).collect();
+        fds.extend(control.iter().map(|c| c.as_raw_fd()));
+        match confine(profile, &fds) {
+            Ok(applied) => {
+                for note in &applied.notes {
+                    eprintln!("baton-keyd: sandbox: {note}");
+                }
+            }
+            Err(e) => {
+                eprintln!("baton-keyd: {e}");
+                std::process::exit(EXIT_SANDBOX);
+            }
+        }
+    }
+    match serve(&store, control, peers) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("baton-keyd: control channel: {e}");
+            std::process::exit(EXIT_IO);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> KeyStore {
+        let kp = rcgen::KeyPair::generate().expect("keygen");
+        let der = rustls::pki_types::PrivateKeyDer::try_from(kp.serialize_der()).expect("der");
+        KeyStore::from_keys([(7, load::signing_key(&der).expect("ring"))])
+    }
+
+    #[test]
+    fn handle_refuses_without_dying() {
+        let s = store();
+        let sign = |key, scheme| {
+            Request::Sign {
+                id: 5,
+                key,
+                scheme,
+                message: b"hello".to_vec(),
+            }
+            .encode()
+        };
+        let ok = s.handle(
+            &sign(7, SignatureScheme::ECDSA_NISTP256_SHA256),
+            false,
+            0,
+            false,
+        );
+        assert!(matches!(ok, Handled::Reply(Reply::Signature { id: 5, .. })));
+        let code = |h| match h {
+            Handled::Reply(Reply::Error { code, .. }) => Some(code),
+            _ => None,
+        };
+        assert_eq!(
+            code(s.handle(
+                &sign(8, SignatureScheme::ECDSA_NISTP256_SHA256),
+                false,
+                0,
+                false
+            )),
+            Some(ErrorCode::UnknownKey)
+        );
+        assert_eq!(
+            code(s.handle(&sign(7, SignatureScheme::RSA_PSS_SHA256), false, 0, false)),
+            Some(ErrorCode::UnsupportedScheme)
+        );
+        assert_eq!(
+            code(s.handle(b"\x01\x01\x05\0\0\0", true, 0, false)),
+            Some(ErrorCode::TooLarge)
+        );
+        assert_eq!(
+            code(s.handle(b"xx", false, 0, false)),
+            Some(ErrorCode::Malformed)
+        );
+        let add = Request::AddPeer { id: 1 }.encode();
+        assert_eq!(
+            code(s.handle(&add, false, 1, false)),
+            Some(ErrorCode::NotAllowed)
+        );
+        assert_eq!(s.handle(&add, false, 1, true), Handled::AddPeer { id: 1 });
+        assert_eq!(
+            code(s.handle(&add, false, 0, true)),
+            Some(ErrorCode::Malformed)
+        );
+        let ping = Request::Ping { id: 2 }.encode();
+        assert_eq!(
+            code(s.handle(&ping, false, 1, false)),
+            Some(ErrorCode::Malformed)
+        );
+        assert_eq!(
+            s.handle(&ping, false, 0, false),
+            Handled::Reply(Reply::Pong { id: 2 })
+        );
+    }
+}
