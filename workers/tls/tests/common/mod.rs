@@ -254,11 +254,20 @@ pub struct Served {
 /// `TlsConn` driven by poll; answers "ping\n" with "pong\n", then
 /// close_notify.
 pub fn serve_one(config: Arc<ServerConfig>, listener: &TcpListener) -> Result<Served, TlsError> {
+    serve_one_within(config, listener, Duration::from_secs(5))
+}
+
+/// [`serve_one`] with a handshake deadline of `deadline`.
+pub fn serve_one_within(
+    config: Arc<ServerConfig>,
+    listener: &TcpListener,
+    deadline: Duration,
+) -> Result<Served, TlsError> {
     let (sock, _) = listener.accept()?;
     let start = Instant::now();
     sock.set_nonblocking(true)?;
     let mut tls = TlsConn::new(config, sock)?;
-    tls.set_handshake_deadline(Duration::from_secs(5));
+    tls.set_handshake_deadline(deadline);
     let mut got = Vec::new();
     let mut answered = false;
     loop {
