@@ -10,7 +10,9 @@
 //!   after each read, and any handshake bytes rustls wants to send are
 //!   written at once;
 //! * then the application reads plaintext with [`Read`] (`WouldBlock`:
-//!   nothing yet; `Ok(0)`: the client sent close_notify), writes with
+//!   nothing yet; `Ok(0)`: the client sent close_notify; when rustls's
+//!   buffer had filled up, a read reads the socket again, so nothing is
+//!   left behind under edge-triggered readiness), writes with
 //!   [`Write`] (plaintext is encrypted into rustls's buffer, then written
 //!   as far as the socket takes it);
 //! * writable → [`TlsConn::flush_tls`];
@@ -35,7 +37,8 @@
 //! handshake, another TLS protocol error, or an I/O error. After an error
 //! the connection is dead; rustls's alert, if any, has been flushed best
 //! effort (not for plaintext HTTP: a TLS alert means nothing to that
-//! client).
+//! client). `Read` and `Write` return `io::Error`s; [`TlsError::from_io`]
+//! gets the classified error back out of one.
 
 use std::io::{self, Read, Write};
 use std::sync::Arc;
@@ -76,6 +79,21 @@ pub enum TlsError {
 }
 
 impl TlsError {
+    /// The `TlsError` inside an `io::Error` from [`TlsConn`]'s `Read` or
+    /// `Write` (which must speak `io::Error`), else the I/O error itself:
+    /// the classification survives the trip.
+    pub fn from_io(e: io::Error) -> TlsError {
+        if e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(t) = inner.downcast::<TlsError>() {
+                    return *t;
+                }
+            }
+            return TlsError::Io(io::Error::other("TLS error"));
+        }
+        TlsError::Io(e)
+    }
+
     /// A short stable name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -391,6 +409,7 @@ impl<S: Read + Write> Write for TlsConn<S> {
 fn to_io(e: TlsError) -> io::Error {
     match e {
         TlsError::Io(e) => e,
+        // Recovered by TlsError::from_io.
         other => io::Error::new(io::ErrorKind::InvalidData, other),
     }
 }
@@ -415,5 +434,11 @@ mod tests {
         ));
         let se = rustls::Error::Other(rustls::OtherError(Arc::new(SignError::Closed)));
         assert_eq!(classify(se, b"\x16").kind(), "key-process");
+        let io = to_io(TlsError::Alert(AlertDescription::BadCertificate));
+        assert_eq!(TlsError::from_io(io).kind(), "alert");
+        assert_eq!(
+            TlsError::from_io(io::ErrorKind::BrokenPipe.into()).kind(),
+            "io"
+        );
     }
 }

@@ -61,9 +61,12 @@
 //! worst by one signature per turn.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
 use std::sync::Arc;
 
 use baton_sdk::sandbox::{self, Profile};
@@ -375,6 +378,42 @@ mod tests {
     }
 
     #[test]
+    fn args_round_trip_and_errors() {
+        let a = Args {
+            files: vec![
+                KeyFiles {
+                    id: 1,
+                    cert: "/etc/a.crt".into(),
+                    key: "/etc/a:b.key".into(),
+                },
+                KeyFiles {
+                    id: 2,
+                    cert: "b.crt".into(),
+                    key: "b.key".into(),
+                },
+            ],
+            control_fd: Some(5),
+            peer_fds: vec![7, 8],
+        };
+        let strings = a
+            .to_args()
+            .into_iter()
+            .map(|s| s.into_string().expect("utf8"))
+            .collect::<Vec<_>>();
+        assert_eq!(Args::parse(strings), Ok(a));
+        let p = |v: &[&str]| Args::parse(v.iter().map(|s| s.to_string()));
+        assert!(p(&[]).is_err());
+        assert!(p(&["--key", "1:a:b"]).is_err(), "no channel");
+        assert!(p(&["--key", "x:a:b", "--peer-fd", "5"]).is_err());
+        assert!(p(&["--key", "1:a", "--peer-fd", "5"]).is_err());
+        assert!(p(&["--key", "1:a:b", "--key", "1:c:d", "--peer-fd", "5"]).is_err());
+        assert!(p(&["--key", "1:a:b", "--peer-fd", "5", "--peer-fd", "5"]).is_err());
+        assert!(p(&["--key", "1:a:b", "--peer-fd", "1"]).is_err());
+        assert!(p(&["--key", "1:a:b", "--peer-fd"]).is_err());
+        assert!(p(&["--key", "1:a:b", "--bogus", "1"]).is_err());
+    }
+
+    #[test]
     fn handle_refuses_without_dying() {
         let s = store();
         let sign = |key, scheme| {
@@ -438,4 +477,208 @@ mod tests {
             Handled::Reply(Reply::Pong { id: 2 })
         );
     }
+}
+
+/// Exit status of [`main`] for a bad command line.
+pub const EXIT_USAGE: i32 = 64;
+
+/// The command line of the key process (the `baton-keyd` binary, or a
+/// `baton keyd` subcommand calling [`main`]):
+///
+/// ```text
+/// --key ID:CERT:KEY [--key ...] [--control-fd N] [--peer-fd N ...]
+/// ```
+pub const USAGE: &str =
+    "baton-keyd --key ID:CERT:KEY [--key ...] [--control-fd N] [--peer-fd N ...]";
+
+/// A parsed key process command line.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Args {
+    pub files: Vec<KeyFiles>,
+    pub control_fd: Option<RawFd>,
+    pub peer_fds: Vec<RawFd>,
+}
+
+impl Args {
+    /// Parses the arguments (without the program name).
+    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Args, String> {
+        let mut out = Args::default();
+        let mut args = args.into_iter();
+        while let Some(a) = args.next() {
+            let value = args.next().ok_or_else(|| format!("{a} needs a value"))?;
+            match a.as_str() {
+                "--key" => {
+                    let mut parts = value.splitn(3, ':');
+                    let (Some(id), Some(cert), Some(key)) =
+                        (parts.next(), parts.next(), parts.next())
+                    else {
+                        return Err(format!("--key {value:?}: expected ID:CERT:KEY"));
+                    };
+                    let id = id
+                        .parse()
+                        .map_err(|_| format!("--key {value:?}: the id is not a number"))?;
+                    if out.files.iter().any(|f| f.id == id) {
+                        return Err(format!("key id {id} given twice"));
+                    }
+                    out.files.push(KeyFiles {
+                        id,
+                        cert: PathBuf::from(cert),
+                        key: PathBuf::from(key),
+                    });
+                }
+                "--control-fd" | "--peer-fd" => {
+                    let fd: RawFd = value
+                        .parse()
+                        .map_err(|_| format!("{a}: not an fd number: {value:?}"))?;
+                    if fd <= 2 {
+                        return Err(format!("{a} {fd}: that is stdio"));
+                    }
+                    if out.control_fd == Some(fd) || out.peer_fds.contains(&fd) {
+                        return Err(format!("fd {fd} given twice"));
+                    }
+                    if a == "--control-fd" {
+                        if out.control_fd.is_some() {
+                            return Err("--control-fd given twice".into());
+                        }
+                        out.control_fd = Some(fd);
+                    } else {
+                        out.peer_fds.push(fd);
+                    }
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        if out.files.is_empty() {
+            return Err("no --key given".into());
+        }
+        if out.control_fd.is_none() && out.peer_fds.is_empty() {
+            return Err("no channel given (--control-fd or --peer-fd)".into());
+        }
+        Ok(out)
+    }
+
+    /// The arguments that [`Args::parse`] reads back.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut v = Vec::new();
+        for f in &self.files {
+            let mut s = OsString::from(format!("{}:", f.id));
+            s.push(f.cert.as_os_str());
+            s.push(":");
+            s.push(f.key.as_os_str());
+            v.push(OsString::from("--key"));
+            v.push(s);
+        }
+        if let Some(fd) = self.control_fd {
+            v.push("--control-fd".into());
+            v.push(fd.to_string().into());
+        }
+        for fd in &self.peer_fds {
+            v.push("--peer-fd".into());
+            v.push(fd.to_string().into());
+        }
+        v
+    }
+}
+
+/// Takes ownership of an inherited fd after checking that it is an open
+/// `SOCK_SEQPACKET` socket.
+fn adopt(fd: RawFd) -> Result<OwnedFd, String> {
+    // SAFETY: F_GETFD only reads the descriptor table entry.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(format!("fd {fd} is not open"));
+    }
+    // SAFETY: the fd is open (checked above), was inherited for this
+    // process to own, and [`Args::parse`] refused duplicates, so it is
+    // wrapped once.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    if !is_seqpacket(&owned) {
+        return Err(format!("fd {fd} is not a SOCK_SEQPACKET socket"));
+    }
+    Ok(owned)
+}
+
+/// The key process's `main`: parses `args` (without the program name;
+/// non-UTF-8 arguments are refused), takes the inherited channels, reads
+/// the sandbox profile from `BATON_SANDBOX`, and [`run`]s. A bad command
+/// line exits [`EXIT_USAGE`].
+pub fn main(args: impl IntoIterator<Item = OsString>) -> ! {
+    let usage = |msg: &str| -> ! {
+        eprintln!("baton-keyd: {msg}\nusage: {USAGE}");
+        std::process::exit(EXIT_USAGE);
+    };
+    let args: Vec<String> = args
+        .into_iter()
+        .map(|a| {
+            a.into_string()
+                .unwrap_or_else(|a| usage(&format!("argument {a:?} is not UTF-8")))
+        })
+        .collect();
+    let args = Args::parse(args).unwrap_or_else(|e| usage(&e));
+    let control = args
+        .control_fd
+        .map(|fd| adopt(fd).unwrap_or_else(|e| usage(&e)));
+    let peers = args
+        .peer_fds
+        .iter()
+        .map(|&fd| adopt(fd).unwrap_or_else(|e| usage(&e)))
+        .collect();
+    let profile = match Profile::from_env() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("baton-keyd: {e}");
+            std::process::exit(EXIT_SANDBOX);
+        }
+    };
+    run(&args.files, control, peers, profile.as_ref());
+}
+
+/// A key process started by [`spawn`].
+#[derive(Debug)]
+pub struct Spawned {
+    pub child: Child,
+    /// The control channel: [`crate::add_peer`] on it for every worker;
+    /// dropping it ends the key process.
+    pub control: OwnedFd,
+}
+
+/// Starts the key process: `program` with `pre_args` (for example
+/// `/proc/self/exe` and `["keyd"]` for a subcommand that calls [`main`], or
+/// the `baton-keyd` binary and `[]`), the keys, and a new control channel
+/// inherited as an fd. `profile` goes to the child in `BATON_SANDBOX`
+/// (none: it runs unconfined, for tests and development). The child loads
+/// its keys first: a load error is its exit status [`EXIT_LOAD`] with the
+/// file named on its stderr, which [`crate::add_peer`] sees as a closed
+/// channel.
+pub fn spawn(
+    program: &Path,
+    pre_args: &[OsString],
+    files: &[KeyFiles],
+    profile: Option<&Profile>,
+) -> io::Result<Spawned> {
+    let (control, child_end) = sock::pair()?;
+    let raw = child_end.as_raw_fd();
+    let args = Args {
+        files: files.to_vec(),
+        control_fd: Some(raw),
+        peer_fds: Vec::new(),
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(pre_args).args(args.to_args());
+    match profile {
+        Some(p) => cmd.env(sandbox::SANDBOX_ENV, p.to_env()),
+        None => cmd.env_remove(sandbox::SANDBOX_ENV),
+    };
+    // SAFETY: runs in the child between fork and exec; fcntl is
+    // async-signal-safe and touches only the fd meant for the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    drop(child_end);
+    Ok(Spawned { child, control })
 }

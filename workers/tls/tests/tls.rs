@@ -399,3 +399,60 @@ fn key_process_with_a_bad_key_exits_naming_the_file() {
     assert!(err.contains(&*l.cert_path.to_string_lossy()), "{err}");
     assert!(err.contains("does not match"), "{err}");
 }
+
+#[test]
+fn spawn_then_add_peers_at_run_time() {
+    let dir = tempdir("spawn");
+    let ca = ca(&dir);
+    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let files = [baton_tls::KeyFiles {
+        id: 3,
+        cert: l.cert_path.clone(),
+        key: l.key_path.clone(),
+    }];
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_baton-keyd"));
+    let profile = keyd_profile();
+    let mut k = baton_tls::keyd::spawn(exe, &[], &files, Some(&profile)).expect("spawn");
+    // Two workers come and go; each gets its channel from the acceptor.
+    for _ in 0..2 {
+        let (mine, theirs) = baton_tls::key_channel_pair().expect("pair");
+        baton_tls::add_peer(&k.control, &theirs, Duration::from_secs(2)).expect("add");
+        drop(theirs);
+        let tls = worker_config(&[(3, &l)], mine, None, TlsOptions::default());
+        let (addr, server) = spawn_server(tls.config.clone());
+        let got = fetch(client_config(&ca, &[&TLS13]), addr, "localhost").expect("client");
+        server.join().expect("thread").expect("server");
+        assert_eq!(got.reply, b"pong\n");
+    }
+    drop(k.control);
+    assert_eq!(k.child.wait().expect("wait").code(), Some(0));
+}
+
+#[test]
+fn spawned_key_process_that_cannot_load_reports_it() {
+    let dir = tempdir("spawnbad");
+    let files = [baton_tls::KeyFiles {
+        id: 1,
+        cert: dir.join("missing.crt"),
+        key: dir.join("missing.key"),
+    }];
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_baton-keyd"));
+    let mut k = baton_tls::keyd::spawn(exe, &[], &files, None).expect("spawn");
+    let (_mine, theirs) = baton_tls::key_channel_pair().expect("pair");
+    let err = baton_tls::add_peer(&k.control, &theirs, Duration::from_secs(2)).expect_err("gone");
+    assert!(matches!(err, SignError::Closed | SignError::Io(_)), "{err}");
+    assert_eq!(
+        k.child.wait().expect("wait").code(),
+        Some(baton_tls::keyd::EXIT_LOAD)
+    );
+}
+
+#[test]
+fn bad_command_line_is_a_usage_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baton-keyd"))
+        .args(["--key", "1:a:b", "--peer-fd", "9"])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(baton_tls::keyd::EXIT_USAGE));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("fd 9 is not open"));
+}

@@ -290,11 +290,11 @@ pub fn serve_one_within(
                 Ok(0) => break,
                 Ok(n) => got.extend_from_slice(&buf[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(TlsError::Io(e)),
+                Err(e) => return Err(TlsError::from_io(e)),
             }
         }
         if !answered && got.ends_with(b"ping\n") {
-            tls.write_all(b"pong\n")?;
+            tls.write_all(b"pong\n").map_err(TlsError::from_io)?;
             answered = true;
         }
         if answered && !tls.is_handshaking() {
