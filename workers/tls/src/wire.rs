@@ -174,11 +174,22 @@ impl<'a> Rd<'a> {
     }
 }
 
-/// Reads the header: (version, kind, id).
-fn read_header(r: &mut Rd<'_>) -> Option<(u8, u8, u32)> {
-    let h = r.take(2)?;
-    let id = r.u32()?;
-    Some((h[0], h[1], id))
+impl DecodeError {
+    fn new(id: u32, code: ErrorCode) -> DecodeError {
+        DecodeError { id, code }
+    }
+}
+
+/// Reads and checks the header; returns the rest, the kind and the id.
+fn open(buf: &[u8]) -> Result<(Rd<'_>, u8, u32), DecodeError> {
+    let mut r = Rd(buf);
+    let (Some(h), Some(id)) = (r.take(2), r.u32()) else {
+        return Err(DecodeError::new(0, ErrorCode::Malformed));
+    };
+    if h[0] != VERSION {
+        return Err(DecodeError::new(id, ErrorCode::BadVersion));
+    }
+    Ok((r, h[1], id))
 }
 
 impl Request {
@@ -218,23 +229,10 @@ impl Request {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Request, DecodeError> {
-        let mut r = Rd(buf);
-        let malformed = |id| DecodeError {
-            id,
-            code: ErrorCode::Malformed,
-        };
-        let (version, kind, id) = read_header(&mut r).ok_or(malformed(0))?;
-        if version != VERSION {
-            return Err(DecodeError {
-                id,
-                code: ErrorCode::BadVersion,
-            });
-        }
+        let (mut r, kind, id) = open(buf)?;
+        let malformed = |id| DecodeError::new(id, ErrorCode::Malformed);
         if buf.len() > MAX_REQUEST {
-            return Err(DecodeError {
-                id,
-                code: ErrorCode::TooLarge,
-            });
+            return Err(DecodeError::new(id, ErrorCode::TooLarge));
         }
         let req = match kind {
             SIGN => {
@@ -242,10 +240,7 @@ impl Request {
                 let scheme = SignatureScheme::from(r.u16().ok_or(malformed(id))?);
                 let len = r.u32().ok_or(malformed(id))? as usize;
                 if len > MAX_SIGN_INPUT {
-                    return Err(DecodeError {
-                        id,
-                        code: ErrorCode::TooLarge,
-                    });
+                    return Err(DecodeError::new(id, ErrorCode::TooLarge));
                 }
                 let message = r.take(len).ok_or(malformed(id))?.to_vec();
                 Request::Sign {
@@ -291,26 +286,13 @@ impl Reply {
     }
 
     pub fn decode(buf: &[u8]) -> Result<Reply, DecodeError> {
-        let mut r = Rd(buf);
-        let malformed = |id| DecodeError {
-            id,
-            code: ErrorCode::Malformed,
-        };
-        let (version, kind, id) = read_header(&mut r).ok_or(malformed(0))?;
-        if version != VERSION {
-            return Err(DecodeError {
-                id,
-                code: ErrorCode::BadVersion,
-            });
-        }
+        let (mut r, kind, id) = open(buf)?;
+        let malformed = |id| DecodeError::new(id, ErrorCode::Malformed);
         let reply = match kind {
             SIGNATURE => {
                 let len = r.u32().ok_or(malformed(id))? as usize;
                 if len > MAX_SIGNATURE {
-                    return Err(DecodeError {
-                        id,
-                        code: ErrorCode::TooLarge,
-                    });
+                    return Err(DecodeError::new(id, ErrorCode::TooLarge));
                 }
                 let signature = r.take(len).ok_or(malformed(id))?.to_vec();
                 Reply::Signature { id, signature }

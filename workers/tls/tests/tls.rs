@@ -21,9 +21,7 @@ fn handshake(alg: Alg) {
     let mut keyd = Keyd::start(&[(1, &l)], 1);
     let tls = worker_config(&[(1, &l)], keyd.take_peer(), None, TlsOptions::default());
     for versions in [&[&TLS13][..], &[&TLS12][..]] {
-        let (addr, server) = spawn_server(tls.config.clone());
-        let got = fetch(client_config(&ca, versions), addr, "localhost").expect("client");
-        let served = server.join().expect("thread").expect("server");
+        let (got, served) = ok_exchange(&tls.config, client_config(&ca, versions), "localhost");
         assert_eq!(got.reply, b"pong\n");
         assert_eq!(got.peer_leaf.as_ref(), Some(&l.cert_der));
         assert_eq!(served.alpn.as_deref(), Some(&b"http/1.1"[..]));
@@ -45,26 +43,20 @@ fn handshake_rsa_2048_with_key_process() {
 
 #[test]
 fn minimum_version_refuses_tls12() {
-    let dir = tempdir("minver");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, ca, l) = site("minver");
     let mut keyd = Keyd::start(&[(1, &l)], 1);
     let opts = TlsOptions {
         min_version: MinVersion::Tls13,
         ..TlsOptions::default()
     };
     let tls = worker_config(&[(1, &l)], keyd.take_peer(), None, opts);
-    let (addr, server) = spawn_server(tls.config.clone());
-    assert!(fetch(client_config(&ca, &[&TLS12]), addr, "localhost").is_err());
-    let err = server.join().expect("thread").expect_err("refused");
+    let err = failed_exchange(&tls.config, client_config(&ca, &[&TLS12]), "localhost");
     assert_eq!(err.kind(), "tls", "{err}");
 }
 
 #[test]
 fn resumption_across_workers_sharing_ticket_keys() {
-    let dir = tempdir("resume");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, ca, l) = site("resume");
     // One key process, three "workers": two share ticket keys, one not.
     let mut keyd = Keyd::start(&[(1, &l)], 3);
     let shared = TicketKeys::generate().expect("keys");
@@ -90,9 +82,7 @@ fn resumption_across_workers_sharing_ticket_keys() {
     for versions in [&[&TLS13][..], &[&TLS12][..]] {
         let client = client_config(&ca, versions);
         let run = |cfg: &baton_tls::BuiltTls| {
-            let (addr, server) = spawn_server(cfg.config.clone());
-            let got = fetch(client.clone(), addr, "localhost").expect("client");
-            let served = server.join().expect("thread").expect("server");
+            let (got, served) = ok_exchange(&cfg.config, client.clone(), "localhost");
             assert_eq!(got.reply, b"pong\n");
             assert_eq!(got.resumed, served.resumed);
             served.resumed
@@ -113,13 +103,9 @@ fn resumption_across_workers_sharing_ticket_keys() {
         b.ticketer.as_ref().expect("ticketer").set_keys(&shared);
         // A fresh client against c: full; c's tickets mean nothing to a.
         let fresh = client_config(&ca, versions);
-        let (addr, server) = spawn_server(c.config.clone());
-        fetch(fresh.clone(), addr, "localhost").expect("client");
-        assert!(!server.join().expect("thread").expect("server").resumed);
-        let (addr, server) = spawn_server(a.config.clone());
-        fetch(fresh, addr, "localhost").expect("client");
+        assert!(!ok_exchange(&c.config, fresh.clone(), "localhost").1.resumed);
         assert!(
-            !server.join().expect("thread").expect("server").resumed,
+            !ok_exchange(&a.config, fresh, "localhost").1.resumed,
             "{versions:?}: other ticket keys must not resume"
         );
     }
@@ -141,37 +127,27 @@ fn sni_picks_the_certificate() {
         ("x.b.test", &wild),
         ("default.test", &first),
     ] {
-        let (addr, server) = spawn_server(tls.config.clone());
-        let got = fetch(client.clone(), addr, name).expect("client");
-        let served = server.join().expect("thread").expect("server");
+        let (got, served) = ok_exchange(&tls.config, client.clone(), name);
         assert_eq!(got.peer_leaf.as_ref(), Some(&want.cert_der), "{name}");
         assert_eq!(served.sni.as_deref(), Some(name));
     }
     // A name no certificate has: the default, which a verifying client
     // rejects (the server sees its alert) ...
-    let (addr, server) = spawn_server(tls.config.clone());
-    assert!(fetch(client.clone(), addr, "c.b.a.test").is_err());
-    let err = server.join().expect("thread").expect_err("client refused");
+    let err = failed_exchange(&tls.config, client.clone(), "c.b.a.test");
     assert_eq!(err.kind(), "alert", "{err}");
     // ... and a client that accepts any certificate gets the default.
-    let (addr, server) = spawn_server(tls.config.clone());
-    let got = fetch(any_cert_client(), addr, "nowhere.test").expect("client");
-    server.join().expect("thread").expect("server");
+    let (got, _) = ok_exchange(&tls.config, any_cert_client(), "nowhere.test");
     assert_eq!(got.peer_leaf.as_ref(), Some(&first.cert_der));
 }
 
 #[test]
 fn killed_key_process_fails_the_handshake_at_once() {
-    let dir = tempdir("killed");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, ca, l) = site("killed");
     let mut keyd = Keyd::start(&[(1, &l)], 1);
     let tls = worker_config(&[(1, &l)], keyd.take_peer(), None, TlsOptions::default());
     keyd.kill();
-    let (addr, server) = spawn_server(tls.config.clone());
     let t = Instant::now();
-    assert!(fetch(client_config(&ca, &[&TLS13]), addr, "localhost").is_err());
-    let err = server.join().expect("thread").expect_err("no key");
+    let err = failed_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
     assert!(
         t.elapsed() < Duration::from_secs(1),
         "took {:?}",
@@ -185,20 +161,14 @@ fn killed_key_process_fails_the_handshake_at_once() {
 
 #[test]
 fn hung_key_process_times_out() {
-    let dir = tempdir("hung");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, ca, l) = site("hung");
     let mut keyd = Keyd::start(&[(1, &l)], 1);
     let tls = worker_config(&[(1, &l)], keyd.take_peer(), None, TlsOptions::default());
     // A first handshake works, then the key process stops answering.
-    let (addr, server) = spawn_server(tls.config.clone());
-    fetch(client_config(&ca, &[&TLS13]), addr, "localhost").expect("first");
-    server.join().expect("thread").expect("server");
+    ok_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
     keyd.signal(nix::sys::signal::Signal::SIGSTOP);
-    let (addr, server) = spawn_server(tls.config.clone());
     let t = Instant::now();
-    assert!(fetch(client_config(&ca, &[&TLS13]), addr, "localhost").is_err());
-    let err = server.join().expect("thread").expect_err("timeout");
+    let err = failed_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
     let took = t.elapsed();
     assert!(
         took >= Duration::from_millis(900) && took < Duration::from_secs(3),
@@ -210,9 +180,7 @@ fn hung_key_process_times_out() {
     );
     // Resumed again, the late reply to the timed-out request is skipped.
     keyd.signal(nix::sys::signal::Signal::SIGCONT);
-    let (addr, server) = spawn_server(tls.config.clone());
-    fetch(client_config(&ca, &[&TLS13]), addr, "localhost").expect("after SIGCONT");
-    server.join().expect("thread").expect("server");
+    ok_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
 }
 
 fn raw_call(fd: &std::os::fd::OwnedFd, bytes: &[u8], fds: &[std::os::fd::RawFd]) -> Reply {
@@ -230,9 +198,7 @@ fn raw_call(fd: &std::os::fd::OwnedFd, bytes: &[u8], fds: &[std::os::fd::RawFd])
 
 #[test]
 fn malformed_and_oversized_requests_are_refused_and_the_key_process_goes_on() {
-    let dir = tempdir("malformed");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, _ca, l) = site("malformed");
     let mut keyd = Keyd::start(&[(1, &l)], 2);
     let peer = keyd.take_peer();
     let err = |r: Reply| match r {
@@ -332,9 +298,7 @@ fn malformed_and_oversized_requests_are_refused_and_the_key_process_goes_on() {
 
 #[test]
 fn sandboxed_key_process_is_confined() {
-    let dir = tempdir("confined");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, _ca, l) = site("confined");
     let mut keyd = Keyd::start(&[(1, &l)], 1);
     let mut c = KeyClient::new(keyd.take_peer());
     c.ping().expect("ping");
@@ -378,9 +342,7 @@ fn sandboxed_key_process_is_confined() {
 
 #[test]
 fn key_process_with_a_bad_key_exits_naming_the_file() {
-    let dir = tempdir("badkey");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (dir, ca, l) = site("badkey");
     let other = leaf(&dir, &ca, "other", &["localhost"], Alg::P256).expect("leaf");
     let mismatched = Leaf {
         cert_path: l.cert_path.clone(),
@@ -402,9 +364,7 @@ fn key_process_with_a_bad_key_exits_naming_the_file() {
 
 #[test]
 fn spawn_then_add_peers_at_run_time() {
-    let dir = tempdir("spawn");
-    let ca = ca(&dir);
-    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    let (_dir, ca, l) = site("spawn");
     let files = [baton_tls::KeyFiles {
         id: 3,
         cert: l.cert_path.clone(),
@@ -419,9 +379,7 @@ fn spawn_then_add_peers_at_run_time() {
         baton_tls::add_peer(&k.control, &theirs, Duration::from_secs(2)).expect("add");
         drop(theirs);
         let tls = worker_config(&[(3, &l)], mine, None, TlsOptions::default());
-        let (addr, server) = spawn_server(tls.config.clone());
-        let got = fetch(client_config(&ca, &[&TLS13]), addr, "localhost").expect("client");
-        server.join().expect("thread").expect("server");
+        let (got, _) = ok_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
         assert_eq!(got.reply, b"pong\n");
     }
     drop(k.control);

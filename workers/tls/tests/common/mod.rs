@@ -333,6 +333,47 @@ pub fn spawn_server(
     (addr, h)
 }
 
+/// One server connection with `config` while `client` fetches `name`:
+/// what each side got.
+pub fn exchange(
+    config: &Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    name: &str,
+) -> (std::io::Result<Fetched>, Result<Served, TlsError>) {
+    let (addr, server) = spawn_server(config.clone());
+    let fetched = fetch(client, addr, name);
+    (fetched, server.join().expect("server thread"))
+}
+
+/// [`exchange`] where both sides must succeed.
+pub fn ok_exchange(
+    config: &Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    name: &str,
+) -> (Fetched, Served) {
+    let (f, s) = exchange(config, client, name);
+    (f.expect("client"), s.expect("server"))
+}
+
+/// [`exchange`] where both sides must fail: the server's error.
+pub fn failed_exchange(
+    config: &Arc<ServerConfig>,
+    client: Arc<ClientConfig>,
+    name: &str,
+) -> TlsError {
+    let (f, s) = exchange(config, client, name);
+    assert!(f.is_err(), "the client succeeded");
+    s.expect_err("the server succeeded")
+}
+
+/// A temp dir, a CA, and a P-256 leaf for `localhost`.
+pub fn site(tag: &str) -> (PathBuf, Ca, Leaf) {
+    let dir = tempdir(tag);
+    let ca = ca(&dir);
+    let l = leaf(&dir, &ca, "site", &["localhost"], Alg::P256).expect("leaf");
+    (dir, ca, l)
+}
+
 pub fn roots(ca: &Ca) -> rustls::RootCertStore {
     let mut r = rustls::RootCertStore::empty();
     r.add(ca.cert.der().clone()).expect("add root");
