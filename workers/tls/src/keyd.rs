@@ -20,12 +20,13 @@
 //!    every fd but its channels is closed, its own unprivileged user when
 //!    started as root (never the workers' user: a worker with the same uid
 //!    could otherwise `ptrace` it, were it not also non-dumpable), no
-//!    capabilities, no_new_privs, no core dumps, `RLIMIT_NPROC` 0, the
-//!    default seccomp allowlist (which has no `socket`, `connect`,
-//!    `execve`, nor any writable `open`), and `PR_SET_DUMPABLE` 0 so no
-//!    process of its uid can read its memory through `/proc` or `ptrace`.
-//!    A chroot to an empty directory (the profile's `chroot`, when root)
-//!    leaves it no file to open at all.
+//!    capabilities, no_new_privs, no core dumps, `RLIMIT_NPROC` 0,
+//!    `PR_SET_DUMPABLE` 0 so no process of its uid can read its memory
+//!    through `/proc` or `ptrace`, and, instead of the workers' default
+//!    seccomp filter, its own narrower one ([`crate::keyd_seccomp`]): no
+//!    `open` of any kind, no `socket`, `connect`, `execve` or `clone`.
+//!    It can open no file once its keys are loaded. A chroot to an empty
+//!    directory (the profile's `chroot`, when root) adds a second wall.
 //! 3. [`serve`] answers requests until its control channel closes (the
 //!    acceptor is gone), then returns, and [`run`] exits 0.
 //!
@@ -69,10 +70,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 
-use baton_sdk::sandbox::{self, Profile};
+use baton_sdk::sandbox::{self, Profile, SeccompMode};
 use rustls::sign::SigningKey;
 use rustls::SignatureScheme;
 
+use crate::keyd_seccomp;
 use crate::load::{self, CertChain, LoadError};
 use crate::sock;
 use crate::wire::{self, ErrorCode, Reply, Request};
@@ -219,6 +221,12 @@ pub fn confine(
     }
     p.no_fork = true;
     p.core0 = true;
+    // The key process's own filter (no open at all) replaces the SDK's
+    // default, where there is one for this architecture.
+    let own_filter = p.seccomp == SeccompMode::Default && cfg!(target_arch = "x86_64");
+    if own_filter {
+        p.seccomp = SeccompMode::Off;
+    }
     // SAFETY: prctl(PR_SET_DUMPABLE, 0) takes no pointer; it only changes
     // this process's dumpable flag.
     let rc = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
@@ -231,7 +239,21 @@ pub fn confine(
             ),
         });
     }
-    sandbox::apply(&p)
+    let mut applied = sandbox::apply(&p)?;
+    if own_filter {
+        keyd_seccomp::install().map_err(|e| sandbox::SandboxError::Check {
+            step: sandbox::Step::Seccomp,
+            detail: e.to_string(),
+        })?;
+        applied.seccomp = true;
+    } else if p.seccomp == SeccompMode::Default {
+        applied.notes.push(
+            "no key process filter for this architecture: the workers' default filter \
+             (read-only open allowed) is used"
+                .into(),
+        );
+    }
+    Ok(applied)
 }
 
 /// Serves requests until the control channel reaches its end (`Ok`), or,

@@ -21,7 +21,8 @@
 //!   file and the reason; [`load::check_pair`] compares public keys.
 //! * [`resolve`]: [`SniResolver`], certificates chosen by SNI (exact SAN
 //!   names, `*.` wildcards, a default).
-//! * [`keyd`]: the key process: load, confine, serve.
+//! * [`keyd`]: the key process: load, confine, serve; [`keyd_seccomp`]
+//!   its seccomp filter.
 //! * [`wire`]: its versioned request/reply format.
 //! * [`signer`]: [`RemoteKey`], a rustls `SigningKey` that asks the key
 //!   process, with a timeout.
@@ -62,6 +63,7 @@
 pub mod conn;
 pub mod der;
 pub mod keyd;
+pub mod keyd_seccomp;
 pub mod ktls;
 pub mod load;
 pub mod resolve;
