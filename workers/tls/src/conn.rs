@@ -20,6 +20,42 @@
 //! * [`TlsConn::close`] queues close_notify and flushes it; the worker
 //!   then shuts the socket down and drops it.
 //!
+//! A worker's loop, in short (mio, edge-triggered):
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use baton_tls::{TlsConn, TlsError};
+//! use mio::{Events, Interest, Poll, Token};
+//!
+//! fn serve(config: Arc<rustls::ServerConfig>, stream: std::net::TcpStream) -> Result<(), TlsError> {
+//!     stream.set_nonblocking(true)?;
+//!     let mut poll = Poll::new()?;
+//!     let mut tls = TlsConn::new(config, mio::net::TcpStream::from_std(stream))?;
+//!     tls.set_handshake_deadline(Duration::from_secs(10));
+//!     poll.registry()
+//!         .register(tls.get_mut(), Token(0), Interest::READABLE | Interest::WRITABLE)?;
+//!     let mut events = Events::with_capacity(8);
+//!     loop {
+//!         let timeout = tls.handshake_deadline().map(|at| at.saturating_duration_since(std::time::Instant::now()));
+//!         poll.poll(&mut events, timeout)?;
+//!         tls.check_deadline(std::time::Instant::now())?;
+//!         tls.on_readable()?;
+//!         let mut buf = [0u8; 4096];
+//!         match tls.read(&mut buf) {
+//!             Ok(0) => break, // close_notify
+//!             Ok(n) => { tls.write_all(&buf[..n]).map_err(TlsError::from_io)?; }
+//!             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+//!             Err(e) => return Err(TlsError::from_io(e)),
+//!         }
+//!         tls.flush_tls()?;
+//!     }
+//!     tls.close()?;
+//!     Ok(())
+//! }
+//! ```
+//!
 //! The handshake has a deadline ([`TlsConn::set_handshake_deadline`],
 //! checked by [`TlsConn::check_deadline`] from the worker's timer): a
 //! client that opens a connection and sends nothing, or trickles, costs a

@@ -99,6 +99,13 @@ impl KeyClient {
         self.timeout
     }
 
+    /// Switches to a new channel (the key process was restarted and the
+    /// acceptor sent this worker a fresh one); every [`RemoteKey`] sharing
+    /// this client uses it from the next handshake on.
+    pub fn set_channel(&mut self, fd: OwnedFd) {
+        self.fd = fd;
+    }
+
     /// Wraps this client for sharing by several [`RemoteKey`]s.
     pub fn shared(self) -> SharedClient {
         Arc::new(Mutex::new(self))

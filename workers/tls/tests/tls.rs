@@ -157,6 +157,13 @@ fn killed_key_process_fails_the_handshake_at_once() {
         matches!(err, TlsError::KeyProcess(ref m) if m.contains("gone")),
         "{err}"
     );
+    // A new key process, a new channel for the same worker config.
+    let mut again = Keyd::start(&[(1, &l)], 1);
+    tls.client
+        .lock()
+        .expect("lock")
+        .set_channel(again.take_peer());
+    ok_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
 }
 
 #[test]
