@@ -40,7 +40,10 @@
 //! * The **control** channel (one, from the acceptor) may also carry
 //!   `ADD_PEER` with one fd attached: the key process's end of a new
 //!   worker's channel (workers are spawned and restarted while the key
-//!   process runs). Its end of file ends the key process.
+//!   process runs), with the key ids that worker may use
+//!   ([`KeyAccess`](crate::wire::KeyAccess)): when several pools share
+//!   one key process, a pool's workers sign only with its own keys. Its
+//!   end of file ends the key process.
 //! * **Peer** channels (one per worker) may send `SIGN` and `PING` only.
 //!   A peer that sends `ADD_PEER` gets `NotAllowed`; fds a peer attaches
 //!   are closed unread.
@@ -48,7 +51,8 @@
 //! # Threat model
 //!
 //! A compromised worker holds a peer channel. It can ask for any number
-//! of signatures over messages of its choice with any key of the process
+//! of signatures over messages of its choice with any key its channel
+//! was given
 //! (an oracle, as with relayd: the attacker can impersonate the server
 //! while it controls the worker, but cannot take the key away and use it
 //! after the worker is restarted or off this host). It cannot read the
@@ -77,7 +81,7 @@ use rustls::SignatureScheme;
 use crate::keyd_seccomp;
 use crate::load::{self, CertChain, LoadError};
 use crate::sock;
-use crate::wire::{self, ErrorCode, Reply, Request};
+use crate::wire::{self, ErrorCode, KeyAccess, Reply, Request};
 
 /// Exit status of [`run`] when a key could not be loaded.
 pub const EXIT_LOAD: i32 = 2;
@@ -158,11 +162,10 @@ impl KeyStore {
     }
 
     /// The reply to one received record: `truncated` when it was longer
-    /// than [`wire::MAX_REQUEST`], `fds` how many fds came with it,
-    /// `control` whether it came on the control channel. `AddPeer`
-    /// requests that pass the checks return `None`: the caller adds the
-    /// peer and replies.
-    pub fn handle(&self, record: &[u8], truncated: bool, fds: usize, control: bool) -> Handled {
+    /// than [`wire::MAX_REQUEST`], `fds` how many fds came with it, `from`
+    /// the channel it came on. An `AddPeer` that passes the checks is
+    /// [`Handled::AddPeer`]: the caller adds the peer and replies.
+    pub fn handle(&self, record: &[u8], truncated: bool, fds: usize, from: From<'_>) -> Handled {
         let id_of = |r: &[u8]| {
             r.get(2..6)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -185,25 +188,51 @@ impl KeyStore {
                 key,
                 scheme,
                 message,
-            } => match self.sign(key, scheme, &message) {
-                Ok(signature) => Handled::Reply(Reply::Signature { id, signature }),
-                Err(code) => error(id, code),
-            },
+            } => {
+                if let From::Peer(access) = from {
+                    if !access.allows(key) {
+                        return error(id, ErrorCode::NotAllowed);
+                    }
+                }
+                match self.sign(key, scheme, &message) {
+                    Ok(signature) => Handled::Reply(Reply::Signature { id, signature }),
+                    Err(code) => error(id, code),
+                }
+            }
             Request::Ping { id } => Handled::Reply(Reply::Pong { id }),
-            Request::AddPeer { id } if control => Handled::AddPeer { id },
-            Request::AddPeer { id } => error(id, ErrorCode::NotAllowed),
+            Request::AddPeer { id, access } => match from {
+                From::Control => Handled::AddPeer { id, access },
+                From::Peer(_) => error(id, ErrorCode::NotAllowed),
+            },
         }
     }
+}
+
+/// Which channel a record came on.
+#[derive(Debug, Clone, Copy)]
+pub enum From<'a> {
+    /// The acceptor's control channel: every key, and `ADD_PEER`.
+    Control,
+    /// A worker's channel, with the keys it may use.
+    Peer(&'a KeyAccess),
 }
 
 /// What to do with a record.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Handled {
     Reply(Reply),
-    /// Add the attached fd as a peer, then reply PONG with this id.
+    /// Add the attached fd as a peer with `access`, then reply PONG with
+    /// this id.
     AddPeer {
         id: u32,
+        access: KeyAccess,
     },
+}
+
+/// A worker's channel in the key process.
+struct Peer {
+    fd: OwnedFd,
+    access: KeyAccess,
 }
 
 /// Confines the key process: `profile` (its uid/gid, chroot, seccomp...)
@@ -257,9 +286,17 @@ pub fn confine(
 }
 
 /// Serves requests until the control channel reaches its end (`Ok`), or,
-/// without a control channel, until the last peer is gone.
+/// without a control channel, until the last peer is gone. `peers` (given
+/// at start) may use every key; peers added later get the access their
+/// `ADD_PEER` names.
 pub fn serve(store: &KeyStore, control: Option<OwnedFd>, peers: Vec<OwnedFd>) -> io::Result<()> {
-    let mut peers = peers;
+    let mut peers: Vec<Peer> = peers
+        .into_iter()
+        .map(|fd| Peer {
+            fd,
+            access: KeyAccess::All,
+        })
+        .collect();
     let mut buf = vec![0u8; wire::MAX_REQUEST + 1];
     loop {
         if control.is_none() && peers.is_empty() {
@@ -267,7 +304,7 @@ pub fn serve(store: &KeyStore, control: Option<OwnedFd>, peers: Vec<OwnedFd>) ->
         }
         let ready = {
             let mut fds: Vec<_> = control.iter().map(|c| c.as_fd()).collect();
-            fds.extend(peers.iter().map(|p| p.as_fd()));
+            fds.extend(peers.iter().map(|p| p.fd.as_fd()));
             sock::wait_any(&fds)?
         };
         let offset = usize::from(control.is_some());
@@ -275,14 +312,14 @@ pub fn serve(store: &KeyStore, control: Option<OwnedFd>, peers: Vec<OwnedFd>) ->
         let mut added = Vec::new();
         for i in ready {
             let is_control = control.is_some() && i == 0;
-            let fd = if is_control {
+            let (fd, from) = if is_control {
                 match control.as_ref() {
-                    Some(c) => c.as_fd(),
+                    Some(c) => (c.as_fd(), From::Control),
                     None => continue,
                 }
             } else {
                 match peers.get(i - offset) {
-                    Some(p) => p.as_fd(),
+                    Some(p) => (p.fd.as_fd(), From::Peer(&p.access)),
                     None => continue,
                 }
             };
@@ -304,15 +341,15 @@ pub fn serve(store: &KeyStore, control: Option<OwnedFd>, peers: Vec<OwnedFd>) ->
             }
             let len = rec.len.min(buf.len());
             let nfds = rec.fds.len();
-            let reply = match store.handle(&buf[..len], rec.truncated, nfds, is_control) {
+            let reply = match store.handle(&buf[..len], rec.truncated, nfds, from) {
                 Handled::Reply(r) => r,
-                Handled::AddPeer { id } => {
+                Handled::AddPeer { id, access } => {
                     let mut fds = rec.fds;
                     match fds.pop() {
                         Some(peer)
                             if peers.len() + added.len() < MAX_PEERS && is_seqpacket(&peer) =>
                         {
-                            added.push(peer);
+                            added.push(Peer { fd: peer, access });
                             Reply::Pong { id }
                         }
                         _ => Reply::Error {
@@ -447,55 +484,62 @@ mod tests {
             }
             .encode()
         };
+        let all = KeyAccess::All;
+        let peer = From::Peer(&all);
         let ok = s.handle(
             &sign(7, SignatureScheme::ECDSA_NISTP256_SHA256),
             false,
             0,
-            false,
+            peer,
         );
         assert!(matches!(ok, Handled::Reply(Reply::Signature { id: 5, .. })));
         let code = |h| match h {
             Handled::Reply(Reply::Error { code, .. }) => Some(code),
             _ => None,
         };
+        let p256 = SignatureScheme::ECDSA_NISTP256_SHA256;
+        let h = |rec: &[u8], trunc, fds, from| code(s.handle(rec, trunc, fds, from));
         assert_eq!(
-            code(s.handle(
-                &sign(8, SignatureScheme::ECDSA_NISTP256_SHA256),
-                false,
-                0,
-                false
-            )),
+            h(&sign(8, p256), false, 0, peer),
             Some(ErrorCode::UnknownKey)
         );
+        let pss = SignatureScheme::RSA_PSS_SHA256;
         assert_eq!(
-            code(s.handle(&sign(7, SignatureScheme::RSA_PSS_SHA256), false, 0, false)),
+            h(&sign(7, pss), false, 0, peer),
             Some(ErrorCode::UnsupportedScheme)
         );
         assert_eq!(
-            code(s.handle(b"\x01\x01\x05\0\0\0", true, 0, false)),
+            h(b"\x01\x01\x05\0\0\0", true, 0, peer),
             Some(ErrorCode::TooLarge)
         );
+        assert_eq!(h(b"xx", false, 0, peer), Some(ErrorCode::Malformed));
+        // Access lists: a peer of another pool may not use key 7.
+        let other = KeyAccess::Only(vec![1, 2]);
         assert_eq!(
-            code(s.handle(b"xx", false, 0, false)),
-            Some(ErrorCode::Malformed)
-        );
-        let add = Request::AddPeer { id: 1 }.encode();
-        assert_eq!(
-            code(s.handle(&add, false, 1, false)),
+            h(&sign(7, p256), false, 0, From::Peer(&other)),
             Some(ErrorCode::NotAllowed)
         );
-        assert_eq!(s.handle(&add, false, 1, true), Handled::AddPeer { id: 1 });
+        let mine = KeyAccess::Only(vec![7]);
+        assert!(matches!(
+            s.handle(&sign(7, p256), false, 0, From::Peer(&mine)),
+            Handled::Reply(Reply::Signature { .. })
+        ));
+        let access = KeyAccess::Only(vec![7]);
+        let add = Request::AddPeer {
+            id: 1,
+            access: access.clone(),
+        }
+        .encode();
+        assert_eq!(h(&add, false, 1, peer), Some(ErrorCode::NotAllowed));
         assert_eq!(
-            code(s.handle(&add, false, 0, true)),
-            Some(ErrorCode::Malformed)
+            s.handle(&add, false, 1, From::Control),
+            Handled::AddPeer { id: 1, access }
         );
+        assert_eq!(h(&add, false, 0, From::Control), Some(ErrorCode::Malformed));
         let ping = Request::Ping { id: 2 }.encode();
+        assert_eq!(h(&ping, false, 1, peer), Some(ErrorCode::Malformed));
         assert_eq!(
-            code(s.handle(&ping, false, 1, false)),
-            Some(ErrorCode::Malformed)
-        );
-        assert_eq!(
-            s.handle(&ping, false, 0, false),
+            s.handle(&ping, false, 0, peer),
             Handled::Reply(Reply::Pong { id: 2 })
         );
     }

@@ -226,16 +226,18 @@ pub fn key_channel_pair() -> std::io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// Gives the key process a new peer over its control channel (`ADD_PEER`
-/// with `peer` attached) and waits for its acknowledgement. The acceptor
-/// calls this for each worker it spawns, then passes the other end of the
-/// pair to the worker.
+/// with `peer` attached), allowed to sign with the keys of `access`, and
+/// waits up to `timeout` for the acknowledgement (the key process answers
+/// at once: the wait is a round trip). The acceptor calls this for each
+/// worker it spawns, then passes the other end of the pair to the worker.
 pub fn add_peer(
     control: &OwnedFd,
     peer: &OwnedFd,
+    access: wire::KeyAccess,
     timeout: std::time::Duration,
 ) -> Result<(), SignError> {
     use std::os::fd::{AsFd, AsRawFd};
-    let req = wire::Request::AddPeer { id: 1 };
+    let req = wire::Request::AddPeer { id: 1, access };
     sock::send(control.as_fd(), &req.encode(), &[peer.as_raw_fd()]).map_err(SignError::Io)?;
     if !sock::wait_readable(control.as_fd(), timeout).map_err(SignError::Io)? {
         return Err(SignError::Timeout(timeout));

@@ -15,7 +15,7 @@
 //! |-----:|----------|--------------------------------------------------------|----:|
 //! | 1    | SIGN     | key id `u32`, scheme `u16` (TLS code point), length `u32`, message | 0 |
 //! | 2    | PING     | empty                                                  | 0   |
-//! | 3    | ADD_PEER | empty; only on the acceptor's control channel          | 1   |
+//! | 3    | ADD_PEER | access `u16` (0xffff: every key; else a count n ≤ [`MAX_ACCESS`]), n × key id `u32`; only on the acceptor's control channel | 1 |
 //!
 //! Replies (key process → requester), with the request's id:
 //!
@@ -52,6 +52,10 @@ pub const MAX_SIGN_INPUT: usize = 16 * 1024;
 pub const MAX_SIGNATURE: usize = 1024;
 /// The largest request record.
 pub const MAX_REQUEST: usize = HEADER + 4 + 2 + 4 + MAX_SIGN_INPUT;
+/// The most key ids an ADD_PEER may list.
+pub const MAX_ACCESS: usize = 1024;
+/// ADD_PEER's access field for "every key".
+const ACCESS_ALL: u16 = 0xffff;
 /// The largest reply record.
 pub const MAX_REPLY: usize = HEADER + 4 + MAX_SIGNATURE;
 
@@ -74,10 +78,29 @@ pub enum Request {
     Ping {
         id: u32,
     },
-    /// Carries one fd: a new peer's end of a socketpair.
+    /// Carries one fd: a new peer's end of a socketpair, and which keys
+    /// that peer may sign with.
     AddPeer {
         id: u32,
+        access: KeyAccess,
     },
+}
+
+/// Which keys a peer may sign with: a pool's workers only with the pool's
+/// keys, when several pools share one key process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyAccess {
+    All,
+    Only(Vec<u32>),
+}
+
+impl KeyAccess {
+    pub fn allows(&self, key: u32) -> bool {
+        match self {
+            KeyAccess::All => true,
+            KeyAccess::Only(keys) => keys.contains(&key),
+        }
+    }
 }
 
 /// A reply from the key process.
@@ -195,7 +218,7 @@ fn open(buf: &[u8]) -> Result<(Rd<'_>, u8, u32), DecodeError> {
 impl Request {
     pub fn id(&self) -> u32 {
         match *self {
-            Request::Sign { id, .. } | Request::Ping { id } | Request::AddPeer { id } => id,
+            Request::Sign { id, .. } | Request::Ping { id } | Request::AddPeer { id, .. } => id,
         }
     }
 
@@ -223,7 +246,18 @@ impl Request {
                 b.extend_from_slice(message);
             }
             Request::Ping { id } => header(&mut b, PING, *id),
-            Request::AddPeer { id } => header(&mut b, ADD_PEER, *id),
+            Request::AddPeer { id, access } => {
+                header(&mut b, ADD_PEER, *id);
+                match access {
+                    KeyAccess::All => b.extend_from_slice(&ACCESS_ALL.to_le_bytes()),
+                    KeyAccess::Only(keys) => {
+                        b.extend_from_slice(&(keys.len() as u16).to_le_bytes());
+                        for k in keys {
+                            b.extend_from_slice(&k.to_le_bytes());
+                        }
+                    }
+                }
+            }
         }
         b
     }
@@ -251,7 +285,22 @@ impl Request {
                 }
             }
             PING => Request::Ping { id },
-            ADD_PEER => Request::AddPeer { id },
+            ADD_PEER => {
+                let n = r.u16().ok_or(malformed(id))?;
+                let access = if n == ACCESS_ALL {
+                    KeyAccess::All
+                } else {
+                    if usize::from(n) > MAX_ACCESS {
+                        return Err(DecodeError::new(id, ErrorCode::TooLarge));
+                    }
+                    let mut keys = Vec::with_capacity(usize::from(n));
+                    for _ in 0..n {
+                        keys.push(r.u32().ok_or(malformed(id))?);
+                    }
+                    KeyAccess::Only(keys)
+                };
+                Request::AddPeer { id, access }
+            }
             _ => return Err(malformed(id)),
         };
         if !r.0.is_empty() {
@@ -335,7 +384,18 @@ mod tests {
                     message
                 }),
             any::<u32>().prop_map(|id| Request::Ping { id }),
-            any::<u32>().prop_map(|id| Request::AddPeer { id }),
+            any::<u32>().prop_map(|id| Request::AddPeer {
+                id,
+                access: KeyAccess::All
+            }),
+            (
+                any::<u32>(),
+                proptest::collection::vec(any::<u32>(), 0..=MAX_ACCESS)
+            )
+                .prop_map(|(id, keys)| Request::AddPeer {
+                    id,
+                    access: KeyAccess::Only(keys)
+                }),
         ]
     }
 

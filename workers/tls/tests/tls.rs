@@ -6,7 +6,7 @@ mod common;
 use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
-use baton_tls::wire::{self, ErrorCode, Reply, Request};
+use baton_tls::wire::{self, ErrorCode, KeyAccess, Reply, Request};
 use baton_tls::{KeyClient, MinVersion, SignError, TicketKeys, TlsError, TlsOptions};
 use common::*;
 use rustls::version::{TLS12, TLS13};
@@ -251,7 +251,11 @@ fn malformed_and_oversized_requests_are_refused_and_the_key_process_goes_on() {
     // A peer may not add peers, nor attach fds.
     let (x, _y) = baton_tls::key_channel_pair().expect("pair");
     use std::os::fd::AsRawFd;
-    let add = Request::AddPeer { id: 14 }.encode();
+    let add = Request::AddPeer {
+        id: 14,
+        access: KeyAccess::All,
+    }
+    .encode();
     assert_eq!(
         err(raw_call(&peer, &add, &[x.as_raw_fd()])),
         (14, ErrorCode::NotAllowed)
@@ -280,7 +284,13 @@ fn malformed_and_oversized_requests_are_refused_and_the_key_process_goes_on() {
     ));
     // The acceptor adds a peer at run time over the control channel.
     let (mine, theirs) = baton_tls::key_channel_pair().expect("pair");
-    baton_tls::add_peer(&keyd.control, &theirs, Duration::from_secs(2)).expect("add peer");
+    baton_tls::add_peer(
+        &keyd.control,
+        &theirs,
+        KeyAccess::All,
+        Duration::from_secs(2),
+    )
+    .expect("add peer");
     drop(theirs);
     let mut added = KeyClient::new(mine);
     let sig = added
@@ -383,12 +393,35 @@ fn spawn_then_add_peers_at_run_time() {
     // Two workers come and go; each gets its channel from the acceptor.
     for _ in 0..2 {
         let (mine, theirs) = baton_tls::key_channel_pair().expect("pair");
-        baton_tls::add_peer(&k.control, &theirs, Duration::from_secs(2)).expect("add");
+        baton_tls::add_peer(
+            &k.control,
+            &theirs,
+            KeyAccess::Only(vec![3]),
+            Duration::from_secs(2),
+        )
+        .expect("add");
         drop(theirs);
         let tls = worker_config(&[(3, &l)], mine, None, TlsOptions::default());
         let (got, _) = ok_exchange(&tls.config, client_config(&ca, &[&TLS13]), "localhost");
         assert_eq!(got.reply, b"pong\n");
     }
+    // A worker of another pool may not sign with this pool's key.
+    let (mine, theirs) = baton_tls::key_channel_pair().expect("pair");
+    baton_tls::add_peer(
+        &k.control,
+        &theirs,
+        KeyAccess::Only(vec![99]),
+        Duration::from_secs(2),
+    )
+    .expect("add");
+    let mut foreign = KeyClient::new(mine);
+    let refused = foreign
+        .sign(3, rustls::SignatureScheme::ECDSA_NISTP256_SHA256, b"x")
+        .expect_err("not its key");
+    assert!(
+        matches!(refused, SignError::Refused(ErrorCode::NotAllowed)),
+        "{refused}"
+    );
     drop(k.control);
     assert_eq!(k.child.wait().expect("wait").code(), Some(0));
 }
@@ -404,7 +437,13 @@ fn spawned_key_process_that_cannot_load_reports_it() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_baton-keyd"));
     let mut k = baton_tls::keyd::spawn(exe, &[], &files, None).expect("spawn");
     let (_mine, theirs) = baton_tls::key_channel_pair().expect("pair");
-    let err = baton_tls::add_peer(&k.control, &theirs, Duration::from_secs(2)).expect_err("gone");
+    let err = baton_tls::add_peer(
+        &k.control,
+        &theirs,
+        KeyAccess::Only(vec![3]),
+        Duration::from_secs(2),
+    )
+    .expect_err("gone");
     assert!(matches!(err, SignError::Closed | SignError::Io(_)), "{err}");
     assert_eq!(
         k.child.wait().expect("wait").code(),
