@@ -41,7 +41,7 @@
 //!   `ADD_PEER` with one fd attached: the key process's end of a new
 //!   worker's channel (workers are spawned and restarted while the key
 //!   process runs), with the key ids that worker may use
-//!   ([`KeyAccess`](crate::wire::KeyAccess)): when several pools share
+//!   ([`KeyAccess`]): when several pools share
 //!   one key process, a pool's workers sign only with its own keys. Its
 //!   end of file ends the key process.
 //! * **Peer** channels (one per worker) may send `SIGN` and `PING` only.
