@@ -1,0 +1,480 @@
+//! A non-blocking TLS server connection for a worker's mio loop.
+//!
+//! [`TlsConn`] owns a rustls `ServerConnection` and the socket (any
+//! non-blocking `Read + Write`: a `mio::net::TcpStream`, a
+//! `std::net::TcpStream` set non-blocking, ...). The worker's loop drives
+//! it the way rustls's mio example and sozu do:
+//!
+//! * readable → [`TlsConn::on_readable`]: `read_tls` until the socket says
+//!   `WouldBlock` (or rustls's buffer is full), `process_new_packets`
+//!   after each read, and any handshake bytes rustls wants to send are
+//!   written at once;
+//! * then the application reads plaintext with [`Read`] (`WouldBlock`:
+//!   nothing yet; `Ok(0)`: the client sent close_notify; when rustls's
+//!   buffer had filled up, a read reads the socket again, so nothing is
+//!   left behind under edge-triggered readiness), writes with
+//!   [`Write`] (plaintext is encrypted into rustls's buffer, then written
+//!   as far as the socket takes it);
+//! * writable → [`TlsConn::flush_tls`];
+//! * [`TlsConn::interest`] says what to register for next;
+//! * [`TlsConn::close`] queues close_notify and flushes it; the worker
+//!   then shuts the socket down and drops it.
+//!
+//! A worker's loop, in short (mio, edge-triggered):
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use baton_tls::{TlsConn, TlsError};
+//! use mio::{Events, Interest, Poll, Token};
+//!
+//! fn serve(config: Arc<rustls::ServerConfig>, stream: std::net::TcpStream) -> Result<(), TlsError> {
+//!     stream.set_nonblocking(true)?;
+//!     let mut poll = Poll::new()?;
+//!     let mut tls = TlsConn::new(config, mio::net::TcpStream::from_std(stream))?;
+//!     tls.set_handshake_deadline(Duration::from_secs(10));
+//!     poll.registry()
+//!         .register(tls.get_mut(), Token(0), Interest::READABLE | Interest::WRITABLE)?;
+//!     let mut events = Events::with_capacity(8);
+//!     loop {
+//!         let timeout = tls.handshake_deadline().map(|at| at.saturating_duration_since(std::time::Instant::now()));
+//!         poll.poll(&mut events, timeout)?;
+//!         tls.check_deadline(std::time::Instant::now())?;
+//!         tls.on_readable()?;
+//!         let mut buf = [0u8; 4096];
+//!         match tls.read(&mut buf) {
+//!             Ok(0) => break, // close_notify
+//!             Ok(n) => { tls.write_all(&buf[..n]).map_err(TlsError::from_io)?; }
+//!             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+//!             Err(e) => return Err(TlsError::from_io(e)),
+//!         }
+//!         tls.flush_tls()?;
+//!     }
+//!     tls.close()?;
+//!     Ok(())
+//! }
+//! ```
+//!
+//! The handshake has a deadline ([`TlsConn::set_handshake_deadline`],
+//! checked by [`TlsConn::check_deadline`] from the worker's timer): a
+//! client that opens a connection and sends nothing, or trickles, costs a
+//! slot only until then.
+//!
+//! # Errors
+//!
+//! [`TlsError`] says what went wrong in a way a worker can log and count
+//! ([`TlsError::kind`]): a client that sent **plaintext HTTP** to the TLS
+//! port (the first bytes are an HTTP method: the worker may answer
+//! [`PLAINTEXT_HTTP_RESPONSE`] in clear text, as nginx does), bytes that
+//! are **not TLS** at all, an **alert** from the client (for example
+//! `bad_certificate` when it does not trust ours), the **key process**
+//! failing or timing out, the **handshake timeout**, an **EOF** during the
+//! handshake, another TLS protocol error, or an I/O error. After an error
+//! the connection is dead; rustls's alert, if any, has been flushed best
+//! effort (not for plaintext HTTP: a TLS alert means nothing to that
+//! client). `Read` and `Write` return `io::Error`s; [`TlsError::from_io`]
+//! gets the classified error back out of one.
+
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::{AlertDescription, ServerConfig, ServerConnection};
+
+use crate::signer::SignError;
+
+/// What a worker may write, in clear, to a client that spoke plain HTTP
+/// to the TLS port, before closing.
+pub const PLAINTEXT_HTTP_RESPONSE: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
+Content-Type: text/plain\r\nContent-Length: 48\r\nConnection: close\r\n\r\n\
+This port speaks HTTPS; use https:// to reach it\n";
+
+/// How many first bytes of a connection are kept to classify errors.
+const SNIFF: usize = 8;
+
+/// How a TLS connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the client sent plaintext HTTP (\"{0}\") to the TLS port")]
+    PlaintextHttp(String),
+    #[error("the client sent bytes that are not TLS (first byte 0x{0:02x})")]
+    NotTls(u8),
+    #[error("the client sent a TLS alert: {0:?}")]
+    Alert(AlertDescription),
+    #[error("signing with the key process failed: {0}")]
+    KeyProcess(String),
+    #[error("the TLS handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("the client closed the connection during the TLS handshake")]
+    EofInHandshake,
+    #[error("TLS error: {0}")]
+    Tls(rustls::Error),
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+}
+
+impl TlsError {
+    /// The `TlsError` inside an `io::Error` from [`TlsConn`]'s `Read` or
+    /// `Write` (which must speak `io::Error`), else the I/O error itself:
+    /// the classification survives the trip.
+    pub fn from_io(e: io::Error) -> TlsError {
+        if e.get_ref().is_some_and(|inner| inner.is::<TlsError>()) {
+            if let Some(inner) = e.into_inner() {
+                if let Ok(t) = inner.downcast::<TlsError>() {
+                    return *t;
+                }
+            }
+            return TlsError::Io(io::Error::other("TLS error"));
+        }
+        TlsError::Io(e)
+    }
+
+    /// A short stable name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TlsError::PlaintextHttp(_) => "plaintext-http",
+            TlsError::NotTls(_) => "not-tls",
+            TlsError::Alert(_) => "alert",
+            TlsError::KeyProcess(_) => "key-process",
+            TlsError::HandshakeTimeout(_) => "handshake-timeout",
+            TlsError::EofInHandshake => "eof-in-handshake",
+            TlsError::Tls(_) => "tls",
+            TlsError::Io(_) => "io",
+        }
+    }
+}
+
+/// The first bytes of an HTTP/1 request or an HTTP/2 preface.
+const HTTP_METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+    b"PRI ",
+];
+
+/// Classifies a rustls error given the first bytes the client sent.
+fn classify(err: rustls::Error, first: &[u8]) -> TlsError {
+    if let rustls::Error::AlertReceived(a) = err {
+        return TlsError::Alert(a);
+    }
+    if let rustls::Error::Other(ref o) = err {
+        if let Some(s) = o.0.downcast_ref::<SignError>() {
+            return TlsError::KeyProcess(s.to_string());
+        }
+    }
+    if let Some(&b0) = first.first() {
+        if b0 != 0x16 {
+            let looks_http = HTTP_METHODS.iter().any(|m| {
+                let n = m.len().min(first.len());
+                n >= 3 && first[..n] == m[..n]
+            });
+            if looks_http {
+                let word = first
+                    .split(|&b| b == b' ')
+                    .next()
+                    .map(|w| String::from_utf8_lossy(w).into_owned())
+                    .unwrap_or_default();
+                return TlsError::PlaintextHttp(word);
+            }
+            return TlsError::NotTls(b0);
+        }
+    }
+    TlsError::Tls(err)
+}
+
+/// Records the first bytes read from the socket.
+struct Tap<'a, S> {
+    inner: &'a mut S,
+    first: &'a mut [u8; SNIFF],
+    len: &'a mut usize,
+}
+
+impl<S: Read> Read for Tap<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let take = (SNIFF - *self.len).min(n);
+        self.first[*self.len..*self.len + take].copy_from_slice(&buf[..take]);
+        *self.len += take;
+        Ok(n)
+    }
+}
+
+/// What [`TlsConn::interest`] asks the loop to wait for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Interest {
+    pub readable: bool,
+    pub writable: bool,
+}
+
+/// A TLS server connection over a non-blocking socket.
+pub struct TlsConn<S> {
+    conn: ServerConnection,
+    sock: S,
+    first: [u8; SNIFF],
+    first_len: usize,
+    /// The socket reached its end.
+    eof: bool,
+    /// The client sent close_notify.
+    peer_closed: bool,
+    deadline: Option<(Instant, Duration)>,
+    failed: bool,
+}
+
+impl<S> std::fmt::Debug for TlsConn<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsConn")
+            .field("handshaking", &self.conn.is_handshaking())
+            .field("eof", &self.eof)
+            .field("peer_closed", &self.peer_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: Read + Write> TlsConn<S> {
+    pub fn new(config: Arc<ServerConfig>, sock: S) -> Result<TlsConn<S>, TlsError> {
+        let conn = ServerConnection::new(config).map_err(TlsError::Tls)?;
+        Ok(TlsConn {
+            conn,
+            sock,
+            first: [0; SNIFF],
+            first_len: 0,
+            eof: false,
+            peer_closed: false,
+            deadline: None,
+            failed: false,
+        })
+    }
+
+    /// The handshake must finish within `timeout` from now.
+    pub fn set_handshake_deadline(&mut self, timeout: Duration) {
+        self.deadline = Some((Instant::now() + timeout, timeout));
+    }
+
+    /// When the handshake deadline passes (`None`: no deadline, or the
+    /// handshake is over), for the worker's timer.
+    pub fn handshake_deadline(&self) -> Option<Instant> {
+        match self.deadline {
+            Some((at, _)) if self.conn.is_handshaking() => Some(at),
+            _ => None,
+        }
+    }
+
+    /// `Err(HandshakeTimeout)` once the deadline has passed with the
+    /// handshake unfinished.
+    pub fn check_deadline(&mut self, now: Instant) -> Result<(), TlsError> {
+        match self.deadline {
+            Some((at, timeout)) if self.conn.is_handshaking() && now >= at => {
+                self.failed = true;
+                Err(TlsError::HandshakeTimeout(timeout))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// The client sent close_notify (reads return `Ok(0)`).
+    pub fn peer_closed(&self) -> bool {
+        self.peer_closed
+    }
+
+    /// The rustls connection (SNI, ALPN, version, resumption...).
+    pub fn connection(&self) -> &ServerConnection {
+        &self.conn
+    }
+
+    pub fn connection_mut(&mut self) -> &mut ServerConnection {
+        &mut self.conn
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.sock
+    }
+
+    /// The socket (for example to write [`PLAINTEXT_HTTP_RESPONSE`]).
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.sock
+    }
+
+    pub fn into_inner(self) -> S {
+        self.sock
+    }
+
+    /// What to wait for next: readable while rustls wants bytes and the
+    /// socket is open, writable while TLS bytes wait to be sent.
+    pub fn interest(&self) -> Interest {
+        Interest {
+            readable: !self.eof && !self.failed && self.conn.wants_read(),
+            writable: self.conn.wants_write(),
+        }
+    }
+
+    /// Reads and processes whatever the socket has; sends what the
+    /// handshake wants to send. Returns how many TLS bytes were read.
+    pub fn on_readable(&mut self) -> Result<usize, TlsError> {
+        if self.failed {
+            return Err(TlsError::Io(io::Error::new(
+                io::ErrorKind::NotConnected,
+                "the TLS connection already failed",
+            )));
+        }
+        let mut total = 0;
+        while !self.eof && self.conn.wants_read() {
+            let n = if self.first_len < SNIFF {
+                let mut tap = Tap {
+                    inner: &mut self.sock,
+                    first: &mut self.first,
+                    len: &mut self.first_len,
+                };
+                self.conn.read_tls(&mut tap)
+            } else {
+                self.conn.read_tls(&mut self.sock)
+            };
+            match n {
+                Ok(0) => self.eof = true,
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.failed = true;
+                    return Err(TlsError::Io(e));
+                }
+            }
+            self.process()?;
+        }
+        if self.eof && self.conn.is_handshaking() {
+            self.process()?;
+            self.failed = true;
+            return Err(TlsError::EofInHandshake);
+        }
+        self.flush_tls()?;
+        Ok(total)
+    }
+
+    fn process(&mut self) -> Result<(), TlsError> {
+        match self.conn.process_new_packets() {
+            Ok(state) => {
+                if state.peer_has_closed() {
+                    self.peer_closed = true;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.failed = true;
+                let err = classify(e, &self.first[..self.first_len]);
+                if !matches!(err, TlsError::PlaintextHttp(_) | TlsError::NotTls(_)) {
+                    // Best effort: tell the client why (rustls queued an alert).
+                    let _ = self.flush_tls();
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Writes queued TLS bytes until done or the socket would block.
+    /// `Ok(true)` when nothing is left queued.
+    pub fn flush_tls(&mut self) -> Result<bool, TlsError> {
+        while self.conn.wants_write() {
+            match self.conn.write_tls(&mut self.sock) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.failed = true;
+                    return Err(TlsError::Io(e));
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Queues close_notify and writes it as far as the socket takes it;
+    /// `Ok(true)` when all was sent.
+    pub fn close(&mut self) -> Result<bool, TlsError> {
+        self.conn.send_close_notify();
+        self.flush_tls()
+    }
+}
+
+impl<S: Read + Write> Read for TlsConn<S> {
+    /// Plaintext from the client: `WouldBlock` when none has arrived yet,
+    /// `Ok(0)` after close_notify, `UnexpectedEof` when the socket closed
+    /// without it (a truncation attack or a careless client).
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.conn.reader().read(buf) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !self.eof && !self.failed => {
+                self.on_readable().map_err(to_io)?;
+                self.conn.reader().read(buf)
+            }
+            other => other,
+        }
+    }
+}
+
+impl<S: Read + Write> Write for TlsConn<S> {
+    /// Encrypts plaintext into rustls's buffer and writes as much as the
+    /// socket takes; `WouldBlock` when the buffer is full.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.conn.writer().write(buf)?;
+        self.flush_tls().map_err(to_io)?;
+        if n == 0 && !buf.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.conn.writer().flush()?;
+        if self.flush_tls().map_err(to_io)? {
+            Ok(())
+        } else {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+    }
+}
+
+fn to_io(e: TlsError) -> io::Error {
+    match e {
+        TlsError::Io(e) => e,
+        // Recovered by TlsError::from_io.
+        other => io::Error::new(io::ErrorKind::InvalidData, other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let e = || rustls::Error::General("x".into());
+        assert!(matches!(classify(e(), b"GET / HT"), TlsError::PlaintextHttp(m) if m == "GET"));
+        assert!(matches!(classify(e(), b"OPTIONS "), TlsError::PlaintextHttp(m) if m == "OPTIONS"));
+        assert!(matches!(classify(e(), b"\x00\x01"), TlsError::NotTls(0)));
+        assert!(matches!(classify(e(), b"\x16\x03\x01"), TlsError::Tls(_)));
+        assert!(matches!(
+            classify(
+                rustls::Error::AlertReceived(AlertDescription::BadCertificate),
+                b""
+            ),
+            TlsError::Alert(AlertDescription::BadCertificate)
+        ));
+        let se = rustls::Error::Other(rustls::OtherError(Arc::new(SignError::Closed)));
+        assert_eq!(classify(se, b"\x16").kind(), "key-process");
+        let io = to_io(TlsError::Alert(AlertDescription::BadCertificate));
+        assert_eq!(TlsError::from_io(io).kind(), "alert");
+        assert_eq!(
+            TlsError::from_io(io::ErrorKind::BrokenPipe.into()).kind(),
+            "io"
+        );
+    }
+}
