@@ -13,6 +13,7 @@
 //! of them (no sign, no `0x`, no overflow); only SP and HTAB may stand
 //! between the size and a `;`.
 
+use crate::fields::hex_digit as hex;
 use crate::Error;
 
 /// Bounds on what a chunked body may carry besides its data.
@@ -88,15 +89,6 @@ pub struct ChunkedDecoder {
     limits: ChunkLimits,
     /// Data bytes decoded so far.
     total: u64,
-}
-
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
 }
 
 /// Bytes that may appear in an extension or a trailer line: HTAB, visible

@@ -190,12 +190,35 @@ fn field_lines<'b, 'h>(
     }
 }
 
-/// What an incomplete head at the limit is: the request line never ended
-/// (414) or the fields did not (431).
-fn over_limit(window: &[u8], is_request: bool) -> Error {
-    match start_line(window) {
-        Ok(None) if is_request => Error::RequestLineTooLong,
-        _ => Error::HeadTooLarge,
+/// A parsed start line, the head's length, its fields.
+type HeadParts<'b, 'h, S> = (S, usize, &'h [Field<'b>]);
+
+/// What both kinds of head share: the start line (`parse_start` reads
+/// it once it is all there) and the field lines, within `limits`. The
+/// total length and the fields, or `None` if incomplete.
+fn parse_head<'b, 'h, S>(
+    buf: &'b [u8],
+    limits: &Limits,
+    fields: &'h mut [Field<'b>],
+    is_request: bool,
+    parse_start: impl FnOnce(&'b [u8]) -> Result<S, Error>,
+) -> Result<Option<HeadParts<'b, 'h, S>>, Error> {
+    let window = &buf[..buf.len().min(limits.max_head_bytes)];
+    let full = buf.len() >= limits.max_head_bytes;
+    let max = fields.len().min(limits.max_fields);
+    let line = match start_line(window) {
+        Ok(Some(line)) => line,
+        Ok(None) if full && is_request => return Err(Error::RequestLineTooLong),
+        Ok(None) if full => return Err(Error::HeadTooLarge),
+        Ok(None) => return Ok(None),
+        Err(e) if is_request => return Err(e),
+        Err(_) => return Err(Error::BadStatusLine),
+    };
+    let start = parse_start(line.line)?;
+    match field_lines(window, line.fields_at, &mut fields[..max])? {
+        Some((len, fields)) => Ok(Some((start, len, fields))),
+        None if full => Err(Error::HeadTooLarge),
+        None => Ok(None),
     }
 }
 
@@ -209,23 +232,10 @@ pub fn parse_request<'b, 'h>(
     limits: &Limits,
     fields: &'h mut [Field<'b>],
 ) -> Result<Option<RequestHead<'b, 'h>>, Error> {
-    let window = &buf[..buf.len().min(limits.max_head_bytes)];
-    let full = buf.len() >= limits.max_head_bytes;
-    let max = fields.len().min(limits.max_fields);
-    let Some(start) = start_line(window)? else {
-        return if full {
-            Err(Error::RequestLineTooLong)
-        } else {
-            Ok(None)
-        };
-    };
-    let (method, target, version) = request_line(start.line)?;
-    let Some((len, fields)) = field_lines(window, start.fields_at, &mut fields[..max])? else {
-        return if full {
-            Err(over_limit(window, true))
-        } else {
-            Ok(None)
-        };
+    let Some(((method, target, version), len, fields)) =
+        parse_head(buf, limits, fields, true, request_line)?
+    else {
+        return Ok(None);
     };
     let mut host = None;
     for v in fields::values(fields, "host") {
@@ -282,22 +292,10 @@ pub fn parse_response<'b, 'h>(
     limits: &Limits,
     fields: &'h mut [Field<'b>],
 ) -> Result<Option<ResponseHead<'b, 'h>>, Error> {
-    let window = &buf[..buf.len().min(limits.max_head_bytes)];
-    let full = buf.len() >= limits.max_head_bytes;
-    let max = fields.len().min(limits.max_fields);
-    let start = match start_line(window) {
-        Ok(Some(s)) => s,
-        Ok(None) if full => return Err(Error::HeadTooLarge),
-        Ok(None) => return Ok(None),
-        Err(_) => return Err(Error::BadStatusLine),
-    };
-    let (version, status, reason) = status_line(start.line)?;
-    let Some((len, fields)) = field_lines(window, start.fields_at, &mut fields[..max])? else {
-        return if full {
-            Err(over_limit(window, false))
-        } else {
-            Ok(None)
-        };
+    let Some(((version, status, reason), len, fields)) =
+        parse_head(buf, limits, fields, false, status_line)?
+    else {
+        return Ok(None);
     };
     Ok(Some(ResponseHead {
         version,

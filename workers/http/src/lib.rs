@@ -12,6 +12,8 @@
 //! * [`framing`]: how long a message body is (RFC 9112 §6): for a request
 //!   ([`request_framing`]) and for a response, which depends on the request
 //!   it answers ([`response_framing`], §6.3).
+//! * [`body`]: one incremental decoder for every framing ([`BodyDecoder`]),
+//!   to skip a body within a limit or stream it.
 //! * [`chunked`]: an incremental, bounded-memory decoder of the chunked
 //!   transfer coding (§7.1) that works on any split of its input, and the
 //!   encoder.
@@ -55,6 +57,7 @@
 //! Every error closes the connection: after any of them nobody knows where
 //! the next message starts.
 
+pub mod body;
 pub mod chunked;
 pub mod error;
 pub mod fields;
@@ -62,6 +65,7 @@ pub mod framing;
 pub mod head;
 pub mod write;
 
+pub use body::BodyDecoder;
 pub use chunked::{ChunkLimits, ChunkedDecoder, Step};
 pub use error::Error;
 pub use framing::{request_framing, response_framing, Framing};
