@@ -30,6 +30,10 @@ pub enum Error {
     /// A well-formed version other than HTTP/1.x (or none: HTTP/0.9).
     #[error("unsupported HTTP version")]
     UnsupportedVersion,
+    /// A line that ends in LF alone, where [`crate::Limits::lone_lf`] is
+    /// off.
+    #[error("line ending without CR")]
+    LoneLf,
     /// A field line `httparse` refuses: a bad name, a space before the
     /// colon, a CR, LF or NUL in a value, obsolete line folding.
     #[error("malformed header field")]
@@ -86,6 +90,7 @@ impl Error {
             Error::BadRequestLine
             | Error::BadVersion
             | Error::BadField
+            | Error::LoneLf
             | Error::MissingHost
             | Error::DuplicateHost
             | Error::BadHost

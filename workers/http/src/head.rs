@@ -21,6 +21,12 @@ pub struct Limits {
     /// Most header fields. 100, as Apache httpd's `LimitRequestFields`
     /// (HAProxy's `tune.http.maxhdr` is 101; nginx counts only bytes).
     pub max_fields: usize,
+    /// Whether a lone LF ends a line, as RFC 9112 §2.2 allows a recipient
+    /// to accept. Off by default: a head with one is 400
+    /// ([`Error::LoneLf`]), because a proxy whose upstream reads a lone LF
+    /// differently would let a field hide inside another's value. A server
+    /// with nothing behind it may turn it on (nginx accepts it).
+    pub lone_lf: bool,
 }
 
 impl Default for Limits {
@@ -28,6 +34,7 @@ impl Default for Limits {
         Limits {
             max_head_bytes: 16 * 1024,
             max_fields: 100,
+            lone_lf: false,
         }
     }
 }
@@ -158,6 +165,13 @@ fn start_line(buf: &[u8]) -> Result<Option<StartLine<'_>>, Error> {
     }))
 }
 
+/// Whether some LF in `head` has no CR before it.
+fn has_lone_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
 /// `HTTP/DIGIT.DIGIT` → its version; a major version other than 1 is
 /// [`Error::UnsupportedVersion`].
 fn version(v: &[u8]) -> Result<Version, Error> {
@@ -216,6 +230,7 @@ fn parse_head<'b, 'h, S>(
     };
     let start = parse_start(line.line)?;
     match field_lines(window, line.fields_at, &mut fields[..max])? {
+        Some((len, _)) if !limits.lone_lf && has_lone_lf(&window[..len]) => Err(Error::LoneLf),
         Some((len, fields)) => Ok(Some((start, len, fields))),
         None if full => Err(Error::HeadTooLarge),
         None => Ok(None),
@@ -438,8 +453,16 @@ mod tests {
             let head = format!("GET / HTTP/1.1\r\nHost: x\r\n{field}\r\n\r\n");
             assert_eq!(req(head.as_bytes()), Err(Error::BadField), "{field:?}");
         }
-        // A lone LF ends a line (RFC 9112 §2.2).
-        assert!(req(b"GET / HTTP/1.1\nHost: x\nX: y\n\n").unwrap().is_some());
+        // A lone LF ends a line (RFC 9112 §2.2) only if allowed.
+        let lf = b"\nGET / HTTP/1.1\nHost: x\r\nX: y\n\n";
+        assert_eq!(req(lf), Err(Error::LoneLf));
+        let limits = Limits {
+            lone_lf: true,
+            ..Limits::default()
+        };
+        let mut store = limits.fields();
+        let h = parse_request(lf, &limits, &mut store).unwrap().unwrap();
+        assert_eq!((h.len, h.fields.len()), (lf.len(), 2));
     }
 
     #[test]
@@ -461,6 +484,7 @@ mod tests {
         let limits = Limits {
             max_head_bytes: 64,
             max_fields: 2,
+            lone_lf: false,
         };
         let p = |b: &[u8]| {
             let mut store = limits.fields();

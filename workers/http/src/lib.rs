@@ -41,7 +41,8 @@
 //! * Field lines (§5): `httparse`'s strict request grammar: no space before
 //!   the colon, no obsolete line folding, and no CR, LF or NUL inside a
 //!   value (all 400; §5.5 lets a recipient reject them, so it does). A lone
-//!   LF ends a line, as §2.2 allows; a lone CR is 400.
+//!   CR is 400 (§2.2), and so is a lone LF unless [`Limits::lone_lf`] says
+//!   it ends a line (§2.2 allows either).
 //! * `Host` (RFC 9110 §7.2, RFC 9112 §3.2): exactly one in an HTTP/1.1
 //!   request, and a valid `uri-host [":" port]` wherever it appears.
 //! * Framing (§6): `Transfer-Encoding` and `Content-Length` together are

@@ -206,6 +206,7 @@ fn chunked_decoding_of_any_bytes_does_not_depend_on_the_split() {
 const LIMITS: Limits = Limits {
     max_head_bytes: 512,
     max_fields: 8,
+    lone_lf: false,
 };
 
 fn head_seeds() -> Vec<Vec<u8>> {
@@ -230,31 +231,36 @@ enum Parsed {
     Failed(Error),
 }
 
-fn parse_req(buf: &[u8]) -> Parsed {
-    let mut store = LIMITS.fields();
-    match parse_request(buf, &LIMITS, &mut store) {
+fn parse_req(buf: &[u8], limits: &Limits) -> Parsed {
+    let mut store = limits.fields();
+    match parse_request(buf, limits, &mut store) {
         Ok(None) => Parsed::Incomplete,
         Ok(Some(h)) => Parsed::Complete(h.len, h.fields.len()),
         Err(e) => Parsed::Failed(e),
     }
 }
 
-fn parse_resp(buf: &[u8]) -> Parsed {
-    let mut store = LIMITS.fields();
-    match parse_response(buf, &LIMITS, &mut store) {
+fn parse_resp(buf: &[u8], limits: &Limits) -> Parsed {
+    let mut store = limits.fields();
+    match parse_response(buf, limits, &mut store) {
         Ok(None) => Parsed::Incomplete,
         Ok(Some(h)) => Parsed::Complete(h.len, h.fields.len()),
         Err(e) => Parsed::Failed(e),
     }
 }
 
-fn check_head(buf: &[u8], parse: fn(&[u8]) -> Parsed) -> Result<(), TestCaseError> {
+fn check_head(
+    buf: &[u8],
+    limits: &Limits,
+    parse: fn(&[u8], &Limits) -> Parsed,
+) -> Result<(), TestCaseError> {
+    let parse = |b: &[u8]| parse(b, limits);
     let got = parse(buf);
     match got {
-        Parsed::Incomplete => prop_assert!(buf.len() < LIMITS.max_head_bytes),
+        Parsed::Incomplete => prop_assert!(buf.len() < limits.max_head_bytes),
         Parsed::Complete(len, fields) => {
-            prop_assert!(len <= buf.len() && len <= LIMITS.max_head_bytes);
-            prop_assert!(fields <= LIMITS.max_fields);
+            prop_assert!(len <= buf.len() && len <= limits.max_head_bytes);
+            prop_assert!(fields <= limits.max_fields);
             // Nothing after the head changes it.
             let mut more = buf[..len].to_vec();
             more.extend_from_slice(b"\r\n\r\nGET / HTTP/1.1\r\n\0\0");
@@ -282,9 +288,19 @@ fn heads_never_panic_and_stay_within_limits() {
         3 => fuzzing::mutated(head_seeds(), 4),
         1 => fuzzing::bytes(0..600),
     ];
+    let lone_lf = Limits {
+        lone_lf: true,
+        ..LIMITS
+    };
     fuzzing::run("http-heads", 1500, input, |input| {
-        check_head(&input, parse_req)?;
-        check_head(&input, parse_resp)
+        for limits in [&LIMITS, &lone_lf] {
+            check_head(&input, limits, parse_req)?;
+            check_head(&input, limits, parse_resp)?;
+        }
+        // Refusing lone LFs only ever turns a result into that error.
+        let (strict, lax) = (parse_req(&input, &LIMITS), parse_req(&input, &lone_lf));
+        prop_assert!(strict == lax || strict == Parsed::Failed(Error::LoneLf));
+        Ok(())
     });
 }
 

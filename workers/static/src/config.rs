@@ -147,6 +147,9 @@ impl Config {
         baton_http::Limits {
             max_head_bytes: self.max_header_bytes as usize,
             max_fields: self.max_header_fields as usize,
+            // Nothing stands behind this server to read a lone LF
+            // differently; nginx accepts it too.
+            lone_lf: true,
         }
     }
 }

@@ -341,5 +341,14 @@ fn control_bytes_in_field_values_are_refused() {
             "{}",
             String::from_utf8_lossy(field)
         );
+    } // The request line (parsed by baton-http itself, not httparse).
+    for raw in [
+        &b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n"[..],
+        b"GET /a\0b HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /a HTTP/1.1\r\r\nHost: x\r\n\r\n",
+        b"GET\0/ HTTP/1.1\r\nHost: x\r\n\r\n",
+    ] {
+        let r = answer_and_close(w.addr, raw);
+        assert_eq!(r, (400, true), "{}", String::from_utf8_lossy(raw));
     }
 }
