@@ -341,7 +341,11 @@ fn control_bytes_in_field_values_are_refused() {
             "{}",
             String::from_utf8_lossy(field)
         );
-    } // The request line (parsed by baton-http itself, not httparse).
+    }
+    // A lone LF ends a line here (RFC 9112 §2.2 allows it; nginx too).
+    let r = client::raw(w.addr, b"GET /hello.txt HTTP/1.1\nHost: x\n\n");
+    assert_eq!(r.status, 200);
+    // The request line (parsed by baton-http itself, not httparse).
     for raw in [
         &b"GET /a\rb HTTP/1.1\r\nHost: x\r\n\r\n"[..],
         b"GET /a\0b HTTP/1.1\r\nHost: x\r\n\r\n",
