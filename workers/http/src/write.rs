@@ -95,6 +95,56 @@ pub fn num_field(out: &mut Vec<u8>, name: &str, n: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// The small HTML body of an error (or redirect) response:
+/// `<h1>404 Not Found</h1>` and the like.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorPage {
+    /// The status in three digits (a status is 100 to 599).
+    code: [u8; 3],
+    reason: &'static str,
+}
+
+impl ErrorPage {
+    /// The `Content-Type` it has.
+    pub const CONTENT_TYPE: &'static [u8] = b"text/html; charset=utf-8";
+
+    pub fn new(status: u16) -> ErrorPage {
+        let s = status.min(999);
+        let digit = |n: u16| b'0' + (n % 10) as u8;
+        ErrorPage {
+            code: [digit(s / 100), digit(s / 10), digit(s)],
+            reason: reason(status),
+        }
+    }
+
+    fn parts(&self) -> [&[u8]; 9] {
+        let (code, reason) = (&self.code[..], self.reason.as_bytes());
+        [
+            b"<html><head><title>",
+            code,
+            b" ",
+            reason,
+            b"</title></head><body><h1>",
+            code,
+            b" ",
+            reason,
+            b"</h1></body></html>\n",
+        ]
+    }
+
+    /// Its length, for `Content-Length`.
+    pub fn body_len(&self) -> usize {
+        self.parts().iter().map(|p| p.len()).sum()
+    }
+
+    /// Appends it.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        for part in self.parts() {
+            out.extend_from_slice(part);
+        }
+    }
+}
+
 /// The latest time an HTTP-date can express (9999-12-31T23:59:59Z).
 const MAX_HTTP_DATE: u64 = 253_402_300_799;
 
@@ -160,6 +210,13 @@ mod tests {
             b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 42\r\n"
         );
         assert_eq!(reason(599), "Unknown");
+        let page = ErrorPage::new(502);
+        let mut body = Vec::new();
+        page.write(&mut body);
+        assert_eq!(body.len(), page.body_len());
+        assert!(String::from_utf8(body)
+            .unwrap()
+            .contains("<h1>502 Bad Gateway</h1>"));
         for s in [400, 413, 414, 431, 501, 502, 505] {
             assert_ne!(reason(s), "Unknown", "{s}");
         }

@@ -308,34 +308,17 @@ fn error(
     extra: &[(&str, &[u8])],
 ) -> Reply {
     let keep_alive = c.keep_alive && !close;
-    let reason = reason(status);
-    let mut code = itoa::Buffer::new();
-    let code = code.format(status);
-    let parts = [
-        "<html><head><title>",
-        code,
-        " ",
-        reason,
-        "</title></head><body><h1>",
-        code,
-        " ",
-        reason,
-        "</h1></body></html>\n",
-    ];
-    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let page = w::ErrorPage::new(status);
     start(out, date, status);
-    out.extend_from_slice(b"Content-Type: text/html; charset=utf-8\r\nContent-Length: ");
-    put_num(out, body_len as u64);
-    out.extend_from_slice(b"\r\n");
+    header(out, "Content-Type", w::ErrorPage::CONTENT_TYPE);
+    w::num_field(out, "Content-Length", page.body_len() as u64);
     for (name, value) in extra {
         header(out, name, value);
     }
     finish(out, keep_alive, c.http10);
     let before = out.len();
     if !c.head {
-        for part in parts {
-            out.extend_from_slice(part.as_bytes());
-        }
+        page.write(out);
     }
     Reply {
         status,

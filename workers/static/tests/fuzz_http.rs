@@ -299,6 +299,8 @@ fn seeds() -> Vec<Vec<u8>> {
         "GET /link-out HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",
         "GET http://test/sub HTTP/1.1\r\nHost: a\r\nIf-Match: *\r\nIf-Unmodified-Since: Sun, 06 Nov 1994 08:49:37 GMT\r\n\r\n",
         "GET /with%20space.txt HTTP/1.1\r\nHost: a\r\nRange: bytes=2-,0-1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        "POST /hello.txt HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5;x=y\r\nhello\r\n0\r\nT: 1\r\n\r\nGET /style.css HTTP/1.1\r\nHost: a\r\n\r\n",
+        "GET / HTTP/1.2\r\nHost: [::1]:80\r\nContent-Length: 3, 3\r\nExpect: 100-continue\r\n\r\nabcHEAD / HTTP/1.0\r\n\r\n",
     ]
     .iter()
     .map(|s| s.as_bytes().to_vec())
