@@ -97,6 +97,22 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(512..=1024 * 1024))]
     pub max_header_bytes: u32,
 
+    /// Most header fields a request may carry; more are answered 431. The
+    /// default is Apache httpd's LimitRequestFields (HAProxy allows 101;
+    /// nginx bounds only the bytes, --max-header-bytes here).
+    #[arg(long, value_name = "N", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_header_fields: u32,
+
+    /// Largest request body in bytes. Only GET and HEAD are served, but a
+    /// body (Content-Length or chunked) is read and discarded so that the
+    /// connection stays usable; a larger Content-Length is answered 413
+    /// and the connection closed, and a chunked body that grows past this
+    /// closes the connection after its response. nginx's
+    /// client_max_body_size default.
+    #[arg(long, value_name = "BYTES", default_value_t = 1024 * 1024)]
+    pub max_body_bytes: u64,
+
     /// Longest request target in bytes; a longer one is answered 414.
     #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024)]
     pub max_uri_bytes: u32,
@@ -124,6 +140,17 @@ fn file_name(s: &str) -> Result<String, String> {
 impl Config {
     pub fn access_log(&self) -> bool {
         self.access_log == OnOff::On
+    }
+
+    /// The request-head limits these flags set.
+    pub fn limits(&self) -> baton_http::Limits {
+        baton_http::Limits {
+            max_head_bytes: self.max_header_bytes as usize,
+            max_fields: self.max_header_fields as usize,
+            // Nothing stands behind this server to read a lone LF
+            // differently; nginx accepts it too.
+            lone_lf: true,
+        }
     }
 }
 

@@ -26,6 +26,12 @@
 //! epoll), which saves the `EAGAIN` read per request; an `EPOLLRDHUP` turns
 //! that shortcut off so that the peer's FIN is read.
 //!
+//! Requests are parsed by `baton-http` (within `--max-header-bytes` and
+//! `--max-header-fields`); a request body is decoded after its response
+//! has been queued (a [`BodyDecoder`], `Content-Length` or chunked, split
+//! anywhere across reads) and dropped, up to `--max-body-bytes`; a body
+//! that breaks its framing or grows past that closes the connection.
+//!
 //! Closing after an error response is "lingering": stop writing
 //! (`shutdown(SHUT_WR)`), read and discard for a short while, then close, so
 //! that unread request bytes do not make the kernel reset the connection
@@ -38,6 +44,8 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags};
+
+use baton_http::{BodyDecoder, ChunkLimits};
 
 use crate::config::Config;
 use crate::http::{self, ConnState, FileBody, Shared};
@@ -158,8 +166,8 @@ pub struct Conn {
     pub registered: bool,
     rbuf: Option<Box<[u8]>>,
     rlen: usize,
-    /// Request body bytes still to skip.
-    discard: u64,
+    /// The request body being skipped, if any.
+    discard: Option<BodyDecoder>,
     out: Vec<u8>,
     out_pos: usize,
     file: Option<FileBody>,
@@ -208,7 +216,7 @@ impl Conn {
             registered: false,
             rbuf: None,
             rlen: 0,
-            discard: 0,
+            discard: None,
             out: Vec::new(),
             out_pos: 0,
             file: None,
@@ -251,7 +259,7 @@ impl Conn {
     /// least one request answered (a fresh connection is owed an answer to
     /// the request it is about to send).
     pub fn is_idle(&self) -> bool {
-        self.rlen == 0 && self.discard == 0 && self.output_empty() && self.requests > 0
+        self.rlen == 0 && self.discard.is_none() && self.output_empty() && self.requests > 0
     }
 
     /// Asks the connection to close after the response in progress, or
@@ -339,7 +347,7 @@ impl Conn {
             if self.output_empty() {
                 self.emit_logs();
                 if self.close_after {
-                    if self.linger || self.rlen > 0 || self.discard > 0 {
+                    if self.linger || self.rlen > 0 || self.discard.is_some() {
                         self.start_linger(io);
                         continue;
                     }
@@ -376,51 +384,62 @@ impl Conn {
         if self.out.capacity() == 0 {
             self.out = io.take_out();
         }
+        let limits = sh.cfg.limits();
+        let mut fields = Vec::new();
         let mut consumed = 0;
         let mut handled = false;
         while self.wants_input() {
-            if self.discard > 0 {
-                let d = self.discard.min((self.rlen - consumed) as u64);
-                consumed += d as usize;
-                self.discard -= d;
-                if self.discard > 0 {
-                    break;
+            if let Some(body) = &mut self.discard {
+                match body.skip(&buf[consumed..self.rlen], sh.cfg.max_body_bytes) {
+                    Ok((n, done)) => {
+                        consumed += n;
+                        if !done {
+                            break;
+                        }
+                        self.discard = None;
+                    }
+                    Err(_) => {
+                        // Its end is unknown, or too far: close (what is
+                        // queued is still sent).
+                        self.close_after = true;
+                        self.linger = true;
+                        break;
+                    }
                 }
             }
             if consumed == self.rlen {
                 break;
             }
-            let mut headers = [httparse::EMPTY_HEADER; http::MAX_HEADERS];
-            let mut req = httparse::Request::new(&mut headers);
+            if fields.is_empty() {
+                fields = limits.fields();
+            }
+            // The buffer is `--max-header-bytes` long, so only a head that
+            // starts at its beginning can fill it; one further in is moved
+            // there and read on.
             let avail = &buf[consumed..self.rlen];
             let before = self.out.len();
-            let (reply, method, target) = match req.parse(avail) {
-                Ok(httparse::Status::Complete(n)) => {
-                    let state = ConnState {
-                        may_keep_alive: !self.draining
-                            && (sh.cfg.max_requests == 0
-                                || self.requests + 1 < sh.cfg.max_requests),
-                    };
-                    let reply = http::respond(sh, &req, state, &mut io.scratch, &mut self.out);
-                    consumed += n;
-                    (reply, req.method.unwrap_or(""), req.path.unwrap_or(""))
-                }
-                Ok(httparse::Status::Partial) => {
-                    if consumed > 0 || self.rlen < buf.len() {
-                        break; // room to read the rest
+            let (reply, method, target) =
+                match baton_http::parse_request(avail, &limits, &mut fields) {
+                    Ok(Some(req)) => {
+                        let state = ConnState {
+                            may_keep_alive: !self.draining
+                                && (sh.cfg.max_requests == 0
+                                    || self.requests + 1 < sh.cfg.max_requests),
+                        };
+                        let reply = http::respond(sh, &req, state, &mut io.scratch, &mut self.out);
+                        consumed += req.len;
+                        (reply, req.method, req.target)
                     }
-                    // The head fills the whole buffer: 414 when even the
-                    // request line did not end, 431 otherwise.
-                    let status = if avail.contains(&b'\n') { 431 } else { 414 };
-                    consumed = self.rlen;
-                    (http::bad_request(&mut self.out, sh.date, status), "-", "-")
-                }
-                Err(e) => {
-                    let status = http::parse_error_status(e, avail);
-                    consumed = self.rlen;
-                    (http::bad_request(&mut self.out, sh.date, status), "-", "-")
-                }
-            };
+                    Ok(None) => break, // room to read the rest
+                    Err(e) => {
+                        consumed = self.rlen;
+                        (
+                            http::bad_request(&mut self.out, sh.date, e.status()),
+                            "-",
+                            "-",
+                        )
+                    }
+                };
             handled = true;
             self.requests = self.requests.saturating_add(1);
             let file_len = reply.file.as_ref().map_or(0, |f| f.end - f.offset);
@@ -436,7 +455,9 @@ impl Conn {
                 });
             }
             self.file = reply.file;
-            self.discard = reply.discard;
+            if reply.body.has_body() {
+                self.discard = Some(BodyDecoder::new(reply.body, ChunkLimits::default()));
+            }
             if !reply.keep_alive {
                 self.close_after = true;
                 self.linger |= reply.linger;
@@ -585,7 +606,7 @@ impl Conn {
         self.lingering = true;
         self.linger_since = io.now;
         self.rlen = 0;
-        self.discard = 0;
+        self.discard = None;
     }
 
     /// Reads and discards until EOF.
@@ -621,7 +642,7 @@ impl Conn {
             later(self.linger_since, cfg.linger_timeout)
         } else if !self.output_empty() {
             later(self.last_active, cfg.send_timeout)
-        } else if self.rlen > 0 || self.discard > 0 || self.requests == 0 {
+        } else if self.rlen > 0 || self.discard.is_some() || self.requests == 0 {
             later(self.req_start, cfg.header_timeout)
         } else if self.draining {
             later(self.last_active, cfg.idle_timeout.min(DRAIN_IDLE_GRACE))
@@ -641,7 +662,7 @@ impl Conn {
             "linger done"
         } else if !self.output_empty() {
             "send timeout"
-        } else if self.rlen > 0 || self.discard > 0 {
+        } else if self.rlen > 0 || self.discard.is_some() {
             let mut out = Vec::new();
             http::bad_request(&mut out, sh.date, 408);
             let _ = socket::send(

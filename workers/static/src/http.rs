@@ -1,10 +1,20 @@
 //! Answering one HTTP/1.1 request.
 //!
-//! [`respond`] takes a request head parsed by `httparse` and appends the
-//! whole response head (and a small body) to the connection's output
-//! buffer; a large body is returned as a [`FileBody`] for the connection to
-//! send with `sendfile(2)`. It never panics on what a client sent: every
-//! header is validated, and anything unexpected becomes a status code.
+//! [`respond`] takes a request head parsed and checked by `baton-http`
+//! (start line, fields, `Host`, body framing: see that crate's rules) and
+//! appends the whole response head (and a small body) to the connection's
+//! output buffer; a large body is returned as a [`FileBody`] for the
+//! connection to send with `sendfile(2)`. It never panics on what a client
+//! sent: every header is validated, and anything unexpected becomes a
+//! status code.
+//!
+//! A request body (only GET and HEAD are served, but any request may carry
+//! one) is read and discarded by the connection after the response, so
+//! that the connection stays usable (RFC 9112 §6.3: its framing is known),
+//! up to `--max-body-bytes`; a larger `Content-Length` is answered 413 and
+//! closes. A client that sent `Expect: 100-continue` may be holding its
+//! body back for a 100 it will never get, so its connection closes after
+//! the response instead.
 //!
 //! Conditional requests follow RFC 9110 §13.2.2: `If-Match`, then
 //! `If-Unmodified-Since` (412), then `If-None-Match`, then
@@ -15,70 +25,20 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use httpdate::HttpDate;
+use baton_http::write::{self as w, http_date, unix_secs};
+pub use baton_http::write::{reason, DateCache};
+use baton_http::{Framing, RequestHead};
 
 use crate::config::Config;
 use crate::fs::Opened;
 use crate::path::{self, Target};
 use crate::site::{Page, Site};
 
-/// The most header fields a request may carry (more: 431).
-pub const MAX_HEADERS: usize = 64;
-
 /// Methods this server knows but does not allow (405 rather than 501).
 const KNOWN_METHODS: [&str; 7] = [
     "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT",
 ];
-
-/// The latest time an HTTP-date can express (9999-12-31T23:59:59Z).
-const MAX_HTTP_DATE: u64 = 253_402_300_799;
-
-/// The formatted `Date` header value, refreshed at most once a second.
-#[derive(Debug)]
-pub struct DateCache {
-    secs: u64,
-    value: [u8; 29],
-}
-
-impl Default for DateCache {
-    fn default() -> Self {
-        let mut d = DateCache {
-            secs: u64::MAX,
-            value: [b' '; 29],
-        };
-        d.refresh(SystemTime::now());
-        d
-    }
-}
-
-impl DateCache {
-    /// Re-formats the value when the second changed.
-    pub fn refresh(&mut self, now: SystemTime) {
-        let secs = unix_secs(now);
-        if secs != self.secs {
-            self.secs = secs;
-            let mut w = &mut self.value[..];
-            // An HTTP-date is always exactly 29 bytes.
-            let _ = write!(w, "{}", http_date(secs));
-        }
-    }
-
-    pub fn value(&self) -> &[u8] {
-        &self.value
-    }
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-/// An `HttpDate` for `secs` after the epoch, clamped to what it can express
-/// (`httpdate` panics past the year 9999).
-fn http_date(secs: u64) -> HttpDate {
-    HttpDate::from(UNIX_EPOCH + Duration::from_secs(secs.min(MAX_HTTP_DATE)))
-}
 
 /// What the connection must do after a response was appended.
 #[derive(Debug)]
@@ -94,8 +54,9 @@ pub struct Reply {
     pub linger: bool,
     /// A body to send with `sendfile(2)` after the buffered bytes.
     pub file: Option<FileBody>,
-    /// Request body bytes (`Content-Length`) to read and discard.
-    pub discard: u64,
+    /// The request body to read and discard after this response (only
+    /// when the connection stays open).
+    pub body: Framing,
 }
 
 /// A body range of an open file, sent with `sendfile(2)`.
@@ -115,15 +76,10 @@ pub struct Shared<'a> {
     pub date: &'a DateCache,
 }
 
-/// Header fields of a request that matter here, validated once.
+/// Header fields of a request that matter here (besides those
+/// `baton-http` checked).
 #[derive(Debug, Default)]
 struct Fields<'a> {
-    host: u32,
-    conn_close: bool,
-    conn_keep_alive: bool,
-    content_length: Option<u64>,
-    bad_length: bool,
-    transfer_encoding: bool,
     if_match: Option<&'a [u8]>,
     if_none_match: Option<&'a [u8]>,
     if_modified_since: Option<&'a [u8]>,
@@ -132,54 +88,16 @@ struct Fields<'a> {
     if_range: Option<&'a [u8]>,
 }
 
-fn trim(v: &[u8]) -> &[u8] {
-    let start = v
-        .iter()
-        .position(|b| !b.is_ascii_whitespace())
-        .unwrap_or(v.len());
-    let end = v
-        .iter()
-        .rposition(|b| !b.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
-    &v[start..end.max(start)]
-}
-
-fn parse_u64(v: &[u8]) -> Option<u64> {
-    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    v.iter().try_fold(0u64, |n, d| {
-        n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-    })
-}
+use baton_http::fields::{parse_decimal as parse_u64, trim_ows as trim};
 
 impl<'a> Fields<'a> {
-    fn scan(headers: &[httparse::Header<'a>]) -> Fields<'a> {
+    fn scan(headers: &[baton_http::Field<'a>]) -> Fields<'a> {
         let mut f = Fields::default();
         for h in headers {
             let name = h.name.as_bytes();
             let v = h.value;
             let is = |n: &str| name.eq_ignore_ascii_case(n.as_bytes());
-            if is("host") {
-                f.host += 1;
-            } else if is("connection") {
-                for tok in v.split(|&b| b == b',') {
-                    let tok = trim(tok);
-                    if tok.eq_ignore_ascii_case(b"close") {
-                        f.conn_close = true;
-                    } else if tok.eq_ignore_ascii_case(b"keep-alive") {
-                        f.conn_keep_alive = true;
-                    }
-                }
-            } else if is("content-length") {
-                match (parse_u64(trim(v)), f.content_length) {
-                    (Some(n), None) => f.content_length = Some(n),
-                    (Some(n), Some(m)) if n == m => {}
-                    _ => f.bad_length = true,
-                }
-            } else if is("transfer-encoding") {
-                f.transfer_encoding = true;
-            } else if is("if-match") {
+            if is("if-match") {
                 f.if_match.get_or_insert(v);
             } else if is("if-none-match") {
                 f.if_none_match.get_or_insert(v);
@@ -343,41 +261,14 @@ pub fn parse_range(v: &[u8], size: u64) -> RangeSpec {
     }
 }
 
-/// The reason phrase of every status this server sends.
-pub fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        204 => "No Content",
-        206 => "Partial Content",
-        301 => "Moved Permanently",
-        304 => "Not Modified",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        412 => "Precondition Failed",
-        414 => "URI Too Long",
-        416 => "Range Not Satisfiable",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        505 => "HTTP Version Not Supported",
-        _ => "Unknown",
-    }
-}
-
 fn put_num(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    w::num(out, n);
 }
 
 /// Status line, `Server` and `Date`.
 fn start(out: &mut Vec<u8>, date: &DateCache, status: u16) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    put_num(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason(status).as_bytes());
-    out.extend_from_slice(b"\r\nServer: baton\r\nDate: ");
+    w::status_line(out, status);
+    out.extend_from_slice(b"Server: baton\r\nDate: ");
     out.extend_from_slice(date.value());
     out.extend_from_slice(b"\r\n");
 }
@@ -393,10 +284,7 @@ fn finish(out: &mut Vec<u8>, keep_alive: bool, http10: bool) {
 }
 
 fn header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
+    w::field(out, name, value);
 }
 
 /// How a response ends the exchange.
@@ -405,7 +293,8 @@ struct Conn {
     keep_alive: bool,
     http10: bool,
     head: bool,
-    discard: u64,
+    /// The request body, to discard if the connection stays open.
+    body: Framing,
 }
 
 /// Appends a complete error (or redirect) response with a small HTML body.
@@ -419,34 +308,17 @@ fn error(
     extra: &[(&str, &[u8])],
 ) -> Reply {
     let keep_alive = c.keep_alive && !close;
-    let reason = reason(status);
-    let mut code = itoa::Buffer::new();
-    let code = code.format(status);
-    let parts = [
-        "<html><head><title>",
-        code,
-        " ",
-        reason,
-        "</title></head><body><h1>",
-        code,
-        " ",
-        reason,
-        "</h1></body></html>\n",
-    ];
-    let body_len: usize = parts.iter().map(|p| p.len()).sum();
+    let page = w::ErrorPage::new(status);
     start(out, date, status);
-    out.extend_from_slice(b"Content-Type: text/html; charset=utf-8\r\nContent-Length: ");
-    put_num(out, body_len as u64);
-    out.extend_from_slice(b"\r\n");
+    header(out, "Content-Type", w::ErrorPage::CONTENT_TYPE);
+    w::num_field(out, "Content-Length", page.body_len() as u64);
     for (name, value) in extra {
         header(out, name, value);
     }
     finish(out, keep_alive, c.http10);
     let before = out.len();
     if !c.head {
-        for part in parts {
-            out.extend_from_slice(part.as_bytes());
-        }
+        page.write(out);
     }
     Reply {
         status,
@@ -454,7 +326,7 @@ fn error(
         keep_alive,
         linger: !keep_alive,
         file: None,
-        discard: c.discard,
+        body: c.body,
     }
 }
 
@@ -465,34 +337,9 @@ pub fn bad_request(out: &mut Vec<u8>, date: &DateCache, status: u16) -> Reply {
         keep_alive: false,
         http10: false,
         head: false,
-        discard: 0,
+        body: Framing::None,
     };
     error(out, date, status, c, true, &[])
-}
-
-/// The status for an `httparse` error: 505 for a version that looks like
-/// HTTP but is not 1.0/1.1, 431 for too many header fields, 400 otherwise.
-pub fn parse_error_status(e: httparse::Error, buf: &[u8]) -> u16 {
-    match e {
-        httparse::Error::TooManyHeaders => 431,
-        httparse::Error::Version => {
-            let line_end = buf.iter().position(|&b| b == b'\n').unwrap_or(buf.len());
-            let line = trim(&buf[..line_end]);
-            let version = line.rsplit(|&b| b == b' ').next().unwrap_or(b"");
-            let looks_http = version.len() > 5
-                && version.starts_with(b"HTTP/")
-                && version[5..]
-                    .iter()
-                    .all(|&b| b.is_ascii_digit() || b == b'.')
-                && version[5].is_ascii_digit();
-            if looks_http {
-                505
-            } else {
-                400
-            }
-        }
-        _ => 400,
-    }
 }
 
 /// What [`respond`] needs from the connection.
@@ -507,34 +354,26 @@ pub struct ConnState {
 /// body) to `out`. `scratch` is a reusable buffer for the decoded path.
 pub fn respond(
     sh: &Shared<'_>,
-    req: &httparse::Request<'_, '_>,
+    req: &RequestHead<'_, '_>,
     state: ConnState,
     scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Reply {
-    let method = req.method.unwrap_or("");
-    let http10 = req.version == Some(0);
-    let target = req.path.unwrap_or("").as_bytes();
-    let f = Fields::scan(req.headers);
-    let client_keep = if http10 {
-        f.conn_keep_alive && !f.conn_close
-    } else {
-        !f.conn_close
-    };
-    let mut c = Conn {
-        keep_alive: state.may_keep_alive && client_keep,
+    let method = req.method;
+    let http10 = req.version == baton_http::Version::Http10;
+    let target = req.target.as_bytes();
+    let f = Fields::scan(req.fields);
+    // A client waiting for 100 Continue would wait for good.
+    let holds_body = req.expect_continue && req.framing.has_body();
+    let c = Conn {
+        keep_alive: state.may_keep_alive && req.keep_alive && !holds_body,
         http10,
         head: method == "HEAD",
-        discard: f.content_length.unwrap_or(0),
+        body: req.framing,
     };
     let date = sh.date;
-    if f.bad_length || f.host > 1 || (!http10 && f.host == 0) {
-        return error(out, date, 400, c, true, &[]);
-    }
-    if f.transfer_encoding {
-        // A request body of unknown length: it cannot be skipped safely.
-        c.discard = 0;
-        return error(out, date, 501, c, true, &[]);
+    if matches!(req.framing, Framing::Length(n) if n > sh.cfg.max_body_bytes) {
+        return error(out, date, 413, c, true, &[]);
     }
     if method != "GET" && method != "HEAD" {
         let status = if KNOWN_METHODS.contains(&method) {
@@ -542,7 +381,7 @@ pub fn respond(
         } else {
             501
         };
-        return error(out, date, status, c, true, &[("Allow", b"GET, HEAD")]);
+        return error(out, date, status, c, false, &[("Allow", b"GET, HEAD")]);
     }
     if target.len() > sh.cfg.max_uri_bytes as usize {
         return error(out, date, 414, c, true, &[]);
@@ -551,10 +390,13 @@ pub fn respond(
         Ok(t) => t,
         Err(_) => return error(out, date, 400, c, false, &[]),
     };
+    // A name with a trailing slash is a directory's (RFC 3986 §3.3): a
+    // file's name with one names nothing.
+    let as_file_dir = t.trailing_slash && !scratch.is_empty();
     match sh.site {
         Site::Demo(demo) => match demo.page(scratch) {
-            Some(page) => send_page(sh, out, c, &f, page),
-            None => error(out, date, 404, c, false, &[]),
+            Some(page) if !as_file_dir => send_page(sh, out, c, &f, page),
+            _ => error(out, date, 404, c, false, &[]),
         },
         Site::Dir(root) => {
             let opened = match root.open_file(scratch) {
@@ -575,6 +417,8 @@ pub fn respond(
                     Ok(o) => o,
                     Err(e) => return error(out, date, errno_status(e), c, false, &[]),
                 }
+            } else if as_file_dir {
+                return error(out, date, 404, c, false, &[]);
             } else {
                 opened
             };
@@ -732,7 +576,7 @@ fn send(
             keep_alive: c.keep_alive,
             linger: false,
             file: None,
-            discard: c.discard,
+            body: c.body,
         };
     }
     // Step 5: Range, for GET only, unless If-Range says the client's copy
@@ -791,7 +635,7 @@ fn send(
         keep_alive: c.keep_alive,
         linger: false,
         file: None,
-        discard: c.discard,
+        body: c.body,
     };
     if c.head || len == 0 {
         return reply;
@@ -878,17 +722,6 @@ mod tests {
     }
 
     #[test]
-    fn error_statuses() {
-        let mut h = [httparse::EMPTY_HEADER; 4];
-        let buf = b"GET / HTTP/2.0\r\n\r\n";
-        let e = httparse::Request::new(&mut h).parse(buf).unwrap_err();
-        assert_eq!(parse_error_status(e, buf), 505);
-        let buf = b"GET / FOO/1.1\r\n\r\n";
-        let e = httparse::Request::new(&mut h).parse(buf).unwrap_err();
-        assert_eq!(parse_error_status(e, buf), 400);
-    }
-
-    #[test]
     fn error_body_length_is_exact() {
         let date = DateCache::default();
         for status in [301, 400, 404, 405, 412, 416, 431, 505] {
@@ -897,7 +730,7 @@ mod tests {
                 keep_alive: true,
                 http10: false,
                 head: false,
-                discard: 0,
+                body: Framing::None,
             };
             let r = error(&mut out, &date, status, c, false, &[]);
             let text = String::from_utf8(out).unwrap();

@@ -11,7 +11,8 @@
 //! * [`conn`]: one client connection: reading, pipelining, writing with
 //!   `sendfile(2)`, lingering close.
 //! * [`http`]: answering one parsed request (files, conditionals, ranges,
-//!   errors); requests are parsed with `httparse`, never by hand.
+//!   errors). Request heads, their limits and body framing come from
+//!   `baton-http`, the HTTP crate baton's workers share.
 //! * [`path`]: percent-decoding and normalising request paths.
 //! * [`fs`]: opening files beneath the root directory (`openat2`
 //!   `RESOLVE_BENEATH`).

@@ -30,14 +30,7 @@ pub struct Target {
     pub query: Option<usize>,
 }
 
-fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
+use baton_http::fields::hex_digit as hex;
 
 /// Strips the scheme and authority of an absolute-form target
 /// (`http://host/path`), which HTTP/1.1 servers must accept.
