@@ -184,7 +184,7 @@ impl Acceptor {
                     }
                     Err(e) => {
                         warn!(uid = peer.uid, pid = peer.pid, error = %e, "control: bad request");
-                        Reply::err(e)
+                        Reply::err(e.to_string())
                     }
                 };
                 if let Some(c) = self.ctl.get_mut(key) {
