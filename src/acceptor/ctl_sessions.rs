@@ -260,7 +260,7 @@ impl Acceptor {
                 };
                 match self.add_workers(p, count) {
                     Ok(ids) => Reply::ok(json!({ "added": ids })),
-                    Err(e) => Reply::err(e),
+                    Err(e) => Reply::err(e.to_string()),
                 }
             }
             Request::Remove {
@@ -303,7 +303,7 @@ impl Acceptor {
                             Reply::ok(json!({ "draining": ids }))
                         }
                     }
-                    Err(e) => Reply::err(e),
+                    Err(e) => Reply::err(e.to_string()),
                 }
             }
             Request::Reload {} => match self.reload() {
