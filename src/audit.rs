@@ -7,13 +7,14 @@
 //! (`/proc/PID/status`, `/proc/PID/root`), then lets it try to break out
 //! and report each attempt. Exit status 1 if any property fails.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
 
 use baton_sdk::sandbox::audit::{Report, Row, Status};
 use baton_sdk::sandbox::{Profile, SANDBOX_ENV};
 
 use crate::sandbox::SandboxArgs;
+use crate::ConfigError;
 
 /// `baton audit` options.
 #[derive(Debug, Clone, clap::Args)]
@@ -26,16 +27,47 @@ pub struct AuditArgs {
     pub json: bool,
 }
 
+/// Why the audit could not run (a failing property is not an error: it is
+/// a row of the report).
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The sandbox options do not resolve.
+    #[error(transparent)]
+    Sandbox(#[from] ConfigError),
+    /// `--no-sandbox` was given.
+    #[error("--no-sandbox: there is no sandbox to audit")]
+    NoSandbox,
+    /// This binary, which is the probe, cannot be found.
+    #[error("cannot find this binary: {0}")]
+    Exe(#[source] io::Error),
+    /// The probe cannot be spawned.
+    #[error("cannot start the probe worker: {0}")]
+    Spawn(#[source] io::Error),
+    /// The probe's standard output is not piped.
+    #[error("probe stdout")]
+    NoStdout,
+    /// The probe exited before it was confined; what it said on stderr.
+    #[error("the probe worker could not confine itself ({status}): {stderr}")]
+    Confine { status: ExitStatus, stderr: String },
+    /// The probe ended without a report it could be read from.
+    #[error("the probe worker ({status}) did not report: {source}: {output:?}")]
+    NoReport {
+        status: ExitStatus,
+        source: serde_json::Error,
+        output: String,
+    },
+    /// Waiting for the probe failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
 /// Runs the audit; returns the text to print and whether every row passed.
-pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
-    let sandbox = args
-        .sandbox
-        .resolve(1024, None)
-        .map_err(|e| e.to_string())?;
+pub fn run(args: &AuditArgs) -> Result<(String, bool), AuditError> {
+    let sandbox = args.sandbox.resolve(1024, None)?;
     let Some(profile) = sandbox.profile else {
-        return Err("--no-sandbox: there is no sandbox to audit".to_string());
+        return Err(AuditError::NoSandbox);
     };
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this binary: {e}"))?;
+    let exe = std::env::current_exe().map_err(AuditError::Exe)?;
     let mut child = Command::new(exe)
         .arg("probe")
         .env(SANDBOX_ENV, profile.to_env())
@@ -43,9 +75,9 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start the probe worker: {e}"))?;
+        .map_err(AuditError::Spawn)?;
     let pid = child.id() as i32;
-    let mut out = BufReader::new(child.stdout.take().ok_or("probe stdout")?);
+    let mut out = BufReader::new(child.stdout.take().ok_or(AuditError::NoStdout)?);
     let mut line = String::new();
     let _ = out.read_line(&mut line);
     if line.trim() != "ready" {
@@ -53,11 +85,11 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
         if let Some(mut e) = child.stderr.take() {
             let _ = e.read_to_string(&mut err);
         }
-        let st = child.wait().map_err(|e| e.to_string())?;
-        return Err(format!(
-            "the probe worker could not confine itself ({st}): {}",
-            err.trim()
-        ));
+        let status = child.wait()?;
+        return Err(AuditError::Confine {
+            status,
+            stderr: err.trim().to_string(),
+        });
     }
     // From outside, while it waits: what the acceptor checks before a
     // worker's first connection.
@@ -67,9 +99,12 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), String> {
     }
     let mut json = String::new();
     let _ = out.read_to_string(&mut json);
-    let st = child.wait().map_err(|e| e.to_string())?;
-    let inside = Report::from_json(json.trim())
-        .map_err(|e| format!("the probe worker ({st}) did not report: {e}: {json:?}"))?;
+    let status = child.wait()?;
+    let inside = Report::from_json(json.trim()).map_err(|source| AuditError::NoReport {
+        status,
+        source,
+        output: json,
+    })?;
     let mut rows = vec![outside];
     rows.extend(inside.rows);
     let report = Report::new(rows);

@@ -115,9 +115,18 @@ impl Reply {
     }
 }
 
+/// Why a request line is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Not JSON, or not a request: an unknown command, a missing, unknown
+    /// or out-of-range field.
+    #[error("bad request: {0}")]
+    BadRequest(#[source] serde_json::Error),
+}
+
 /// Parses one request line (without its newline).
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+pub fn parse_request(line: &[u8]) -> Result<Request, ControlError> {
+    serde_json::from_slice(line).map_err(ControlError::BadRequest)
 }
 
 /// One row of `ctl workers`.
@@ -189,36 +198,37 @@ mod tests {
     #[test]
     fn requests_parse_strictly() {
         assert_eq!(
-            parse_request(br#"{"cmd":"workers"}"#),
-            Ok(Request::Workers { pool: None })
+            parse_request(br#"{"cmd":"workers"}"#).unwrap(),
+            Request::Workers { pool: None }
         );
         assert_eq!(
-            parse_request(br#"{"cmd":"add","count":2}"#),
-            Ok(Request::Add {
+            parse_request(br#"{"cmd":"add","count":2}"#).unwrap(),
+            Request::Add {
                 count: 2,
                 pool: None
-            })
+            }
         );
         assert_eq!(
-            parse_request(br#"{"cmd":"restart","pool":"site"}"#),
-            Ok(Request::Restart {
+            parse_request(br#"{"cmd":"restart","pool":"site"}"#).unwrap(),
+            Request::Restart {
                 pool: Some("site".into())
-            })
+            }
         );
         assert_eq!(
-            parse_request(br#"{"cmd":"remove","id":3,"drain_timeout_ms":500}"#),
-            Ok(Request::Remove {
+            parse_request(br#"{"cmd":"remove","id":3,"drain_timeout_ms":500}"#).unwrap(),
+            Request::Remove {
                 id: Some(3),
                 count: None,
                 drain_timeout_ms: Some(500),
                 pool: None,
-            })
+            }
         );
         assert!(parse_request(br#"{"cmd":"add"}"#).is_err());
         assert!(parse_request(br#"{"cmd":"add","count":-1}"#).is_err());
         assert!(parse_request(br#"{"cmd":"workers","extra":1}"#).is_err());
         assert!(parse_request(br#"{"cmd":"nope"}"#).is_err());
-        assert!(parse_request(b"\xff\xfe garbage").is_err());
+        let e = parse_request(b"\xff\xfe garbage").unwrap_err();
+        assert!(e.to_string().starts_with("bad request: "), "{e}");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `baton ctl`: the client of the control socket. Sends one request,
 //! prints the reply as a table (or JSON with `--json`).
 
+use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cli::{CtlArgs, CtlVerb};
@@ -9,9 +11,23 @@ use crate::control::{self, Reply, Request, WorkerRow};
 /// How long `baton ctl` waits for the acceptor's reply.
 const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a `baton ctl` command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    /// No reply from the control socket at `path`.
+    #[error("cannot reach baton at {}: {source} (is it running? is --control right? do you have access?)", path.display())]
+    Unreachable { path: PathBuf, source: io::Error },
+    /// The acceptor refused the request; its message.
+    #[error("{0}")]
+    Refused(String),
+    /// The reply is not what the request calls for.
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(#[source] serde_json::Error),
+}
+
 /// Runs one `baton ctl` command; returns the text to print, or an error
-/// message a person can act on.
-pub fn run(args: &CtlArgs) -> Result<String, String> {
+/// whose message a person can act on.
+pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
     let req = match &args.verb {
         CtlVerb::Workers { pool } => Request::Workers { pool: pool.clone() },
         CtlVerb::Status => Request::Status {},
@@ -39,18 +55,19 @@ pub fn run(args: &CtlArgs) -> Result<String, String> {
             binary: binary.as_ref().map(|b| b.display().to_string()),
         },
     };
-    let reply = control::call(&args.control, &req, TIMEOUT).map_err(|e| {
-        format!(
-            "cannot reach baton at {}: {e} (is it running? is --control right? do you have access?)",
-            args.control.display()
-        )
-    })?;
+    let reply =
+        control::call(&args.control, &req, TIMEOUT).map_err(|source| CtlError::Unreachable {
+            path: args.control.clone(),
+            source,
+        })?;
     render(&req, reply, args.json)
 }
 
-fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
+fn render(req: &Request, reply: Reply, json: bool) -> Result<String, CtlError> {
     if !reply.ok {
-        return Err(reply.error.unwrap_or_else(|| "request failed".to_string()));
+        return Err(CtlError::Refused(
+            reply.error.unwrap_or_else(|| "request failed".to_string()),
+        ));
     }
     let result = reply.result.unwrap_or(serde_json::Value::Null);
     if json {
@@ -59,7 +76,7 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, String> {
     Ok(match req {
         Request::Workers { .. } => {
             let rows: Vec<WorkerRow> =
-                serde_json::from_value(result).map_err(|e| format!("unexpected reply: {e}"))?;
+                serde_json::from_value(result).map_err(CtlError::UnexpectedReply)?;
             workers_table(&rows)
         }
         Request::Metrics {} => result.as_str().unwrap_or_default().trim_end().to_string(),

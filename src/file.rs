@@ -60,19 +60,41 @@ use crate::ConfigError;
 /// sets, so that the command line can be laid over it). Errors name the
 /// file, line and column.
 pub fn read(path: &Path) -> Result<toml::Table, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
-        why: e.to_string(),
+        source,
     })?;
-    parse(&text).map_err(|why| ConfigError::File {
+    parse(&text).map_err(|source| ConfigError::Syntax {
         path: path.to_path_buf(),
-        why,
+        source,
     })
+}
+
+/// A config file's text refused: where (1-based line and column, the
+/// column in bytes) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}, column {column}: {message}")]
+pub struct FileError {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl FileError {
+    /// The error `message` at byte `offset` of `text`.
+    fn at(text: &str, offset: usize, message: String) -> FileError {
+        let before = &text[..offset.min(text.len())];
+        FileError {
+            line: before.matches('\n').count() + 1,
+            column: before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1,
+            message,
+        }
+    }
 }
 
 /// Checks the text of a config file against the options' declaration and
 /// returns its table.
-pub fn parse(text: &str) -> Result<toml::Table, String> {
+pub fn parse(text: &str) -> Result<toml::Table, FileError> {
     if let Err(e) = toml::from_str::<Options>(text) {
         // The sandbox keys are flattened into `[pool]`, and serde reports
         // an error inside a flattened table at the table, not at the key:
@@ -83,9 +105,17 @@ pub fn parse(text: &str) -> Result<toml::Table, String> {
                     .is_none_or(|s| s.start <= span.start && span.end <= s.end)
             })
             .unwrap_or_else(|| (e.span().unwrap_or(0..0), e.message().to_string()));
-        return Err(format!("{}{message}", at(text, span.start)));
+        return Err(FileError::at(text, span.start, message));
     }
-    text.parse::<toml::Table>().map_err(|e| e.to_string())
+    // Valid for `Options`, so valid TOML: this cannot fail, but say where
+    // if it does.
+    text.parse::<toml::Table>().map_err(|e| {
+        FileError::at(
+            text,
+            e.span().map_or(0, |s| s.start),
+            e.message().to_string(),
+        )
+    })
 }
 
 /// The first key of the `[pool]` table that [`PoolOptions`] refuses, with
@@ -138,14 +168,6 @@ fn pool_section_error(
     })
 }
 
-/// `line L, column C: ` of a byte offset.
-fn at(text: &str, offset: usize) -> String {
-    let before = &text[..offset.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-    format!("line {line}, column {col}: ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,19 +200,25 @@ unshare = "ipc,uts"
     #[test]
     fn mistakes_point_at_their_line() {
         let e = parse("listen = [\"127.0.0.1:0\"]\n[pool]\nwrokers = 3\n").unwrap_err();
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+        let e = e.to_string();
         assert!(e.starts_with("line 3, column 1:"), "{e}");
         assert!(e.contains("wrokers"), "{e}");
         assert!(e.contains("expected one of `workers`"), "{e}");
-        let e = parse("[pool]\ndrain-timeout = \"soon\"\n").unwrap_err();
+        let e = parse("[pool]\ndrain-timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("line 2,"), "{e}");
         assert!(e.contains("not a duration"), "{e}");
-        let e = parse("backlog = \"many\"\n").unwrap_err();
+        let e = parse("backlog = \"many\"\n").unwrap_err().to_string();
         assert!(e.starts_with("line 1,"), "{e}");
-        let e = parse("[pool]\nworkers = 2\n\nseccomp = \"strict\"\n").unwrap_err();
+        let e = parse("[pool]\nworkers = 2\n\nseccomp = \"strict\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("line 4, column 11:"), "{e}");
-        let e = parse("[pool]\nuser = 5\n").unwrap_err();
+        let e = parse("[pool]\nuser = 5\n").unwrap_err().to_string();
         assert!(e.starts_with("line 2, column 8:"), "{e}");
-        let e = parse("wrokers = 3\n").unwrap_err();
+        let e = parse("wrokers = 3\n").unwrap_err().to_string();
         assert!(e.starts_with("line 1, column 1:"), "{e}");
     }
 }

@@ -75,6 +75,21 @@ use std::net::SocketAddr;
 pub enum ConfigError {
     #[error("--listen {addr}: {why}")]
     Listen { addr: String, why: String },
+    /// The config file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        source: io::Error,
+    },
+    /// The config file's text is refused, at a line and column.
+    #[error("{}: {source}", path.display())]
+    Syntax {
+        path: std::path::PathBuf,
+        source: file::FileError,
+    },
+    /// The config file parses, but does not make a configuration (its
+    /// `pool` neither a table nor sections, options ambiguous or in
+    /// conflict with the command line's).
     #[error("{}: {why}", path.display())]
     File {
         path: std::path::PathBuf,

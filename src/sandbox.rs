@@ -416,10 +416,33 @@ const KEEP: &[caps::Capability] = &[
     caps::Capability::CAP_NET_BIND_SERVICE,
 ];
 
+/// Why the acceptor's own capabilities could not be reduced.
+#[derive(Debug, thiserror::Error)]
+pub enum CapsError {
+    /// `cap` could not be dropped from the bounding set.
+    #[error("cannot drop {cap} from the bounding set: {source}")]
+    DropBounding {
+        cap: caps::Capability,
+        source: caps::errors::CapsError,
+    },
+    /// Set `set` could not be read.
+    #[error("{source}")]
+    Read {
+        set: caps::CapSet,
+        source: caps::errors::CapsError,
+    },
+    /// Set `set` could not be replaced.
+    #[error("{source}")]
+    Set {
+        set: caps::CapSet,
+        source: caps::errors::CapsError,
+    },
+}
+
 /// Drops every capability the acceptor does not need, from its bounding,
 /// effective, permitted and inheritable sets. A no-op when not root.
 /// Returns the capabilities kept, for the log.
-pub fn reduce_own_capabilities() -> Result<Vec<String>, String> {
+pub fn reduce_own_capabilities() -> Result<Vec<String>, CapsError> {
     use caps::{CapSet, Capability};
     if !nix::unistd::geteuid().is_root() {
         return Ok(Vec::new());
@@ -428,17 +451,23 @@ pub fn reduce_own_capabilities() -> Result<Vec<String>, String> {
     for cap in caps::all() {
         if !keep.contains(&cap) && caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
             caps::drop(None, CapSet::Bounding, cap)
-                .map_err(|e| format!("cannot drop {cap} from the bounding set: {e}"))?;
+                .map_err(|source| CapsError::DropBounding { cap, source })?;
         }
     }
     let permitted: caps::CapsHashSet = caps::read(None, CapSet::Permitted)
-        .map_err(|e| e.to_string())?
+        .map_err(|source| CapsError::Read {
+            set: CapSet::Permitted,
+            source,
+        })?
         .intersection(&keep)
         .copied()
         .collect();
-    caps::set(None, CapSet::Inheritable, &caps::CapsHashSet::new()).map_err(|e| e.to_string())?;
-    caps::set(None, CapSet::Effective, &permitted).map_err(|e| e.to_string())?;
-    caps::set(None, CapSet::Permitted, &permitted).map_err(|e| e.to_string())?;
+    let set = |set: CapSet, value: &caps::CapsHashSet| {
+        caps::set(None, set, value).map_err(|source| CapsError::Set { set, source })
+    };
+    set(CapSet::Inheritable, &caps::CapsHashSet::new())?;
+    set(CapSet::Effective, &permitted)?;
+    set(CapSet::Permitted, &permitted)?;
     let mut kept: Vec<String> = permitted.iter().map(Capability::to_string).collect();
     kept.sort();
     Ok(kept)

@@ -199,7 +199,7 @@ impl Acceptor {
                     }
                     Err(e) => {
                         warn!(uid = peer.uid, pid = peer.pid, error = %e, "control: bad request");
-                        Reply::err(e)
+                        Reply::err(e.to_string())
                     }
                 };
                 if let Some(c) = self.ctl.get_mut(key) {
@@ -283,7 +283,7 @@ impl Acceptor {
                 };
                 match self.add_workers(p, count) {
                     Ok(ids) => Reply::ok(json!({ "added": ids })),
-                    Err(e) => Reply::err(e),
+                    Err(e) => Reply::err(e.to_string()),
                 }
             }
             Request::Remove {
@@ -326,7 +326,7 @@ impl Acceptor {
                             Reply::ok(json!({ "draining": ids }))
                         }
                     }
-                    Err(e) => Reply::err(e),
+                    Err(e) => Reply::err(e.to_string()),
                 }
             }
             Request::Reload {} => match self.reload() {

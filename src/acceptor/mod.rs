@@ -87,6 +87,7 @@ mod status;
 pub mod upgrade;
 use ctl_sessions::CtlClient;
 use intake::{count_open_fds, raise_nofile};
+use ops::OpError;
 use parked::ParkedConn;
 use scrape::Scraper;
 use sessions::Gone;
@@ -712,28 +713,23 @@ impl Acceptor {
     }
 
     /// The pool named `name`, or the only one when `name` is None.
-    pub(super) fn pool_named(&self, name: Option<&str>) -> Result<usize, String> {
+    pub(super) fn pool_named(&self, name: Option<&str>) -> Result<usize, OpError> {
         let live = || self.pools.iter().filter(|(_, p)| !p.removing);
+        let names = || live().map(|(_, p)| p.cfg.name.clone()).collect();
         match name {
             Some(n) => live()
                 .find(|(_, p)| p.cfg.name == n)
                 .map(|(k, _)| k)
-                .ok_or_else(|| {
-                    let names: Vec<String> = live().map(|(_, p)| p.cfg.name.clone()).collect();
-                    format!("no pool named `{n}` (pools: {})", names.join(", "))
+                .ok_or_else(|| OpError::NoSuchPool {
+                    name: n.to_string(),
+                    pools: names(),
                 }),
             None => {
                 let mut it = live();
                 match (it.next(), it.next()) {
                     (Some((k, _)), None) => Ok(k),
-                    (None, _) => Err("no pool".to_string()),
-                    (Some(_), Some(_)) => {
-                        let names: Vec<String> = live().map(|(_, p)| p.cfg.name.clone()).collect();
-                        Err(format!(
-                            "there are several pools ({}): say which with --pool NAME",
-                            names.join(", ")
-                        ))
-                    }
+                    (None, _) => Err(OpError::NoPool),
+                    (Some(_), Some(_)) => Err(OpError::SeveralPools { pools: names() }),
                 }
             }
         }
@@ -834,7 +830,7 @@ impl Acceptor {
                             info!("SIGTTIN: adding a worker to the first pool");
                             let r = match self.first_pool() {
                                 Some(p) => self.add_workers(p, 1).map(|_| ()),
-                                None => Err("no pool".to_string()),
+                                None => Err(OpError::NoPool),
                             };
                             if let Err(e) = r {
                                 error!(error = %e, "SIGTTIN: cannot add a worker");
@@ -857,7 +853,7 @@ impl Acceptor {
                             info!("SIGTTOU: removing a worker from the first pool");
                             let r = match self.first_pool() {
                                 Some(p) => self.remove_workers(Some(p), None, Some(1), None),
-                                None => Err("no pool".to_string()),
+                                None => Err(OpError::NoPool),
                             };
                             if let Err(e) = r {
                                 warn!(error = %e, "SIGTTOU: cannot remove a worker");

@@ -4,6 +4,8 @@
 //! itself is `Pool::scale`). Each acts on one pool.
 
 use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use baton_sdk::Channel;
@@ -13,22 +15,78 @@ use super::{Acceptor, Listener, PoolState, Wk};
 use crate::config::PoolConfig;
 use crate::pool::State;
 use crate::unix::{uid_allowed, Peer};
+use crate::ConfigError;
+
+/// Why an operation on the running acceptor (from `baton ctl` or a
+/// signal) was refused or failed. The control socket replies with the
+/// message, prefixed with the request where it does not say it already.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum OpError {
+    /// No live pool has that name.
+    #[error("no pool named `{name}` (pools: {})", pools.join(", "))]
+    NoSuchPool { name: String, pools: Vec<String> },
+    /// No live pool at all.
+    #[error("no pool")]
+    NoPool,
+    /// No pool named, and there is more than one.
+    #[error("there are several pools ({}): say which with --pool NAME", pools.join(", "))]
+    SeveralPools { pools: Vec<String> },
+    /// A worker could not be spawned; `spawned` of `count` were.
+    #[error("spawned {spawned} of {count}: cannot spawn {}: {source}", program.display())]
+    Spawn {
+        spawned: usize,
+        count: u32,
+        program: PathBuf,
+        source: io::Error,
+    },
+    /// No worker `id` (in any pool).
+    #[error("remove: no worker with id {id}")]
+    NoWorker { id: u32 },
+    /// No worker `id` in pool `pool`.
+    #[error("remove: no worker with id {id} in pool `{pool}`")]
+    NoWorkerInPool { id: u32, pool: String },
+    /// Worker `id` is draining already.
+    #[error("remove: worker {id} is already draining")]
+    AlreadyDraining { id: u32 },
+    /// A count of 0, or more than the `live` workers not draining.
+    #[error("remove: count must be between 1 and the {live} workers not already draining")]
+    BadCount { live: usize },
+    /// A count without a pool.
+    #[error("remove: a count needs a pool")]
+    CountNeedsPool,
+    /// Neither an id nor a count, or both.
+    #[error("remove: give either a worker id or a count")]
+    IdOrCount,
+    /// Reload without a config file.
+    #[error("nothing to reload: baton was started without --config")]
+    NoConfig,
+    /// The reloaded configuration is refused.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A listener new in the reloaded configuration cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    /// A new listener's address cannot be read back.
+    #[error("{0}")]
+    LocalAddr(#[source] io::Error),
+}
 
 impl Acceptor {
     // ---- adding and removing workers -------------------------------------
 
     /// Spawns `count` workers from pool `p`'s command; returns their ids.
-    pub(super) fn add_workers(&mut self, p: usize, count: u32) -> Result<Vec<u32>, String> {
+    pub(super) fn add_workers(&mut self, p: usize, count: u32) -> Result<Vec<u32>, OpError> {
         let mut ids = Vec::new();
         for _ in 0..count {
             match self.add_slot(p) {
                 Ok(key) => ids.push(self.pools[p].slots[key].worker_id()),
-                Err(e) => {
-                    return Err(format!(
-                        "spawned {} of {count}: cannot spawn {}: {e}",
-                        ids.len(),
-                        self.pools[p].cfg.command.program.display()
-                    ))
+                Err(source) => {
+                    return Err(OpError::Spawn {
+                        spawned: ids.len(),
+                        count,
+                        program: self.pools[p].cfg.command.program.clone(),
+                        source,
+                    })
                 }
             }
         }
@@ -43,7 +101,7 @@ impl Acceptor {
         id: Option<u32>,
         count: Option<u32>,
         timeout: Option<Duration>,
-    ) -> Result<Vec<u32>, String> {
+    ) -> Result<Vec<u32>, OpError> {
         let wks: Vec<Wk> = match (id, count, pool) {
             (Some(id), None, _) => {
                 let wk = self
@@ -58,14 +116,14 @@ impl Acceptor {
                             .map(|(key, _)| Wk { pool: p, key })
                     })
                     .ok_or_else(|| match pool {
-                        Some(p) => format!(
-                            "remove: no worker with id {id} in pool `{}`",
-                            self.pools[p].cfg.name
-                        ),
-                        None => format!("remove: no worker with id {id}"),
+                        Some(p) => OpError::NoWorkerInPool {
+                            id,
+                            pool: self.pools[p].cfg.name.clone(),
+                        },
+                        None => OpError::NoWorker { id },
                     })?;
                 if self.pools[wk.pool].pool.workers[wk.key].state() == State::Draining {
-                    return Err(format!("remove: worker {id} is already draining"));
+                    return Err(OpError::AlreadyDraining { id });
                 }
                 vec![wk]
             }
@@ -78,10 +136,7 @@ impl Acceptor {
                     .map(|(k, w)| (w.id(), k))
                     .collect();
                 if n == 0 || n as usize > live.len() {
-                    return Err(format!(
-                        "remove: count must be between 1 and the {} workers not already draining",
-                        live.len()
-                    ));
+                    return Err(OpError::BadCount { live: live.len() });
                 }
                 live.sort_unstable_by(|a, b| b.cmp(a));
                 live.into_iter()
@@ -89,8 +144,8 @@ impl Acceptor {
                     .map(|(_, key)| Wk { pool: p, key })
                     .collect()
             }
-            (None, Some(_), None) => return Err("remove: a count needs a pool".to_string()),
-            _ => return Err("remove: give either a worker id or a count".to_string()),
+            (None, Some(_), None) => return Err(OpError::CountNeedsPool),
+            _ => return Err(OpError::IdOrCount),
         };
         let mut ids = Vec::new();
         for wk in wks {
@@ -265,14 +320,14 @@ impl Acceptor {
     /// without closing. For a pool kept, a changed worker command or
     /// sandbox means a rolling restart, and its worker count is met by
     /// adding or draining workers.
-    pub(super) fn reload(&mut self) -> Result<Vec<String>, String> {
+    pub(super) fn reload(&mut self) -> Result<Vec<String>, OpError> {
         let Some(loader) = self.reload.as_ref().filter(|l| l.config_path().is_some()) else {
-            return Err("nothing to reload: baton was started without --config".to_string());
+            return Err(OpError::NoConfig);
         };
         // RELOADING=1 now, READY=1 once this returns, whatever it returns.
         crate::systemd::reloading();
         let _ready_again = crate::systemd::ReadyWhenDropped("reloaded");
-        let mut new = loader.load().map_err(|e| e.to_string())?;
+        let mut new = loader.load()?;
         let mut changes = Vec::new();
         let several = new.pools.len() > 1 || self.pools.len() > 1;
         let say = |changes: &mut Vec<String>, pool: &str, what: String| {
@@ -301,8 +356,8 @@ impl Acceptor {
                     continue;
                 }
                 let sock = crate::listener::bind(l.0, new.backlog)
-                    .map_err(|e| format!("cannot listen on {}: {e}", l.0))?;
-                let addr = sock.local_addr().map_err(|e| e.to_string())?;
+                    .map_err(|source| OpError::Listen { addr: l.0, source })?;
+                let addr = sock.local_addr().map_err(OpError::LocalAddr)?;
                 added.push((pc.name.clone(), l.0, addr, sock));
             }
         }
@@ -444,7 +499,7 @@ impl Acceptor {
         pc: PoolConfig,
         changes: &mut Vec<String>,
         say: &dyn Fn(&mut Vec<String>, &str, String),
-    ) -> Result<(), String> {
+    ) -> Result<(), OpError> {
         let ps = &mut self.pools[p];
         let name = pc.name.clone();
         if pc.balance != ps.cfg.balance {
