@@ -60,6 +60,7 @@
 //!   signature within the signer's timeout (1 s); resumed handshakes, which
 //!   need none, keep working.
 
+pub mod bundle;
 pub mod conn;
 pub mod der;
 pub mod keyd;
