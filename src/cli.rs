@@ -61,6 +61,13 @@ pub enum Sub {
     /// The audit's probe worker (internal).
     #[command(hide = true)]
     Probe,
+    /// baton's key process (internal): holds the TLS private keys and signs
+    /// for the workers.
+    #[command(hide = true)]
+    Keyd {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// Asked by a running baton of the binary it is about to execute for
     /// an upgrade (internal): can it take over this state?
     #[command(hide = true, name = "upgrade-check")]

@@ -180,9 +180,19 @@ impl Config {
     }
 }
 
+/// A pool's TLS: certificate and key files in pairs (absolute paths; the
+/// first pair is the default certificate), and the lowest version served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolTls {
+    pub pairs: Vec<(PathBuf, PathBuf)>,
+    pub min_version: baton_tls::MinVersion,
+}
+
 /// One pool: its listeners, its workers and how they are run.
 #[derive(Debug, Clone)]
 pub struct PoolConfig {
+    /// TLS termination in its workers, if any.
+    pub tls: Option<PoolTls>,
     /// Its name in `ctl --pool`, metrics and logs.
     pub name: String,
     pub listen: Vec<ListenAddr>,

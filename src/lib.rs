@@ -148,6 +148,8 @@ pub enum Error {
     },
     #[error("RLIMIT_NOFILE is {limit}: too low for baton's own fds, its workers' channels, a reserve of {reserve} and any connection (at least {needed}); raise it (ulimit -n, or LimitNOFILE= in a systemd unit)", reserve = crate::acceptor::FD_RESERVE)]
     FdLimit { limit: usize, needed: usize },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("no worker left: every spawned worker crash-looped or could not apply its sandbox, and none will be restarted (see the log above)")]
     NoWorkers,
 }

@@ -46,6 +46,7 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Some(Sub::Keyd { args }) => baton_tls::keyd::main(args),
         Some(Sub::UpgradeCheck(args)) => {
             let sub = matches
                 .subcommand_matches("upgrade-check")
@@ -65,6 +66,25 @@ fn main() -> ExitCode {
             let sub = matches.subcommand_matches("check").unwrap_or(&matches);
             match Loader::new(&args.run, sub).and_then(|l| l.load().map(|c| (l, c))) {
                 Ok((loader, cfg)) => {
+                    // The keys too (this process serves nothing): each must
+                    // load and match its certificate.
+                    for p in &cfg.pools {
+                        let Some(tls) = &p.tls else { continue };
+                        let files: Vec<baton_tls::KeyFiles> = tls
+                            .pairs
+                            .iter()
+                            .enumerate()
+                            .map(|(i, (cert, key))| baton_tls::KeyFiles {
+                                id: i as u32 + 1,
+                                cert: cert.clone(),
+                                key: key.clone(),
+                            })
+                            .collect();
+                        if let Err(e) = baton_tls::KeyStore::load(&files) {
+                            eprintln!("baton check: error: pool `{}`: {e}", p.name);
+                            return ExitCode::FAILURE;
+                        }
+                    }
                     let what = match loader.config_path() {
                         Some(p) => format!("{} and the flags", p.display()),
                         None => "the flags (no --config)".to_string(),

@@ -196,6 +196,23 @@ pub struct PoolOptions {
     #[serde(with = "duration")]
     pub restart_window: Duration,
 
+    /// Serve TLS with this certificate chain (PEM, leaf first); repeatable,
+    /// paired in order with --tls-key. With several, the client's SNI
+    /// chooses (exact names, then `*.` wildcards); the first is the
+    /// default.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Vec<PathBuf>,
+
+    /// The private key (PEM) of the --tls-cert at the same position. Only
+    /// baton's key process reads it; workers ask it to sign and never hold
+    /// a key.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<PathBuf>,
+
+    /// The lowest TLS version served: 1.2 or 1.3.
+    #[arg(long, value_name = "VERSION", default_value = "1.2")]
+    pub tls_min_version: String,
+
     #[command(flatten)]
     #[serde(flatten)]
     pub sandbox: SandboxArgs,
@@ -677,7 +694,9 @@ impl PoolOptions {
             (None, None) => embedded_static(vec!["--demo".into()]),
         };
         command.check()?;
+        let tls = tls_config(&p.tls_cert, &p.tls_key, &p.tls_min_version)?;
         Ok(PoolConfig {
+            tls,
             name,
             listen,
             sandbox,
@@ -697,6 +716,42 @@ impl PoolOptions {
             drain_timeout: p.drain_timeout,
         })
     }
+}
+
+/// Checks a pool's TLS options: certificates and keys in pairs, every
+/// certificate loads (it is public: baton reads it and hands the chain to
+/// the workers), every key file is readable (the key process checks it
+/// matches its certificate when it starts, and `baton check` does too).
+fn tls_config(
+    certs: &[PathBuf],
+    keys: &[PathBuf],
+    min_version: &str,
+) -> Result<Option<crate::config::PoolTls>, ConfigError> {
+    if certs.is_empty() && keys.is_empty() {
+        return Ok(None);
+    }
+    if certs.len() != keys.len() {
+        return Err(ConfigError::Invalid(format!(
+            "--tls-cert is given {} time(s) and --tls-key {} time(s): give them in pairs, each key after its certificate",
+            certs.len(),
+            keys.len()
+        )));
+    }
+    let min_version: baton_tls::MinVersion = min_version
+        .parse()
+        .map_err(|e| ConfigError::Invalid(format!("--tls-min-version: {e}")))?;
+    let abs = |p: &PathBuf| {
+        std::path::absolute(p).map_err(|e| ConfigError::Invalid(format!("{}: {e}", p.display())))
+    };
+    let mut pairs = Vec::new();
+    for (c, k) in certs.iter().zip(keys) {
+        baton_tls::CertChain::load(c)
+            .map_err(|e| ConfigError::Invalid(format!("--tls-cert {e}")))?;
+        std::fs::File::open(k)
+            .map_err(|e| ConfigError::Invalid(format!("--tls-key {}: {e}", k.display())))?;
+        pairs.push((abs(c)?, abs(k)?));
+    }
+    Ok(Some(crate::config::PoolTls { pairs, min_version }))
 }
 
 /// Every long flag of `baton` (running the acceptor) that the file does
@@ -864,6 +919,9 @@ mod tests {
                 clap::ArgAction::SetTrue => "true".to_string(),
                 clap::ArgAction::Append => match arg.get_default_values().first() {
                     Some(v) => format!("[{:?}]", v.to_string_lossy()),
+                    None if arg.get_value_names().is_some_and(|n| n[0] == "FILE") => {
+                        "[\"x\"]".to_string()
+                    }
                     None => "[1000]".to_string(),
                 },
                 _ => match arg.get_default_values().first() {

@@ -349,6 +349,16 @@ impl Slot {
     }
 }
 
+/// An fd a spawned worker inherits besides its channel.
+#[derive(Debug, Clone, Copy)]
+pub struct Inherit<'a> {
+    /// The environment variable that tells the worker its number.
+    pub env: &'static str,
+    pub fd: BorrowedFd<'a>,
+    /// Kept open through the sandbox (else the worker closes it before).
+    pub keep: bool,
+}
+
 /// A worker process just spawned, and the acceptor's end of its channel.
 #[derive(Debug)]
 pub struct Spawned {
@@ -368,23 +378,27 @@ pub struct Spawned {
 /// With a `profile`, the worker finds it in `BATON_SANDBOX` (with the
 /// channel as its one kept fd) and confines itself before its HELLO.
 ///
-/// `shared`, the pool's memory file, is inherited as the fd named in
-/// `BATON_SHARED_FD` (a duplicate made inheritable for the spawn), for
-/// workers that share state with the rest of their pool.
+/// `extra` fds are inherited too, each as a duplicate made inheritable for
+/// the spawn and named by its environment variable: the pool's shared
+/// memory file (`BATON_SHARED_FD`, which the worker maps and closes before
+/// its sandbox, so not kept), a TLS worker's key channel and bundle (kept
+/// through the sandbox).
 pub fn spawn(
     cmd: &WorkerCommand,
     worker_id: u32,
     profile: Option<&Profile>,
-    shared: Option<BorrowedFd<'_>>,
+    extra: &[Inherit<'_>],
 ) -> io::Result<Spawned> {
     let (ours, theirs) = Channel::pair()?;
     let theirs: OwnedFd = theirs.into();
     let raw = theirs.as_raw_fd();
     fcntl(raw, FcntlArg::F_SETFD(FdFlag::empty()))?;
-    // A duplicate without close-on-exec; the original stays the pool's.
-    let shared: Option<OwnedFd> = shared.map(|fd| fd.try_clone_to_owned()).transpose()?;
-    if let Some(fd) = &shared {
+    // Duplicates without close-on-exec; the originals stay the acceptor's.
+    let mut dups: Vec<(&Inherit<'_>, OwnedFd)> = Vec::with_capacity(extra.len());
+    for x in extra {
+        let fd = x.fd.try_clone_to_owned()?;
         fcntl(fd.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::empty()))?;
+        dups.push((x, fd));
     }
     let mut command = Command::new(&cmd.program);
     command
@@ -393,24 +407,29 @@ pub fn spawn(
         .env(WORKER_ID_ENV, worker_id.to_string())
         .env_remove(SANDBOX_ENV)
         .env_remove(SHARED_FD_ENV)
+        .env_remove(baton_tls::bundle::KEY_FD_ENV)
+        .env_remove(baton_tls::bundle::BUNDLE_FD_ENV)
         // The service manager's socket is the acceptor's, not theirs.
         .env_remove("NOTIFY_SOCKET")
         .stdin(Stdio::null());
-    if let Some(fd) = &shared {
-        command.env(SHARED_FD_ENV, fd.as_raw_fd().to_string());
+    for (x, fd) in &dups {
+        command.env(x.env, fd.as_raw_fd().to_string());
     }
     if let Some(p) = profile {
         let mut p = p.clone();
-        // Not the shared memory file: the worker maps it and closes it
-        // before its sandbox, which would fail on a kept fd that is gone.
         p.keep_fds = vec![raw];
+        p.keep_fds.extend(
+            dups.iter()
+                .filter(|(x, _)| x.keep)
+                .map(|(_, fd)| fd.as_raw_fd()),
+        );
         command.env(SANDBOX_ENV, p.to_env());
     }
     let child = command.spawn();
     // Closing our copy of their end either way: EOF on `ours` then means
     // the worker is gone.
     drop(theirs);
-    drop(shared);
+    drop(dups);
     let child = child?;
     // The Child handle is dropped without waiting: the event loop reaps
     // every child with waitpid(-1) on SIGCHLD.

@@ -84,6 +84,7 @@ mod parked;
 mod scrape;
 mod sessions;
 mod status;
+mod tls;
 pub mod upgrade;
 use ctl_sessions::CtlClient;
 use intake::{count_open_fds, raise_nofile};
@@ -219,6 +220,8 @@ pub(super) struct PoolState {
     pub(super) removing: bool,
     /// The memory file its spawned workers share (`BATON_SHARED_FD`).
     pub(super) shared: Option<std::os::fd::OwnedFd>,
+    /// Its TLS (key ids and bundle), when it terminates TLS.
+    pub(super) tls: Option<tls::PoolTlsState>,
     pub(super) stats: PoolStats,
 }
 
@@ -245,6 +248,7 @@ impl PoolState {
             drain_sent: false,
             removing: false,
             shared,
+            tls: None,
             stats: PoolStats::default(),
         }
     }
@@ -354,6 +358,10 @@ pub struct Acceptor {
     exe: std::path::PathBuf,
     /// Taken over from an upgrading image: the workers exist already.
     resumed: bool,
+    /// The key process of the TLS pools.
+    keyd: Option<tls::Keyd>,
+    /// The keys it is to load, until `run` starts it.
+    keyd_files: Vec<baton_tls::KeyFiles>,
     /// An upgrade asked for by SIGUSR2 or `ctl upgrade` (with the control
     /// client to answer), done between two rounds of events.
     upgrade_asked: Option<(Option<std::path::PathBuf>, Option<usize>)>,
@@ -409,8 +417,20 @@ impl Acceptor {
             });
             Ok(())
         };
+        let mut keyd_files = Vec::new();
+        let now = Instant::now();
         for pc in std::mem::take(&mut cfg.pools) {
             let pool = pools.vacant_key();
+            let tls = match &pc.tls {
+                Some(t) => {
+                    let (state, files) =
+                        tls::PoolTlsState::new(t, keyd_files.len() as u32 + 1, now)
+                            .map_err(|e| Error::Tls(format!("pool `{}`: {e}", pc.name)))?;
+                    keyd_files.extend(files);
+                    Some(state)
+                }
+                None => None,
+            };
             for l in &pc.listen {
                 let found = inherited
                     .iter()
@@ -440,7 +460,9 @@ impl Acceptor {
                     "systemd",
                 )?;
             }
-            pools.insert(PoolState::new(pc));
+            let mut ps = PoolState::new(pc);
+            ps.tls = tls;
+            pools.insert(ps);
         }
         for i in inherited {
             warn!(addr = %i.addr, name = %i.name, "an inherited socket serves no configured listener and names no pool; closed (list its address in `listen`, or set FileDescriptorName= to a pool's name)");
@@ -534,6 +556,8 @@ impl Acceptor {
             ready_sent: false,
             exe: std::env::current_exe().unwrap_or_else(|_| std::path::PathBuf::from("baton")),
             resumed: false,
+            keyd: None,
+            keyd_files,
             upgrade_asked: None,
             stats: Stats::default(),
             worker_listener,
@@ -579,6 +603,10 @@ impl Acceptor {
             reserve = FD_RESERVE,
             "file descriptors"
         );
+        if !self.resumed && !self.keyd_files.is_empty() {
+            let files = std::mem::take(&mut self.keyd_files);
+            self.start_keyd(files).map_err(Error::Tls)?;
+        }
         let keys: Vec<usize> = if self.resumed {
             Vec::new()
         } else {
@@ -667,13 +695,30 @@ impl Acceptor {
     fn spawn_slot(&mut self, p: usize, key: usize) -> io::Result<()> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
+        let key_channel = self.tls_channel(p);
         let ps = &self.pools[p];
-        let sp = supervisor::spawn(
-            &ps.cfg.command,
-            id,
-            ps.cfg.sandbox.profile.as_ref(),
-            ps.shared.as_ref().map(|f| f.as_fd()),
-        )?;
+        let mut extra = Vec::new();
+        if let Some(fd) = &ps.shared {
+            extra.push(supervisor::Inherit {
+                env: baton_sdk::shared::SHARED_FD_ENV,
+                fd: fd.as_fd(),
+                keep: false,
+            });
+        }
+        if let (Some(key), Some(bundle)) = (&key_channel, self.tls_bundle(p)) {
+            extra.push(supervisor::Inherit {
+                env: baton_tls::bundle::KEY_FD_ENV,
+                fd: key.as_fd(),
+                keep: true,
+            });
+            extra.push(supervisor::Inherit {
+                env: baton_tls::bundle::BUNDLE_FD_ENV,
+                fd: bundle,
+                keep: true,
+            });
+        }
+        let sp = supervisor::spawn(&ps.cfg.command, id, ps.cfg.sandbox.profile.as_ref(), &extra)?;
+        drop(key_channel);
         let wk = self.add_to_pool(p, id, sp.chan, Some(key), sp.pid)?;
         let ps = &mut self.pools[p];
         let slot = &mut ps.slots[key];
@@ -902,7 +947,9 @@ impl Acceptor {
                     .map(|(k, _)| (p, k))
             });
             let Some((p, key)) = found else {
-                debug!(pid = exit.pid, status = %exit.describe(), "reaped unknown child");
+                if !self.keyd_exited(exit.pid, &exit.describe(), now) {
+                    debug!(pid = exit.pid, status = %exit.describe(), "reaped unknown child");
+                }
                 continue;
             };
             let slot = &mut self.pools[p].slots[key];
@@ -1164,6 +1211,7 @@ impl Acceptor {
         consider(self.emfile_until);
         consider(self.shutdown);
         consider(self.parked_order.first().map(|(t, _)| *t));
+        consider(self.tls_deadline());
         for (_, c) in self.ctl.iter() {
             consider(Some(c.deadline));
         }
@@ -1203,6 +1251,7 @@ impl Acceptor {
             self.emfile_until = None;
         }
         self.expire_parked(now);
+        self.tls_timers(now);
         let mut overdue = Vec::new();
         for (p, ps) in self.pools.iter_mut() {
             let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);

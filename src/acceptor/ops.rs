@@ -60,6 +60,9 @@ pub(crate) enum OpError {
     /// Reload without a config file.
     #[error("nothing to reload: baton was started without --config")]
     NoConfig,
+    /// A reload that changes a pool's TLS certificates or keys.
+    #[error("pool `{pool}`: TLS certificates and keys are loaded at start (by the key process): to change them, restart baton")]
+    TlsChanged { pool: String },
     /// The reloaded configuration is refused.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -328,6 +331,23 @@ impl Acceptor {
         crate::systemd::reloading();
         let _ready_again = crate::systemd::ReadyWhenDropped("reloaded");
         let mut new = loader.load()?;
+        // Refused before anything changes.
+        for pc in &new.pools {
+            let now = self
+                .pools
+                .iter()
+                .find(|(_, ps)| !ps.removing && ps.cfg.name == pc.name)
+                .map(|(_, ps)| &ps.cfg.tls);
+            let changed = match now {
+                Some(old) => *old != pc.tls,
+                None => pc.tls.is_some(),
+            };
+            if changed {
+                return Err(OpError::TlsChanged {
+                    pool: pc.name.clone(),
+                });
+            }
+        }
         let mut changes = Vec::new();
         let several = new.pools.len() > 1 || self.pools.len() > 1;
         let say = |changes: &mut Vec<String>, pool: &str, what: String| {

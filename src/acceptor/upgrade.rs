@@ -74,6 +74,27 @@ pub struct State {
     from: PathBuf,
     pools: Vec<PoolSnap>,
     parked: Vec<ParkedSnap>,
+    #[serde(default)]
+    keyd: Option<KeydSnap>,
+}
+
+/// The key process: still this process's child after the exec.
+#[derive(Debug, Serialize, Deserialize)]
+struct KeydSnap {
+    pid: i32,
+    control: RawFd,
+    files: Vec<(u32, PathBuf, PathBuf)>,
+    failures: u32,
+    restart_in_ms: Option<u64>,
+}
+
+/// A TLS pool's key ids, bundle and ticket keys.
+#[derive(Debug, Serialize, Deserialize)]
+struct TlsSnap {
+    ids: Vec<u32>,
+    bundle: RawFd,
+    keys: Vec<u8>,
+    rotate_in_ms: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -97,6 +118,8 @@ struct PoolSnap {
     removing: bool,
     shared: Option<RawFd>,
     stats: PoolStats,
+    #[serde(default)]
+    tls: Option<TlsSnap>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -307,6 +330,13 @@ impl Acceptor {
             fds.extend(pending.iter().map(|h| h.fd));
             let shared = ps.shared.as_ref().map(|f| f.as_raw_fd());
             fds.extend(shared);
+            let tls = ps.tls.as_ref().map(|t| TlsSnap {
+                ids: t.ids.clone(),
+                bundle: t.bundle.as_raw_fd(),
+                keys: t.keys.encode(),
+                rotate_in_ms: t.rotate_at.saturating_duration_since(now).as_millis() as u64,
+            });
+            fds.extend(tls.as_ref().map(|t| t.bundle));
             pools.push(PoolSnap {
                 key,
                 name: ps.cfg.name.clone(),
@@ -320,6 +350,7 @@ impl Acceptor {
                 removing: ps.removing,
                 shared,
                 stats: ps.stats,
+                tls,
             });
         }
         let parked: Vec<ParkedSnap> = self
@@ -352,6 +383,20 @@ impl Acceptor {
         fds.extend(worker_socket.iter().map(|c| c.0));
         fds.extend(metrics);
         fds.extend(reply_to);
+        let keyd = self.keyd.as_ref().map(|k| KeydSnap {
+            pid: k.pid,
+            control: k.control.as_raw_fd(),
+            files: k
+                .files
+                .iter()
+                .map(|f| (f.id, f.cert.clone(), f.key.clone()))
+                .collect(),
+            failures: k.failures,
+            restart_in_ms: k
+                .restart_at
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64),
+        });
+        fds.extend(keyd.as_ref().map(|k| k.control));
         let state = State {
             version: STATE_VERSION,
             next_conn_id: self.next_conn_id,
@@ -366,6 +411,7 @@ impl Acceptor {
             from: self.exe.clone(),
             pools,
             parked,
+            keyd,
         };
         (state, fds)
     }
@@ -435,6 +481,26 @@ impl Acceptor {
             ps.drain_sent = snap.drain_sent;
             ps.removing = snap.removing;
             ps.stats = snap.stats;
+            if let Some(t) = snap.tls {
+                let bundle = adopt(t.bundle);
+                match (
+                    baton_tls::bundle::Bundle::read_from(&bundle),
+                    baton_tls::ticket::TicketKeys::decode(&t.keys),
+                ) {
+                    (Ok(bundle_now), Ok(keys)) => {
+                        ps.tls = Some(super::tls::PoolTlsState {
+                            ids: t.ids,
+                            bundle,
+                            bundle_now,
+                            keys,
+                            rotate_at: now + Duration::from_millis(t.rotate_in_ms),
+                        })
+                    }
+                    (b, k) => {
+                        error!(pool = %snap.name, bundle = ?b.err(), keys = ?k.err(), "the pool's TLS state did not survive the upgrade; its new workers get no TLS")
+                    }
+                }
+            }
             pools.push((snap.key, ps));
         }
         acc.pools = pools.into_iter().collect();
@@ -506,6 +572,17 @@ impl Acceptor {
                 .map_err(Error::Poll)?;
             acc.metrics_listener = Some(l);
         }
+        acc.keyd = state.keyd.map(|k| super::tls::Keyd {
+            pid: k.pid,
+            control: adopt(k.control),
+            files: k
+                .files
+                .into_iter()
+                .map(|(id, cert, key)| baton_tls::KeyFiles { id, cert, key })
+                .collect(),
+            restart_at: k.restart_in_ms.map(|ms| now + Duration::from_millis(ms)),
+            failures: k.failures,
+        });
         acc.next_conn_id = state.next_conn_id;
         acc.next_worker_id = state.next_worker_id;
         acc.stats = state.stats;

@@ -150,9 +150,48 @@ struct LogRec {
     end: u64,
 }
 
+/// A connection's socket as `Read + Write` for a TLS session: recv and
+/// send on the fd with `MSG_DONTWAIT` (the `Conn` owns the socket).
+#[derive(Debug)]
+pub struct FdIo(std::os::fd::RawFd);
+
+impl std::io::Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match socket::recv(self.0, buf, MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl std::io::Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match socket::send(self.0, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
+                Ok(n) => return Ok(n),
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Plaintext of a file body read per TLS write.
+const TLS_FILE_CHUNK: usize = 16 * 1024;
+
 /// One client connection.
 #[derive(Debug)]
 pub struct Conn {
+    /// The TLS session, when the pool terminates TLS: every byte goes
+    /// through it (and file bodies are read, not sendfile'd).
+    pub tls: Option<Box<baton_tls::TlsConn<FdIo>>>,
     /// The acceptor's id for this connection (for DONE).
     pub id: u64,
     pub sock: mio::net::TcpStream,
@@ -207,6 +246,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(id: u64, sock: mio::net::TcpStream, peer: SocketAddr, now: Instant) -> Conn {
         Conn {
+            tls: None,
             id,
             sock,
             peer,
@@ -281,7 +321,23 @@ impl Conn {
     /// response fully written, nothing of the next request buffered), and
     /// neither closing nor closed by the client.
     pub fn parkable(&self) -> bool {
-        self.is_idle() && !self.lingering && !self.close_after && !self.read_eof && !self.peer_fin
+        // A TLS session lives in this process: it cannot be handed back.
+        self.tls.is_none()
+            && self.is_idle()
+            && !self.lingering
+            && !self.close_after
+            && !self.read_eof
+            && !self.peer_fin
+    }
+
+    /// Starts a TLS session on the connection.
+    pub fn start_tls(
+        &mut self,
+        config: std::sync::Arc<rustls::ServerConfig>,
+    ) -> Result<(), baton_tls::TlsError> {
+        let t = baton_tls::TlsConn::new(config, FdIo(self.sock.as_raw_fd()))?;
+        self.tls = Some(Box::new(t));
+        Ok(())
     }
 
     /// Whether it has been idle long enough to be parked at `now`.
@@ -476,6 +532,9 @@ impl Conn {
     /// Writes buffered bytes, then the file body, the latter until `sent`
     /// reaches `limit`. Ok((progress, how it stopped)).
     fn flush(&mut self, limit: u64) -> Result<(bool, Flushed), Errno> {
+        if self.tls.is_some() {
+            return self.flush_tls(limit);
+        }
         let fd = self.sock.as_raw_fd();
         let mut progress = false;
         if self.file.is_some() && !self.corked {
@@ -542,6 +601,127 @@ impl Conn {
         Ok((progress, Flushed::Done))
     }
 
+    /// [`Conn::flush`] through the TLS session: buffered bytes, then the
+    /// file body read in chunks (no sendfile: the kernel would send
+    /// plaintext), each encrypted and written as far as the socket takes.
+    fn flush_tls(&mut self, limit: u64) -> Result<(bool, Flushed), Errno> {
+        let tls_err = |e: baton_tls::TlsError| {
+            tracing::debug!(kind = e.kind(), error = %e, "TLS write failed");
+            Errno::EPIPE
+        };
+        let Some(t) = self.tls.as_mut() else {
+            return Ok((false, Flushed::Done));
+        };
+        let mut progress = false;
+        // What rustls holds from before goes first.
+        if !t.flush_tls().map_err(tls_err)? {
+            return Ok((progress, Flushed::Blocked));
+        }
+        use std::io::Write;
+        while self.out_pos < self.out.len() {
+            match t.write(&self.out[self.out_pos..]) {
+                Ok(0) => return Ok((progress, Flushed::Blocked)),
+                Ok(n) => {
+                    self.out_pos += n;
+                    self.sent += n as u64;
+                    progress = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok((progress, Flushed::Blocked))
+                }
+                Err(e) => return Err(tls_err(baton_tls::TlsError::from_io(e))),
+            }
+        }
+        self.out.clear();
+        self.out_pos = 0;
+        let mut chunk = [0u8; TLS_FILE_CHUNK];
+        while let Some(fb) = &mut self.file {
+            if self.sent >= limit {
+                return Ok((progress, Flushed::Budget));
+            }
+            let want = (fb.end - fb.offset).min(TLS_FILE_CHUNK as u64) as usize;
+            use std::os::unix::fs::FileExt;
+            let n = match fb.file.read_at(&mut chunk[..want], fb.offset) {
+                // The file shrank after its length was promised.
+                Ok(0) => return Err(Errno::EIO),
+                Ok(n) => n,
+                Err(e) => return Err(Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO))),
+            };
+            match t.write(&chunk[..n]) {
+                Ok(0) => return Ok((progress, Flushed::Blocked)),
+                Ok(w) => {
+                    fb.offset += w as u64;
+                    self.sent += w as u64;
+                    progress = true;
+                    if fb.offset >= fb.end {
+                        self.file = None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Ok((progress, Flushed::Blocked))
+                }
+                Err(e) => return Err(tls_err(baton_tls::TlsError::from_io(e))),
+            }
+        }
+        if !t.flush_tls().map_err(tls_err)? {
+            return Ok((progress, Flushed::Blocked));
+        }
+        Ok((progress, Flushed::Done))
+    }
+
+    /// [`Conn::fill`] through the TLS session.
+    fn fill_tls(&mut self, io: &mut Io) -> Fill {
+        let Some(t) = self.tls.as_mut() else {
+            return Fill::Failed;
+        };
+        let buf = self.rbuf.get_or_insert_with(|| io.take_buf());
+        let room = buf.len() - self.rlen;
+        if room == 0 {
+            return Fill::Full;
+        }
+        if let Err(e) = t.on_readable() {
+            if e.kind() == "plaintext-http" {
+                // Plain HTTP on the TLS port: say so in plain HTTP.
+                let _ = socket::send(
+                    self.sock.as_raw_fd(),
+                    baton_tls::PLAINTEXT_HTTP_RESPONSE,
+                    MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+                );
+            }
+            tracing::info!(peer = %self.peer, kind = e.kind(), error = %e, "TLS connection closed");
+            return Fill::Failed;
+        }
+        use std::io::Read;
+        match t.read(&mut buf[self.rlen..]) {
+            Ok(0) => {
+                self.read_eof = true;
+                Fill::Eof
+            }
+            Ok(n) => {
+                if self.rlen == 0 && self.requests > 0 {
+                    self.req_start = io.now;
+                }
+                self.rlen += n;
+                // rustls may hold more plaintext than fit: read again then.
+                self.read_ready = n == room || self.peer_fin;
+                Fill::Data
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                self.read_ready = false;
+                if t.peer_closed() {
+                    self.read_eof = true;
+                    return Fill::Eof;
+                }
+                Fill::Blocked
+            }
+            Err(e) => {
+                let e = baton_tls::TlsError::from_io(e);
+                tracing::info!(peer = %self.peer, kind = e.kind(), error = %e, "TLS connection closed");
+                Fill::Failed
+            }
+        }
+    }
+
     fn set_cork(&mut self, on: bool) {
         // A refusal only costs some segment coalescing.
         let _ = socket2::SockRef::from(&self.sock).set_cork(on);
@@ -569,6 +749,9 @@ impl Conn {
     }
 
     fn fill(&mut self, io: &mut Io) -> Fill {
+        if self.tls.is_some() {
+            return self.fill_tls(io);
+        }
         let buf = self.rbuf.get_or_insert_with(|| io.take_buf());
         let room = buf.len() - self.rlen;
         if room == 0 {
@@ -602,6 +785,10 @@ impl Conn {
     }
 
     fn start_linger(&mut self, io: &mut Io) {
+        if let Some(t) = self.tls.as_mut() {
+            // close_notify first, then the FIN.
+            let _ = t.close();
+        }
         let _ = self.sock.shutdown(Shutdown::Write);
         self.lingering = true;
         self.linger_since = io.now;
@@ -691,6 +878,11 @@ impl Conn {
 
     /// Before the connection is dropped: logs what is left (incomplete).
     pub fn close(&mut self, io: &mut Io) {
+        if let Some(t) = self.tls.as_mut() {
+            // Best effort: a client that sees close_notify knows the
+            // response was not cut.
+            let _ = t.close();
+        }
         self.emit_logs();
         for l in self.logs.drain(..) {
             log_access(&l, self.peer, false);

@@ -65,6 +65,8 @@ pub enum Error {
     Channel(baton_sdk::Error),
     #[error("event loop: {0}")]
     Poll(#[source] io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] baton_tls::bundle::BundleError),
 }
 
 impl Error {
@@ -165,6 +167,19 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     .map_err(Error::Join)?;
     bound_channel_sends(&worker).map_err(|e| Error::Channel(e.into()))?;
+    // TLS, when the acceptor set it up for this pool: the certificate
+    // chains and ticket keys from the pool's bundle, a channel to the key
+    // process for signatures; never a private key.
+    let tls = baton_tls::bundle::from_env()?;
+    if let Some(t) = &tls {
+        tracing::info!(
+            worker = worker.id(),
+            "TLS: handshakes signed by baton's key process; responses encrypted in this process (userspace rustls)"
+        );
+        for name in &t.tls.shadowed {
+            tracing::warn!(name = %name, "TLS: two certificates claim this name; the first one added serves it");
+        }
+    }
     let site = match &cfg.root {
         Some(dir) => {
             let root = Root::open(dir)?;
@@ -209,6 +224,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         again: Vec::new(),
         served: 0,
         parked: 0,
+        tls,
+        tls_check: Instant::now() + TLS_BUNDLE_CHECK,
     };
     server.run()
 }
@@ -235,7 +252,14 @@ struct Server<'a> {
     served: u64,
     /// Connections handed back to the acceptor idle.
     parked: u64,
+    /// The pool's TLS, if it terminates TLS.
+    tls: Option<baton_tls::bundle::FromEnv>,
+    /// When to look at the bundle for new ticket keys next.
+    tls_check: Instant,
 }
+
+/// How often a TLS worker looks for rotated ticket keys.
+const TLS_BUNDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Server<'_> {
     fn run(&mut self) -> Result<(), Error> {
@@ -284,6 +308,7 @@ impl Server<'_> {
                 self.drive(key);
             }
             self.expire();
+            self.watch_tls();
         }
         tracing::info!(
             worker = self.worker.id(),
@@ -353,6 +378,13 @@ impl Server<'_> {
         // methods, which would need O_NONBLOCK, are never used.
         let sock = mio::net::TcpStream::from_std(c.stream);
         let mut conn = Conn::new(id, sock, c.peer, self.io.now);
+        if let Some(t) = &self.tls {
+            if let Err(e) = conn.start_tls(t.tls.config.clone()) {
+                tracing::warn!(conn = id, error = %e, "cannot start a TLS session; closing the connection");
+                self.done.push(id);
+                return;
+            }
+        }
         conn.listener = c.listener;
         conn.local = c.local;
         conn.park_after = self.park_after();
@@ -534,6 +566,26 @@ impl Server<'_> {
     }
 
     /// Closes every connection whose deadline passed.
+    /// Every [`TLS_BUNDLE_CHECK`]: new session-ticket keys from the pool's
+    /// bundle, if the acceptor rotated them.
+    fn watch_tls(&mut self) {
+        let now = self.io.now;
+        let Some(t) = self.tls.as_mut() else { return };
+        if now >= self.tls_check {
+            self.tls_check = now + TLS_BUNDLE_CHECK;
+            match t.watch.poll(&t.tls) {
+                Ok(true) => tracing::info!(
+                    worker = self.worker.id(),
+                    "TLS: session-ticket keys rotated"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "TLS: cannot read the pool's bundle"),
+            }
+        }
+        let at = self.tls_check;
+        self.next_check = Some(self.next_check.map_or(at, |n| n.min(at)));
+    }
+
     fn expire(&mut self) {
         let now = self.io.now;
         match self.next_check {
