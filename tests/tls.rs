@@ -1,0 +1,458 @@
+//! TLS end to end: `baton --tls-cert --tls-key --root` served to curl, SNI,
+//! plaintext on the TLS port, the key process killed and back, refused key
+//! files, and (as root) a worker's memory searched for the private key.
+//!
+//! Certificates are made at test time with the `openssl` command (installed
+//! by `scripts/install-deps`); without it each test says SKIPPED.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{bin, is_root, Baton};
+
+fn have_openssl(test: &str) -> bool {
+    let ok = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: no openssl command (scripts/install-deps installs it)");
+    }
+    ok
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and, signed by it, a P-256 certificate for each of `names` (files
+/// NAME.crt / NAME.key), plus a site to serve.
+fn pki(names: &[&str]) -> PathBuf {
+    let dir = common::tempdir("baton-tls");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=baton test CA",
+    ]);
+    openssl(&dir, &ca);
+    for name in names {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}\n")).expect("ext");
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&dir, &req);
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+    let public = dir.join("public");
+    std::fs::create_dir_all(&public).expect("mkdir");
+    std::fs::write(public.join("index.html"), "hello over tls\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.as_path(), public.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    dir
+}
+
+/// `curl --cacert ca.crt https://NAME:PORT/` (NAME resolved to the
+/// listener): success and the body, or the error.
+fn curl(dir: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(dir.join("ca.crt"))
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://{name}:{}/", addr.port()))
+        .output()
+        .expect("run curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// The key process's pid, from its "ready" line.
+fn keyd_pid(b: &Baton) -> i32 {
+    b.seen
+        .iter()
+        .find(|l| l.message().contains("key process ready"))
+        .and_then(|l| l.field("pid"))
+        .and_then(|p| p.parse().ok())
+        .expect("the key process's pid")
+}
+
+fn start(dir: &Path, pairs: &[&str], workers: usize) -> Baton {
+    let w = workers.to_string();
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--workers", &w]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for name in pairs {
+        args.push("--tls-cert".into());
+        args.push(dir.join(format!("{name}.crt")).display().to_string());
+        args.push("--tls-key".into());
+        args.push(dir.join(format!("{name}.key")).display().to_string());
+    }
+    args.push("--root".into());
+    args.push(dir.join("public").display().to_string());
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    Baton::start(&a, workers)
+}
+
+#[test]
+fn curl_gets_the_site_over_tls_and_sni_picks_the_certificate() {
+    if !have_openssl("curl_gets_the_site_over_tls_and_sni_picks_the_certificate") {
+        return;
+    }
+    let dir = pki(&["localhost", "other.test"]);
+    let mut b = start(&dir, &["localhost", "other.test"], 2);
+    assert_eq!(
+        curl(&dir, "localhost", b.addr()),
+        Ok("hello over tls\n".into())
+    );
+    // The second certificate is chosen by SNI (curl checks its name).
+    assert_eq!(
+        curl(&dir, "other.test", b.addr()),
+        Ok("hello over tls\n".into())
+    );
+    // A name neither certificate has: the default one is sent, and curl
+    // refuses it for the wrong name.
+    let e = curl(&dir, "nobody.test", b.addr()).expect_err("a certificate for another name");
+    assert!(e.contains("certificate") || e.contains("SSL"), "{e}");
+    assert!(b
+        .seen
+        .iter()
+        .any(|l| l.message().contains("key process ready")));
+    // Plain HTTP on the TLS port is told so, and logged.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{}/", b.addr().port()))
+        .output()
+        .expect("curl");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("HTTPS"),
+        "{out:?}"
+    );
+    b.find(Duration::from_secs(10), |l| {
+        l.message() == "TLS connection closed"
+            && l.field("kind").as_deref() == Some("plaintext-http")
+    })
+    .expect("the plaintext client is logged as such");
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_key_process_fails_handshakes_cleanly_and_comes_back() {
+    if !have_openssl("a_killed_key_process_fails_handshakes_cleanly_and_comes_back") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let mut b = start(&dir, &["localhost"], 1);
+    assert!(curl(&dir, "localhost", b.addr()).is_ok());
+    let pid = keyd_pid(&b);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the key process");
+    b.wait_for(
+        "key process exited: TLS full handshakes fail until it is back; restarting it",
+        Duration::from_secs(10),
+    );
+    // It comes back, and the worker is replaced by one with a channel to it.
+    b.wait_for(
+        "key process back: replacing the pool's workers",
+        Duration::from_secs(10),
+    );
+    b.wait_for(
+        "rolling restart finished: every worker replaced",
+        Duration::from_secs(30),
+    );
+    let started = Instant::now();
+    assert_eq!(
+        curl(&dir, "localhost", b.addr()),
+        Ok("hello over tls\n".into())
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bad_key_files_are_refused_at_start_with_the_file_named() {
+    if !have_openssl("bad_key_files_are_refused_at_start_with_the_file_named") {
+        return;
+    }
+    let dir = pki(&["localhost", "other.test"]);
+    // An encrypted key.
+    openssl(
+        &dir,
+        &[
+            "pkey",
+            "-in",
+            "localhost.key",
+            "-out",
+            "locked.key",
+            "-aes256",
+            "-passout",
+            "pass:secret",
+        ],
+    );
+    let crt = dir.join("localhost.crt").display().to_string();
+    let public = dir.join("public").display().to_string();
+    let run = |sub: Option<&str>, key: &str| {
+        let key = dir.join(key).display().to_string();
+        let mut c = Command::new(bin("baton"));
+        if let Some(s) = sub {
+            c.arg(s);
+        }
+        let out = c
+            .args(["--no-control", "--listen", "127.0.0.1:0", "--workers", "1"])
+            .args(["--tls-cert", &crt, "--tls-key", &key, "--root", &public])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run baton");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for sub in [Some("check"), None] {
+        let (ok, err) = run(sub, "other.test.key");
+        assert!(
+            !ok && err.contains("other.test.key") && err.contains("does not match"),
+            "{sub:?}: {err}"
+        );
+        let (ok, err) = run(sub, "locked.key");
+        assert!(
+            !ok && err.contains("locked.key") && err.contains("encrypted keys are not supported"),
+            "{sub:?}: {err}"
+        );
+    }
+    let (ok, err) = run(Some("check"), "missing.key");
+    assert!(!ok && err.contains("missing.key"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The private scalar of a P-256 key file, from `openssl ec -text`.
+fn private_scalar(dir: &Path, key: &str) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(["ec", "-in", key, "-noout", "-text"])
+        .output()
+        .expect("openssl ec");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex: String = text
+        .split("priv:")
+        .nth(1)
+        .and_then(|rest| rest.split("pub:").next())
+        .expect("a priv: section")
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .collect();
+    let mut bytes: Vec<u8> = (0..hex.len() / 2)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+        .collect();
+    // openssl prints a leading 00 when the top bit is set.
+    while bytes.len() > 32 && bytes[0] == 0 {
+        bytes.remove(0);
+    }
+    bytes
+}
+
+/// `d * 2^256 mod n` (n the order of P-256) as 32 little-endian bytes:
+/// the form in which ring keeps an ECDSA P-256 private scalar.
+fn montgomery_le(d_be: &[u8]) -> Vec<u8> {
+    // Little-endian 64-bit limbs.
+    let limbs = |be: &[u8]| -> [u64; 4] {
+        let mut l = [0u64; 4];
+        for (i, chunk) in be.rchunks(8).enumerate().take(4) {
+            let mut w = [0u8; 8];
+            w[8 - chunk.len()..].copy_from_slice(chunk);
+            l[i] = u64::from_be_bytes(w);
+        }
+        l
+    };
+    let n = limbs(&[
+        0xFF, 0xFF, 0xFF, 0xFF, 0x00, 0x00, 0x00, 0x00, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF,
+        0xFF, 0xBC, 0xE6, 0xFA, 0xAD, 0xA7, 0x17, 0x9E, 0x84, 0xF3, 0xB9, 0xCA, 0xC2, 0xFC, 0x63,
+        0x25, 0x51,
+    ]);
+    let ge = |a: &[u64; 4], b: &[u64; 4]| {
+        for i in (0..4).rev() {
+            if a[i] != b[i] {
+                return a[i] > b[i];
+            }
+        }
+        true
+    };
+    let sub = |a: &mut [u64; 4], b: &[u64; 4]| {
+        let mut borrow = 0u64;
+        for i in 0..4 {
+            let (x, b1) = a[i].overflowing_sub(b[i]);
+            let (y, b2) = x.overflowing_sub(borrow);
+            a[i] = y;
+            borrow = u64::from(b1 || b2);
+        }
+    };
+    let mut x = limbs(d_be);
+    // 256 modular doublings: x * 2^256 mod n.
+    for _ in 0..256 {
+        let carry = x[3] >> 63;
+        for i in (1..4).rev() {
+            x[i] = (x[i] << 1) | (x[i - 1] >> 63);
+        }
+        x[0] <<= 1;
+        if carry == 1 || ge(&x, &n) {
+            sub(&mut x, &n);
+        }
+    }
+    x.iter().flat_map(|l| l.to_le_bytes()).collect()
+}
+
+/// The key as PKCS#8 DER.
+fn pkcs8_der(dir: &Path, key: &str) -> Vec<u8> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(["pkey", "-in", key, "-outform", "DER"])
+        .output()
+        .expect("openssl pkey");
+    assert!(out.status.success());
+    out.stdout
+}
+
+/// Whether the writable memory of process `pid` contains `needle`.
+fn memory_contains(pid: i32, needle: &[u8]) -> bool {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open mem");
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with("rw") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) else {
+            continue;
+        };
+        let mut buf = vec![0u8; (b - a) as usize];
+        if mem.seek(SeekFrom::Start(a)).is_err() || mem.read_exact(&mut buf).is_err() {
+            continue;
+        }
+        if buf.windows(needle.len()).any(|w| w == needle) {
+            return true;
+        }
+    }
+    false
+}
+
+#[test]
+fn after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker() {
+    if !is_root() {
+        eprintln!("SKIPPED after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker: reading another user's /proc/PID/mem needs root");
+        return;
+    }
+    if !have_openssl("after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let scalar = private_scalar(&dir, "localhost.key");
+    assert_eq!(scalar.len(), 32);
+    let mut b = start(&dir, &["localhost"], 1);
+    for _ in 0..3 {
+        assert!(curl(&dir, "localhost", b.addr()).is_ok());
+    }
+    let keyd = keyd_pid(&b);
+    let workers: Vec<i32> = b.worker_pids().into_iter().filter(|p| *p != keyd).collect();
+    assert!(!workers.is_empty());
+    // What of the key a process could hold: the scalar (big-endian, as
+    // little-endian limbs, and in the Montgomery form ring computes with),
+    // the PKCS#8 DER, the PEM text.
+    let der = pkcs8_der(&dir, "localhost.key");
+    let pem_line = std::fs::read_to_string(dir.join("localhost.key"))
+        .expect("read key")
+        .lines()
+        .nth(1)
+        .expect("a base64 line")
+        .as_bytes()
+        .to_vec();
+    let reversed: Vec<u8> = scalar.iter().rev().copied().collect();
+    let montgomery = montgomery_le(&scalar);
+    let needles = [scalar, reversed, montgomery, der, pem_line];
+    let holds = |pid: i32| needles.iter().any(|n| memory_contains(pid, n));
+    // The positive control: the same search finds key bytes in the key
+    // process, which loaded the file.
+    assert!(
+        holds(keyd),
+        "the key process holds the key (or the search is broken)"
+    );
+    for w in workers {
+        assert!(!holds(w), "worker {w} has the private key in its memory");
+    }
+    assert!(
+        !holds(b.pid()),
+        "the acceptor has the private key in its memory"
+    );
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
