@@ -46,10 +46,16 @@
 //!   [`file`](mod@file) (TOML: one `[pool]` table or several `[[pool]]`
 //!   sections) and builds the validated [`config`] (at start-up, for
 //!   `baton check`, and on reload). [`cli`] holds the subcommands.
+//! * [`systemd`]: socket activation and the notify protocol; the
+//!   acceptor's `upgrade` part re-executes baton in place with its state
+//!   ([`acceptor::upgrade`]); its `tls` part runs the key process and the
+//!   TLS pools' bundles (crate `baton-tls`, `workers/tls`).
 //! * `listener`, `unix` (crate-private), [`logging`]: the edges.
 //!
 //! Workers live under `workers/`: `baton-echo` (the smallest one, the
-//! protocol's living example) and `baton-static` (HTTP static files).
+//! protocol's living example), `baton-static` (HTTP static files, TLS),
+//! `baton-proxy` (the front-end proxy); `baton-http` is the HTTP crate both
+//! HTTP workers share, `baton-tls` the TLS one.
 
 pub mod acceptor;
 pub mod audit;
