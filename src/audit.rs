@@ -25,7 +25,16 @@ pub struct AuditArgs {
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// A TLS private key the workers must not have (repeatable): the audit
+    /// checks that the probe holds no fd to it and cannot open it in its
+    /// view of the file system.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Vec<std::path::PathBuf>,
 }
+
+/// The key files (as the probe sees them) the probe must fail to open.
+const KEYS_ENV: &str = "BATON_AUDIT_KEYS";
 
 /// Why the audit could not run (a failing property is not an error: it is
 /// a row of the report).
@@ -68,8 +77,26 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), AuditError> {
         return Err(AuditError::NoSandbox);
     };
     let exe = std::env::current_exe().map_err(AuditError::Exe)?;
+    let keys: Vec<std::path::PathBuf> = args
+        .tls_key
+        .iter()
+        .map(|k| std::path::absolute(k).unwrap_or_else(|_| k.clone()))
+        .collect();
+    // Each key as the probe would name it: inside its chroot, the part
+    // below the jail; outside it, the key is not in its view at all.
+    let in_view: Vec<String> = keys
+        .iter()
+        .filter_map(|k| match &profile.chroot {
+            Some(root) => k
+                .strip_prefix(root)
+                .ok()
+                .map(|rest| format!("/{}", rest.display())),
+            None => Some(k.display().to_string()),
+        })
+        .collect();
     let mut child = Command::new(exe)
         .arg("probe")
+        .env(KEYS_ENV, in_view.join("\n"))
         .env(SANDBOX_ENV, profile.to_env())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -94,6 +121,7 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), AuditError> {
     // From outside, while it waits: what the acceptor checks before a
     // worker's first connection.
     let outside = outside_row(pid, &profile);
+    let key_fds = (!keys.is_empty()).then(|| key_fd_row(pid, &keys));
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(b"go\n");
     }
@@ -106,6 +134,7 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), AuditError> {
         output: json,
     })?;
     let mut rows = vec![outside];
+    rows.extend(key_fds);
     rows.extend(inside.rows);
     let report = Report::new(rows);
     let text = if args.json {
@@ -114,6 +143,68 @@ pub fn run(args: &AuditArgs) -> Result<(String, bool), AuditError> {
         report.to_table()
     };
     Ok((text, report.pass))
+}
+
+/// No fd of the probe is one of the key files (same device and inode).
+fn key_fd_row(pid: i32, keys: &[std::path::PathBuf]) -> Row {
+    use std::os::unix::fs::MetadataExt;
+    let ids: Vec<(u64, u64)> = keys
+        .iter()
+        .filter_map(|k| std::fs::metadata(k).ok())
+        .map(|m| (m.dev(), m.ino()))
+        .collect();
+    let mut open = Vec::new();
+    if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) {
+        for e in dir.flatten() {
+            if let Ok(m) = std::fs::metadata(e.path()) {
+                if ids.contains(&(m.dev(), m.ino())) {
+                    open.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let (status, observed) = if open.is_empty() {
+        (Status::Pass, "no fd refers to a key file".to_string())
+    } else {
+        (
+            Status::Fail,
+            format!("fds {} refer to a key file", open.join(", ")),
+        )
+    };
+    Row {
+        property: "tls key fd".to_string(),
+        tried: format!("stat every /proc/{pid}/fd/* against the --tls-key files"),
+        expected: "none is a key file".to_string(),
+        observed,
+        status,
+    }
+}
+
+/// Inside the probe: each key file (as it sees it) must not open.
+fn key_open_rows() -> Vec<Row> {
+    let Ok(list) = std::env::var(KEYS_ENV) else {
+        return Vec::new();
+    };
+    list.lines()
+        .filter(|l| !l.is_empty())
+        .map(|path| {
+            let (status, observed) = match std::fs::File::open(path) {
+                Ok(_) => (
+                    Status::Fail,
+                    "opened: the worker user can read the key (make it 0600, owned by root)"
+                        .to_string(),
+                ),
+                Err(e) => (Status::Pass, format!("refused: {e}")),
+            };
+            Row {
+                property: "tls key unreadable".to_string(),
+                tried: format!("open {path} read-only"),
+                expected: "refused".to_string(),
+                observed,
+                status,
+            }
+        })
+        .collect()
 }
 
 fn outside_row(pid: i32, profile: &Profile) -> Row {
@@ -155,7 +246,9 @@ pub fn probe() -> u8 {
     let _ = stdout.flush();
     let mut go = [0u8; 3];
     let _ = std::io::stdin().read(&mut go);
-    let report = Report::new(baton_sdk::sandbox::audit::run_probe(&profile));
+    let mut rows = baton_sdk::sandbox::audit::run_probe(&profile);
+    rows.extend(key_open_rows());
+    let report = Report::new(rows);
     let _ = stdout.write_all(report.to_json().as_bytes());
     let _ = stdout.write_all(b"\n");
     let _ = stdout.flush();

@@ -456,3 +456,39 @@ fn after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker() 
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn audit_proves_a_worker_cannot_read_the_key() {
+    if !is_root() {
+        eprintln!("SKIPPED audit_proves_a_worker_cannot_read_the_key: the audit runs its probe as another user only as root");
+        return;
+    }
+    if !have_openssl("audit_proves_a_worker_cannot_read_the_key") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let key = dir.join("localhost.key");
+    let audit = |mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        let out = Command::new(bin("baton"))
+            .args(["audit", "--json", "--tls-key"])
+            .arg(&key)
+            .output()
+            .expect("run baton audit");
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("the audit's JSON report");
+        let rows = report["rows"].as_array().cloned().unwrap_or_default();
+        let status = |property: &str| {
+            rows.iter()
+                .find(|r| r["property"] == property)
+                .map(|r| r["status"].as_str().unwrap_or_default().to_string())
+                .unwrap_or_else(|| panic!("no {property} row in {report}"))
+        };
+        (status("tls key fd"), status("tls key unreadable"))
+    };
+    assert_eq!(audit(0o600), ("pass".to_string(), "pass".to_string()));
+    // A key the workers' user can read is reported.
+    assert_eq!(audit(0o644).1, "fail");
+    let _ = std::fs::remove_dir_all(&dir);
+}
