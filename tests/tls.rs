@@ -492,3 +492,71 @@ fn audit_proves_a_worker_cannot_read_the_key() {
     assert_eq!(audit(0o644).1, "fail");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One `openssl s_client` request with `Connection: close`, saving or
+/// resuming the session in `sess`: its output.
+fn s_client(dir: &Path, addr: SocketAddr, sess: &Path, resume: bool) -> String {
+    use std::io::Write;
+    let mut c = Command::new("openssl");
+    c.current_dir(dir)
+        .args([
+            "s_client",
+            "-ign_eof",
+            "-servername",
+            "localhost",
+            "-alpn",
+            "http/1.1",
+        ])
+        .args(["-CAfile", "ca.crt", "-connect"])
+        .arg(addr.to_string())
+        .arg(if resume { "-sess_in" } else { "-sess_out" })
+        .arg(sess)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("run openssl s_client");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .expect("write the request");
+    let out = child.wait_with_output().expect("s_client output");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_session_resumes_on_any_worker_of_the_pool() {
+    if !have_openssl("a_session_resumes_on_any_worker_of_the_pool") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let mut b = start(&dir, &["localhost"], 2);
+    let sess = dir.join("session.pem");
+    let first = s_client(&dir, b.addr(), &sess, false);
+    assert!(
+        first.contains("New, TLSv1.3")
+            && first.contains("ALPN protocol: http/1.1")
+            && first.contains("hello over tls"),
+        "{first}"
+    );
+    for i in 0..6 {
+        let again = s_client(&dir, b.addr(), &sess, true);
+        assert!(
+            again.contains("Reused, TLSv1.3") && again.contains("hello over tls"),
+            "resumption {i}: {again}"
+        );
+    }
+    // The access log says which workers served them: both did.
+    let mut pids = std::collections::BTreeSet::new();
+    while pids.len() < 2 {
+        let l = b
+            .find(Duration::from_secs(10), |l| {
+                l.json["target"] == "access" && !pids.contains(&l.json["span"]["pid"].to_string())
+            })
+            .unwrap_or_else(|| panic!("access lines from only {pids:?}"));
+        pids.insert(l.json["span"]["pid"].to_string());
+    }
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
