@@ -68,6 +68,13 @@ pub enum Sub {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Checks TLS certificate and key pairs (internal: a reload runs it so
+    /// that the acceptor never reads a key): CERT KEY [CERT KEY ...].
+    #[command(hide = true, name = "tls-check")]
+    TlsCheck {
+        #[arg(required = true, num_args = 2..)]
+        files: Vec<PathBuf>,
+    },
     /// Asked by a running baton of the binary it is about to execute for
     /// an upgrade (internal): can it take over this state?
     #[command(hide = true, name = "upgrade-check")]

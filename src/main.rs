@@ -47,6 +47,28 @@ fn main() -> ExitCode {
             }
         },
         Some(Sub::Keyd { args }) => baton_tls::keyd::main(args),
+        Some(Sub::TlsCheck { files }) => {
+            if files.len() % 2 != 0 {
+                eprintln!("baton tls-check: error: give CERT KEY pairs");
+                return ExitCode::from(2);
+            }
+            let pairs: Vec<baton_tls::KeyFiles> = files
+                .chunks(2)
+                .enumerate()
+                .map(|(i, p)| baton_tls::KeyFiles {
+                    id: i as u32 + 1,
+                    cert: p[0].clone(),
+                    key: p[1].clone(),
+                })
+                .collect();
+            match baton_tls::KeyStore::load(&pairs) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("baton tls-check: error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Some(Sub::UpgradeCheck(args)) => {
             let sub = matches
                 .subcommand_matches("upgrade-check")

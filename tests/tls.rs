@@ -560,3 +560,135 @@ fn a_session_resumes_on_any_worker_of_the_pool() {
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The serial number of the certificate the server at `addr` sends.
+fn served_serial(dir: &Path, addr: SocketAddr) -> String {
+    let out = s_client(dir, addr, &dir.join("unused.sess"), false);
+    let pem_start = out
+        .find("-----BEGIN CERTIFICATE-----")
+        .expect("a certificate");
+    let pem_end = out.find("-----END CERTIFICATE-----").expect("its end") + 25;
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-serial"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    use std::io::Write;
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(out[pem_start..pem_end].as_bytes())
+        .expect("write pem");
+    let o = x509.wait_with_output().expect("x509 output");
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+#[test]
+fn certificates_reload_under_load_without_a_failed_request() {
+    if !have_openssl("certificates_reload_under_load_without_a_failed_request") {
+        return;
+    }
+    let dir = pki(&["localhost", "other.test"]);
+    let file = dir.join("baton.toml");
+    let config = |cert: &str, key: &str| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[pool]\nworkers = 2\ndrain-timeout = \"20s\"\nroot = \"{}\"\ntls-cert = [\"{}\"]\ntls-key = [\"{}\"]\n",
+            dir.join("public").display(),
+            dir.join(cert).display(),
+            dir.join(key).display()
+        )
+    };
+    std::fs::write(&file, config("localhost.crt", "localhost.key")).expect("write");
+    let file_s = file.display().to_string();
+    let mut b = Baton::start(&["--config", &file_s], 2);
+    let before = served_serial(&dir, b.addr());
+
+    // A second certificate for the same name, with a new key.
+    openssl(
+        &dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "renewed.key",
+            "-out",
+            "renewed.csr",
+            "-subj",
+            "/CN=localhost",
+        ],
+    );
+    openssl(
+        &dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "renewed.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "renewed.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "localhost.ext",
+        ],
+    );
+
+    // A mistake first: a key that is not the certificate's changes nothing.
+    std::fs::write(&file, config("renewed.crt", "other.test.key")).expect("write");
+    let (ok, _, err) = b.ctl(&["reload"]);
+    assert!(
+        !ok && err.contains("other.test.key") && err.contains("does not match"),
+        "{err}"
+    );
+    assert_eq!(served_serial(&dir, b.addr()), before);
+
+    // Clients keep coming while the certificate is reloaded.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, dir, addr) = (stop.clone(), dir.clone(), b.addr());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match curl(&dir, "localhost", addr) {
+                    Ok(body) if body == "hello over tls\n" => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    std::fs::write(&file, config("renewed.crt", "renewed.key")).expect("write");
+    let r = b.ctl_json(&["reload"]);
+    assert!(
+        r["changes"]
+            .to_string()
+            .contains("TLS certificates reloaded"),
+        "{r}"
+    );
+    b.wait_for(
+        "rolling restart finished: every worker replaced",
+        Duration::from_secs(60),
+    );
+    b.wait_for(
+        "the old key process is stopped: every TLS worker uses the new one",
+        Duration::from_secs(30),
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().expect("load thread");
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 0);
+    let after = served_serial(&dir, b.addr());
+    assert_ne!(after, before, "the renewed certificate is served");
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}

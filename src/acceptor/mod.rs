@@ -362,6 +362,8 @@ pub struct Acceptor {
     keyd: Option<tls::Keyd>,
     /// The keys it is to load, until `run` starts it.
     keyd_files: Vec<baton_tls::KeyFiles>,
+    /// Key processes a reload replaced, kept until the old workers are.
+    retired_keyds: Vec<tls::Keyd>,
     /// An upgrade asked for by SIGUSR2 or `ctl upgrade` (with the control
     /// client to answer), done between two rounds of events.
     upgrade_asked: Option<(Option<std::path::PathBuf>, Option<usize>)>,
@@ -558,6 +560,7 @@ impl Acceptor {
             resumed: false,
             keyd: None,
             keyd_files,
+            retired_keyds: Vec::new(),
             upgrade_asked: None,
             stats: Stats::default(),
             worker_listener,
@@ -672,6 +675,7 @@ impl Acceptor {
             self.autoscale(Instant::now());
             self.pump();
             self.drop_removed_pools();
+            self.drop_retired_keyds();
             self.check_ready();
             if let Some((binary, client)) = self.upgrade_asked.take() {
                 self.do_upgrade(binary, client);

@@ -60,9 +60,9 @@ pub(crate) enum OpError {
     /// Reload without a config file.
     #[error("nothing to reload: baton was started without --config")]
     NoConfig,
-    /// A reload that changes a pool's TLS certificates or keys.
-    #[error("pool `{pool}`: TLS certificates and keys are loaded at start (by the key process): to change them, restart baton")]
-    TlsChanged { pool: String },
+    /// New TLS certificates or keys that cannot be loaded.
+    #[error("TLS: {why}")]
+    Tls { why: String },
     /// The reloaded configuration is refused.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -331,23 +331,25 @@ impl Acceptor {
         crate::systemd::reloading();
         let _ready_again = crate::systemd::ReadyWhenDropped("reloaded");
         let mut new = loader.load()?;
-        // Refused before anything changes.
-        for pc in &new.pools {
+        // TLS that changed: the new keys are checked (in a throwaway
+        // process) and loaded by a new key process before anything else
+        // changes; the TLS pools' workers move to it by rolling restart.
+        let tls_changed = new.pools.iter().any(|pc| {
             let now = self
                 .pools
                 .iter()
                 .find(|(_, ps)| !ps.removing && ps.cfg.name == pc.name)
                 .map(|(_, ps)| &ps.cfg.tls);
-            let changed = match now {
+            match now {
                 Some(old) => *old != pc.tls,
                 None => pc.tls.is_some(),
-            };
-            if changed {
-                return Err(OpError::TlsChanged {
-                    pool: pc.name.clone(),
-                });
             }
-        }
+        });
+        let new_tls = if tls_changed {
+            Some(self.reload_tls(&new).map_err(|why| OpError::Tls { why })?)
+        } else {
+            None
+        };
         let mut changes = Vec::new();
         let several = new.pools.len() > 1 || self.pools.len() > 1;
         let say = |changes: &mut Vec<String>, pool: &str, what: String| {
@@ -503,6 +505,28 @@ impl Acceptor {
         new.worker_socket = self.cfg.worker_socket.clone();
         self.cfg = new;
 
+        if let Some(mut states) = new_tls {
+            let keys: Vec<usize> = self
+                .pools
+                .iter()
+                .filter(|(_, ps)| !ps.removing)
+                .map(|(k, _)| k)
+                .collect();
+            for p in keys {
+                let name = self.pools[p].cfg.name.clone();
+                let had = self.pools[p].tls.is_some();
+                self.pools[p].tls = states.remove(&name);
+                let has = self.pools[p].tls.is_some();
+                if (had || has) && !fresh.contains(&p) {
+                    let n = self.begin_rolling(p);
+                    say(
+                        &mut changes,
+                        &name,
+                        format!("TLS certificates reloaded: replacing {n} workers"),
+                    );
+                }
+            }
+        }
         for p in fresh {
             let n = self.pools[p].cfg.workers as u32;
             let ids = self.add_workers(p, n)?;

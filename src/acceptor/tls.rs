@@ -303,4 +303,85 @@ impl Acceptor {
     pub(super) fn tls_bundle(&self, p: usize) -> Option<std::os::fd::BorrowedFd<'_>> {
         self.pools[p].tls.as_ref().map(|t| t.bundle.as_fd())
     }
+
+    /// For a reload whose TLS changed: each TLS pool's new state (by pool
+    /// name), with the new keys checked by a throwaway process and loaded
+    /// by a new key process. The old key process is retired, not stopped:
+    /// it signs for the old workers until the rolling restart replaced
+    /// them. On error nothing changed.
+    pub(super) fn reload_tls(
+        &mut self,
+        new: &crate::config::Config,
+    ) -> Result<std::collections::HashMap<String, PoolTlsState>, String> {
+        let now = Instant::now();
+        let mut states = std::collections::HashMap::new();
+        let mut files = Vec::new();
+        for pc in &new.pools {
+            let Some(t) = &pc.tls else { continue };
+            let (state, f) = PoolTlsState::new(t, files.len() as u32 + 1, now)
+                .map_err(|e| format!("pool `{}`: {e}", pc.name))?;
+            files.extend(f);
+            states.insert(pc.name.clone(), state);
+        }
+        if !files.is_empty() {
+            check_keys(&self.exe, &files)?;
+        }
+        let old = self.keyd.take();
+        if files.is_empty() {
+            self.retired_keyds.extend(old);
+            return Ok(states);
+        }
+        match self.start_keyd(files) {
+            Ok(()) => {
+                self.retired_keyds.extend(old);
+                Ok(states)
+            }
+            Err(e) => {
+                self.keyd = old;
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops key processes a reload replaced, once no TLS pool still rolls
+    /// its workers over (closing the control channel ends one).
+    pub(super) fn drop_retired_keyds(&mut self) {
+        if self.retired_keyds.is_empty() {
+            return;
+        }
+        let rolling = self.pools.iter().any(|(_, ps)| ps.rolling());
+        if !rolling {
+            let n = self.retired_keyds.len();
+            self.retired_keyds.clear();
+            info!(
+                retired = n,
+                "the old key process is stopped: every TLS worker uses the new one"
+            );
+        }
+    }
+}
+
+/// Checks that every key loads and matches its certificate, in a child
+/// process (`baton tls-check`), so that no key is ever read by the
+/// acceptor itself. Its error names the file.
+fn check_keys(exe: &std::path::Path, files: &[KeyFiles]) -> Result<(), String> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("tls-check");
+    for f in files {
+        cmd.arg(&f.cert).arg(&f.key);
+    }
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run the key check: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let err = String::from_utf8_lossy(&out.stderr);
+        Err(err
+            .trim()
+            .strip_prefix("baton tls-check: error: ")
+            .unwrap_or(err.trim())
+            .to_string())
+    }
 }
