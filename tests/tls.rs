@@ -578,7 +578,7 @@ fn served_serial(dir: &Path, addr: SocketAddr) -> String {
     x509.stdin
         .take()
         .expect("stdin")
-        .write_all(out[pem_start..pem_end].as_bytes())
+        .write_all(&out.as_bytes()[pem_start..pem_end])
         .expect("write pem");
     let o = x509.wait_with_output().expect("x509 output");
     String::from_utf8_lossy(&o.stdout).trim().to_string()
