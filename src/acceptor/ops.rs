@@ -574,6 +574,22 @@ impl Acceptor {
             };
             say(changes, &name, format!("{what} changed: rolling restart"));
             self.begin_rolling(p);
+        } else if self.pools[p]
+            .cfg
+            .command
+            .program
+            .file_name()
+            .is_some_and(|n| n == "baton-proxy")
+        {
+            // A proxy resolves its upstream names once, before its sandbox
+            // (a chrooted worker has no resolver): new workers resolve them
+            // again.
+            let n = self.begin_rolling(p);
+            say(
+                changes,
+                &name,
+                format!("baton-proxy: rolling restart of {n} workers to resolve upstream names again"),
+            );
         }
         let live = self.pools[p].spawned_live();
         if target > live {
