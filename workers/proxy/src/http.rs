@@ -857,7 +857,10 @@ impl Server {
                 Err(e) => {
                     let why = format!("connect to {name}: {e}");
                     self.failure(i, &why);
-                    self.http_error(key, 502, &why);
+                    if let Some(r) = self.http.clients.get_mut(key).and_then(|c| c.req.as_mut()) {
+                        r.last_error = Some(why);
+                    }
+                    self.http_start(key);
                 }
             }
             return;
