@@ -264,7 +264,18 @@ fn serve(s: TcpStream, kind: Kind, reqs: &AtomicUsize, stop: &AtomicBool) -> io:
             }
             _ => {}
         }
-        if let Some(n) = head.target.strip_prefix("/download/") {
+        if let Some(n) = head.target.strip_prefix("/length/") {
+            let n: usize = n.parse().unwrap_or(0);
+            w.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n").as_bytes())?;
+            let mut chunk = vec![0u8; 65536];
+            let (mut sent, mut seed) = (0, 7u32);
+            while sent < n {
+                let k = chunk.len().min(n - sent);
+                seed = pattern(seed, &mut chunk[..k]);
+                w.write_all(&chunk[..k])?;
+                sent += k;
+            }
+        } else if let Some(n) = head.target.strip_prefix("/download/") {
             let n: usize = n.parse().unwrap_or(0);
             w.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")?;
             let mut chunk = vec![0u8; 65536];
@@ -795,6 +806,12 @@ fn large_bodies_stream_both_ways_intact() {
         seed = pattern(seed, part);
     }
     assert!(r.body == expect, "the download arrives intact");
+    // The same with Content-Length (spliced), twice on one connection.
+    for _ in 0..2 {
+        let r = c.get(&format!("/length/{TOTAL}"));
+        assert_eq!((r.status, r.body.len()), (200, TOTAL));
+        assert!(r.body == expect, "the spliced download arrives intact");
+    }
     // An HTTP/1.0 client gets it unchunked, until close.
     let r = one(b.addr(), b"GET /download/100000 HTTP/1.0\r\n\r\n");
     assert_eq!((r.status, r.body.len()), (200, 100_000));

@@ -72,7 +72,7 @@ use slab::Slab;
 use crate::config::SendProxy;
 use crate::forward::{self, Hop, OutBody};
 use crate::log;
-use crate::relay::{retry_eintr, shutdown_write};
+use crate::relay::{retry_eintr, shutdown_write, splice, End, Pipe};
 use crate::server::{Server, FIRST};
 use crate::tcp::{self, ConnectStep, HeaderStep};
 
@@ -91,6 +91,10 @@ const MAX_FIELDS: usize = 100;
 const LINGER: Duration = Duration::from_secs(2);
 /// Passes of one connection's state machine per turn.
 const TURN_STEPS: usize = 64;
+/// A `Content-Length` response body with at least this much left, and
+/// nothing buffered, is moved with `splice(2)` through a pipe of the
+/// client connection's: no copy through user space.
+pub const SPLICE_MIN: u64 = 64 * 1024;
 
 // ---- buffers and socket calls ---------------------------------------------
 
@@ -262,6 +266,8 @@ struct Resp {
     /// The upstream lets the connection be reused.
     reusable: bool,
     done: bool,
+    /// Spliced: body bytes still to come from the upstream.
+    splice_left: Option<u64>,
 }
 
 /// The request being served.
@@ -321,6 +327,8 @@ pub struct Client {
     fin_down: bool,
     pub deadline: Instant,
     requests: u64,
+    /// For spliced response bodies, made on first use.
+    pipe: Option<Pipe>,
 }
 
 impl Client {
@@ -441,6 +449,7 @@ impl Server {
             fin_down: false,
             deadline: now,
             requests: 0,
+            pipe: None,
         };
         let key = self.http.clients.insert(client);
         let Some(c) = self.http.clients.get_mut(key) else {
@@ -1360,6 +1369,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         req,
         active,
         close_after,
+        pipe,
         ..
     } = c;
     let Some(req) = req.as_mut() else {
@@ -1474,7 +1484,11 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         }
     }
     // The response, upstream to client.
-    let done = req.resp.as_ref().is_some_and(|r| r.done);
+    // (A spliced body is read by splice_body, below.)
+    let done = req
+        .resp
+        .as_ref()
+        .is_some_and(|r| r.done || r.splice_left.is_some());
     if u.rd && !u.eof && !done && cout.len() < HIGH && u.inb.len() < HIGH {
         match u.inb.fill(ufd) {
             Ok(0) => {
@@ -1562,6 +1576,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
                     out,
                     reusable,
                     done: !framing.has_body() || framing == Framing::Tunnel,
+                    splice_left: None,
                 });
                 req.bytes_down += head.len() as u64;
                 u.inb.consume(len);
@@ -1577,6 +1592,43 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         }
     }
     if let Some(resp) = req.resp.as_mut() {
+        if let BodyDecoder::Length { left, .. } = resp.body {
+            if left >= SPLICE_MIN
+                && u.inb.is_empty()
+                && down.out.is_empty()
+                && resp.splice_left.is_none()
+            {
+                if pipe.is_none() {
+                    *pipe = Pipe::new(256 * 1024).ok();
+                }
+                if pipe.is_some() {
+                    resp.splice_left = Some(left);
+                    resp.body = BodyDecoder::new(Framing::None, ChunkLimits::default());
+                }
+            }
+        }
+        if let (Some(left), Some(p)) = (resp.splice_left.as_mut(), pipe.as_mut()) {
+            match splice_body(p, left, &mut u.rd, down.ready, ufd, cfd) {
+                Ok((got, sent)) => {
+                    if got > 0 {
+                        u.got += got as u64;
+                        *active = now;
+                    }
+                    req.bytes_down += sent as u64;
+                    progress |= got + sent > 0;
+                }
+                Err((End::Source, e)) => {
+                    return Act::UpFailed {
+                        connecting: false,
+                        why: e.to_string(),
+                    }
+                }
+                Err((End::Destination, e)) => return Act::Close(format!("client write: {e}")),
+            }
+            if *left == 0 && p.held == 0 {
+                resp.done = true;
+            }
+        }
         while !resp.done && !u.inb.is_empty() && down.out.len() < HIGH {
             let step = match resp.body.decode(u.inb.pending()) {
                 Ok(s) => s,
@@ -1635,6 +1687,61 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         Act::Again
     } else {
         Act::Wait
+    }
+}
+
+/// Splices up to `left` body bytes from `ufd` through `p` to `cfd`, as far
+/// as both sockets take them: (bytes in from the upstream, bytes out to the
+/// client). An end of stream before `left` is an error of the source.
+fn splice_body(
+    p: &mut Pipe,
+    left: &mut u64,
+    urd: &mut bool,
+    cwr: &mut bool,
+    ufd: RawFd,
+    cfd: RawFd,
+) -> Result<(usize, usize), (End, io::Error)> {
+    let (mut got, mut sent) = (0, 0);
+    loop {
+        let mut moved = false;
+        if *left > 0 && p.held < p.cap && *urd {
+            let want = usize::try_from(*left)
+                .unwrap_or(usize::MAX)
+                .min(p.cap - p.held);
+            match splice(ufd, p.w.as_raw_fd(), want) {
+                Ok(0) => {
+                    return Err((
+                        End::Source,
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "closed in the middle of the body",
+                        ),
+                    ))
+                }
+                Ok(n) => {
+                    *left -= n as u64;
+                    p.held += n;
+                    got += n;
+                    moved = true;
+                }
+                Err(e) if would_block(&e) => *urd = false,
+                Err(e) => return Err((End::Source, e)),
+            }
+        }
+        if p.held > 0 && *cwr {
+            match splice(p.r.as_raw_fd(), cfd, p.held) {
+                Ok(n) => {
+                    p.held -= n;
+                    sent += n;
+                    moved |= n > 0;
+                }
+                Err(e) if would_block(&e) => *cwr = false,
+                Err(e) => return Err((End::Destination, e)),
+            }
+        }
+        if !moved || sent >= 4 << 20 {
+            return Ok((got, sent));
+        }
     }
 }
 

@@ -257,7 +257,9 @@ impl Server {
                 return Err(Error::Poll(e));
             }
             self.now = Instant::now();
-            self.signal_ready();
+            // Signals are read when their eventfd says so (a signal landing
+            // after this poll makes it readable, so the next one returns):
+            // not on every turn, which would cost a read(2) per turn.
             for ev in events.iter() {
                 match ev.token() {
                     CHANNEL => self.channel_ready(&mut incoming),
