@@ -329,6 +329,13 @@ pub struct Client {
     requests: u64,
     /// For spliced response bodies, made on first use.
     pipe: Option<Pipe>,
+    /// Watched by epoll: only once it has to wait for the client.
+    registered: bool,
+    /// O_NONBLOCK set (for splice(2); everything else passes MSG_DONTWAIT).
+    nonblocking: bool,
+    nodelay: bool,
+    /// Closing: read what the client still sends for a while first.
+    linger: bool,
 }
 
 impl Client {
@@ -417,8 +424,9 @@ enum Act {
 // ---- the state machine (one client, its upstream) -------------------------
 
 impl Server {
-    /// Takes a client connection the acceptor handed over (its socket
-    /// already non-blocking).
+    /// Takes a client connection the acceptor handed over (blocking, with
+    /// Nagle: every call passes MSG_DONTWAIT, and O_NONBLOCK and
+    /// TCP_NODELAY are set only when needed).
     pub(crate) fn http_accept(&mut self, c: baton_sdk::Connection) {
         let id = c.id;
         let now = self.now;
@@ -450,23 +458,15 @@ impl Server {
             deadline: now,
             requests: 0,
             pipe: None,
+            registered: false,
+            nonblocking: false,
+            nodelay: false,
+            linger: false,
         };
+        // Not watched yet: the request is usually there already, and a
+        // connection that is answered and closed in its first turn never
+        // costs an epoll_ctl.
         let key = self.http.clients.insert(client);
-        let Some(c) = self.http.clients.get_mut(key) else {
-            return;
-        };
-        if let Err(e) = self.poll.registry().register(
-            &mut c.sock,
-            Token(FIRST + key),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            log!(
-                Level::Warn,
-                "conn {id}: cannot watch the client socket: {e}"
-            );
-            self.http_close(key, "");
-            return;
-        }
         self.http_drive(key);
     }
 
@@ -546,7 +546,47 @@ impl Server {
                 }
             }
         }
+        if !self.http_watch(key) {
+            return;
+        }
         self.http_schedule(key);
+    }
+
+    /// Registers client `key` with epoll once it has to wait for the
+    /// client (to read, or to write). False if it was closed.
+    fn http_watch(&mut self, key: usize) -> bool {
+        let Some(c) = self.http.clients.get_mut(key) else {
+            return false;
+        };
+        let must_read = match c.st {
+            St::ProxyHeader | St::Head | St::Tunnel => !c.rd,
+            St::Closing => c.linger && !c.rd,
+            St::Request => !c.rd && c.req.as_ref().is_some_and(|r| !r.body_done),
+        };
+        let must_write =
+            !c.wr && (!c.out.is_empty() || c.pipe.as_ref().is_some_and(|p| p.held > 0));
+        if c.registered || !(must_read || must_write) {
+            return true;
+        }
+        match self.poll.registry().register(
+            &mut c.sock,
+            Token(FIRST + key),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            Ok(()) => {
+                c.registered = true;
+                true
+            }
+            Err(e) => {
+                let id = c.id;
+                log!(
+                    Level::Warn,
+                    "conn {id}: cannot watch the client socket: {e}"
+                );
+                self.http_close(key, "");
+                false
+            }
+        }
     }
 
     fn req_server(&self, key: usize) -> Option<usize> {
@@ -654,6 +694,25 @@ impl Server {
                 if !c.out.is_empty() {
                     return Act::Wait;
                 }
+                if !c.linger && c.inb.is_empty() {
+                    // The request was read whole: unless the client sent
+                    // more already, closing now sends a FIN, not a reset.
+                    let mut b = [0u8; 1];
+                    // SAFETY: `b` is valid for one byte of writes.
+                    let r = retry_eintr(|| unsafe {
+                        libc::recv(
+                            c.sock.as_raw_fd(),
+                            b.as_mut_ptr().cast(),
+                            1,
+                            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                        )
+                    });
+                    match r {
+                        Ok(n) if n > 0 => {}
+                        _ => return Act::Close(String::new()),
+                    }
+                }
+                c.linger = true;
                 if !c.shut {
                     c.shut = true;
                     let _ = shutdown_write(c.sock.as_raw_fd());
@@ -929,6 +988,7 @@ impl Server {
             r.bytes_down += head.len() as u64;
         }
         c.st = St::Closing;
+        c.linger = true;
         c.close_after = true;
         self.end_request(key, status);
         // Its upstream connection (if any) is in an unknown state.
@@ -951,6 +1011,15 @@ impl Server {
         let up_keep = resp.reusable && req.body_done && resp.out != OutBody::UntilClose;
         if !client_keep {
             c.close_after = true;
+        }
+        if !req.body_done {
+            c.linger = true;
+        }
+        if client_keep && !c.nodelay {
+            // More responses follow on this connection: no Nagle delay
+            // for their last segments.
+            c.nodelay = true;
+            let _ = c.sock.set_nodelay(true);
         }
         self.end_request(key, status);
         let Some(c) = self.http.clients.get_mut(key) else {
@@ -1370,6 +1439,8 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         active,
         close_after,
         pipe,
+        nonblocking,
+        nodelay,
         ..
     } = c;
     let Some(req) = req.as_mut() else {
@@ -1580,6 +1651,15 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
                 });
                 req.bytes_down += head.len() as u64;
                 u.inb.consume(len);
+                let whole = match framing {
+                    Framing::Length(n) => n <= u.inb.len() as u64,
+                    f => !f.has_body(),
+                };
+                if !whole && !*nodelay {
+                    // The body goes out in several writes.
+                    *nodelay = true;
+                    let _ = csock.set_nodelay(true);
+                }
                 down.out.extend(&head);
                 if tunnel {
                     if let Err(e) = down.flush() {
@@ -1600,6 +1680,15 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
             {
                 if pipe.is_none() {
                     *pipe = Pipe::new(256 * 1024).ok();
+                }
+                if !*nonblocking {
+                    // splice(2) to a blocking socket would block.
+                    *nonblocking = socket2::SockRef::from(&*csock)
+                        .set_nonblocking(true)
+                        .is_ok();
+                }
+                if !*nonblocking {
+                    *pipe = None;
                 }
                 if pipe.is_some() {
                     resp.splice_left = Some(left);
@@ -1724,7 +1813,9 @@ fn splice_body(
                     got += n;
                     moved = true;
                 }
-                Err(e) if would_block(&e) => *urd = false,
+                // With bytes in the pipe, EAGAIN may be the pipe's (its
+                // slots full of partial pages), not the socket's.
+                Err(e) if would_block(&e) => *urd = p.held > 0,
                 Err(e) => return Err((End::Source, e)),
             }
         }
@@ -1739,7 +1830,7 @@ fn splice_body(
                 Err(e) => return Err((End::Destination, e)),
             }
         }
-        if !moved || sent >= 4 << 20 {
+        if !moved || sent >= 4 << 20 || (*urd && p.held > 0 && !*cwr) {
             return Ok((got, sent));
         }
     }

@@ -367,6 +367,10 @@ impl Server {
 
     fn accept(&mut self, c: Connection) {
         self.served += 1;
+        if self.mode == Mode::Http {
+            self.http_accept(c);
+            return;
+        }
         let id = c.id;
         if let Err(e) = c.stream.set_nonblocking(true) {
             log!(
@@ -377,10 +381,6 @@ impl Server {
             return;
         }
         let _ = c.stream.set_nodelay(true);
-        if self.mode == Mode::Http {
-            self.http_accept(c);
-            return;
-        }
         let phase = if self.cfg.accept_proxy {
             Phase::Header
         } else {
