@@ -205,7 +205,7 @@ pub struct Config {
 
     /// HTTP mode: most idle keep-alive connections kept per upstream server
     /// by each worker (0: none, a connection per request).
-    #[arg(long, value_name = "N", default_value_t = 32)]
+    #[arg(long, value_name = "N", default_value_t = 128)]
     pub pool_size: usize,
 
     /// HTTP mode: largest request body accepted (413 beyond it).

@@ -51,6 +51,19 @@
 //!    connections into a two-way tunnel (half-close honoured) closed after
 //!    `--tunnel-timeout` of silence.
 //!
+//! ## Cost per request
+//!
+//! Every socket call passes `MSG_DONTWAIT`, so a client socket needs
+//! `O_NONBLOCK` only before its first `splice(2)`; it is registered with
+//! epoll only once it has to wait for the client (a connection answered
+//! and closed in its first turn never is), `TCP_NODELAY` is set only when
+//! a response goes out in more than one write or another request may
+//! follow, and a clean close is immediate (the linger is kept for error
+//! answers and unread bytes). A `Content-Length` response body with at
+//! least [`SPLICE_MIN`] left and nothing buffered is spliced (upstream →
+//! pipe → client) instead of copied. Upstream connections are registered
+//! once, for their life, pooled or not.
+//!
 //! Every request ends with one access log line (unless
 //! `--no-access-log`): client, method, target, upstream, status, bytes
 //! both ways, upstream connect, first byte and total times. Every error
@@ -80,6 +93,9 @@ use crate::tcp::{self, ConnectStep, HeaderStep};
 pub const UPS: usize = usize::MAX / 4;
 /// Bytes read from a socket at most at once.
 pub const READ_CHUNK: usize = 64 * 1024;
+/// Bytes read at once while a request head is awaited: most heads fit,
+/// and a one-request connection does not cost a 64 KiB buffer.
+pub const HEAD_CHUNK: usize = 16 * 1024;
 /// Bytes that may wait to be written to one peer before the other side
 /// stops being read.
 pub const HIGH: usize = 64 * 1024;
@@ -129,16 +145,16 @@ impl Buf {
         }
         self.data.extend_from_slice(b);
     }
-    /// Reads once from `fd` into the free room (at most [`READ_CHUNK`]).
-    /// Ok(0) is end of stream.
-    fn fill(&mut self, fd: RawFd) -> io::Result<usize> {
+    /// Reads once from `fd`, at most `want` bytes. Ok(0) is end of stream;
+    /// fewer than `want` means the socket is empty now.
+    fn fill(&mut self, fd: RawFd, want: usize) -> io::Result<usize> {
         if self.at > 0 {
             self.data.drain(..self.at);
             self.at = 0;
         }
-        self.data.reserve(READ_CHUNK);
+        self.data.reserve(want);
         let len = self.data.len();
-        let room = self.data.capacity() - len;
+        let room = (self.data.capacity() - len).min(want);
         // SAFETY: the pointer is to `room` bytes of spare capacity of
         // `data`, valid for writes for the call; recv writes at most that.
         let n = retry_eintr(|| unsafe {
@@ -654,14 +670,14 @@ impl Server {
                     }
                     return Act::Wait;
                 }
-                match c.inb.fill(c.sock.as_raw_fd()) {
+                match c.inb.fill(c.sock.as_raw_fd(), HEAD_CHUNK) {
                     Ok(0) => {
                         c.eof = true;
                         Act::Again
                     }
                     Ok(n) => {
                         c.active = now;
-                        if n < READ_CHUNK {
+                        if n < HEAD_CHUNK {
                             // Less than asked for: the socket is empty.
                             c.rd = false;
                         }
@@ -1480,7 +1496,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
     // The request body, client to upstream.
     if !req.body_done {
         if cin.is_empty() && *crd && !*ceof {
-            match cin.fill(cfd) {
+            match cin.fill(cfd, READ_CHUNK) {
                 Ok(0) => *ceof = true,
                 Ok(n) => {
                     if n < READ_CHUNK {
@@ -1561,7 +1577,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         .as_ref()
         .is_some_and(|r| r.done || r.splice_left.is_some());
     if u.rd && !u.eof && !done && cout.len() < HIGH && u.inb.len() < HIGH {
-        match u.inb.fill(ufd) {
+        match u.inb.fill(ufd, READ_CHUNK) {
             Ok(0) => {
                 u.eof = true;
                 progress = true;
@@ -1843,7 +1859,7 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
     let ufd = u.sock.as_raw_fd();
     // Client to upstream.
     if c.rd && !c.eof && u.out.len() < HIGH && c.inb.is_empty() {
-        match c.inb.fill(cfd) {
+        match c.inb.fill(cfd, READ_CHUNK) {
             Ok(0) => c.eof = true,
             Ok(_) => {}
             Err(e) if would_block(&e) => c.rd = false,
@@ -1878,7 +1894,7 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
     }
     // Upstream to client.
     if u.rd && !u.eof && c.out.len() < HIGH && u.inb.is_empty() {
-        match u.inb.fill(ufd) {
+        match u.inb.fill(ufd, READ_CHUNK) {
             Ok(0) => u.eof = true,
             Ok(_) => {}
             Err(e) if would_block(&e) => u.rd = false,
