@@ -61,7 +61,8 @@
 //! follow, and a clean close is immediate (the linger is kept for error
 //! answers and unread bytes). A `Content-Length` response body with at
 //! least [`SPLICE_MIN`] left and nothing buffered is spliced (upstream →
-//! pipe → client) instead of copied. Upstream connections are registered
+//! pipe → client) instead of copied; so is a `Content-Length` request body
+//! once past the [`REPLAY_MAX`] bytes kept for a retry. Upstream connections are registered
 //! once, for their life, pooled or not.
 //!
 //! Every request ends with one access log line (unless
@@ -301,6 +302,8 @@ struct Req {
     /// Everything sent for this request so far (head first), while it
     /// fits in [`REPLAY_MAX`]; None once it did not.
     replay: Option<Vec<u8>>,
+    /// Spliced: body bytes still to come from the client.
+    splice_left: Option<u64>,
     server: Option<usize>,
     tried: Vec<bool>,
     attempts: u32,
@@ -345,6 +348,8 @@ pub struct Client {
     requests: u64,
     /// For spliced response bodies, made on first use.
     pipe: Option<Pipe>,
+    /// For spliced request bodies, made on first use.
+    up_pipe: Option<Pipe>,
     /// Watched by epoll: only once it has to wait for the client.
     registered: bool,
     /// O_NONBLOCK set (for splice(2); everything else passes MSG_DONTWAIT).
@@ -474,6 +479,7 @@ impl Server {
             deadline: now,
             requests: 0,
             pipe: None,
+            up_pipe: None,
             registered: false,
             nonblocking: false,
             nodelay: false,
@@ -1419,6 +1425,7 @@ fn parse_head<'n>(
         chunked: head.framing == Framing::Chunked,
         body,
         replay: Some(out),
+        splice_left: None,
         server: None,
         tried: vec![false; cfg.upstreams.len()],
         attempts: 0,
@@ -1455,6 +1462,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         active,
         close_after,
         pipe,
+        up_pipe,
         nonblocking,
         nodelay,
         ..
@@ -1493,8 +1501,50 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         ready: &mut u.wr,
         out: &mut u.out,
     };
-    // The request body, client to upstream.
-    if !req.body_done {
+    // The request body, client to upstream. Past the replay window (it
+    // can no longer be sent again anyway) a Content-Length body with
+    // nothing buffered is spliced.
+    if !req.body_done && req.replay.is_none() && u.connected && cin.is_empty() && up.out.is_empty()
+    {
+        if let BodyDecoder::Length { left, .. } = req.body {
+            if left >= SPLICE_MIN && req.splice_left.is_none() {
+                if up_pipe.is_none() {
+                    *up_pipe = Pipe::new(256 * 1024).ok();
+                }
+                if !*nonblocking {
+                    *nonblocking = socket2::SockRef::from(&*csock)
+                        .set_nonblocking(true)
+                        .is_ok();
+                }
+                if up_pipe.is_some() && *nonblocking {
+                    req.splice_left = Some(left);
+                    req.body = BodyDecoder::new(Framing::None, ChunkLimits::default());
+                }
+            }
+        }
+    }
+    if let (Some(left), Some(p)) = (req.splice_left.as_mut(), up_pipe.as_mut()) {
+        match splice_body(p, left, crd, up.ready, cfd, ufd) {
+            Ok((got, sent)) => {
+                if got > 0 {
+                    *active = now;
+                }
+                req.bytes_up += sent as u64;
+                progress |= got + sent > 0;
+            }
+            Err((End::Source, e)) => return Act::Close(format!("the client's request body: {e}")),
+            Err((End::Destination, e)) => {
+                return Act::UpFailed {
+                    connecting: false,
+                    why: e.to_string(),
+                }
+            }
+        }
+        if *left == 0 && p.held == 0 {
+            req.splice_left = None;
+            req.body_done = true;
+        }
+    } else if !req.body_done {
         if cin.is_empty() && *crd && !*ceof {
             match cin.fill(cfd, READ_CHUNK) {
                 Ok(0) => *ceof = true,
