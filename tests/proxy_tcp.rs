@@ -499,15 +499,8 @@ fn accept_proxy_takes_good_headers_and_refuses_the_rest() {
 }
 
 #[test]
-fn http_mode_says_it_is_not_built_yet() {
-    let out = std::process::Command::new(bin("baton-proxy"))
-        .args(["--upstream", "127.0.0.1:1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HTTP reverse proxy is not built yet"), "{err}");
-    assert!(err.contains("--mode tcp"), "{err}");
+fn help_describes_upstreams_and_balancing() {
+    // HTTP mode, the default, is tested in tests/proxy_http.rs.
     let help = std::process::Command::new(bin("baton-proxy"))
         .arg("--help")
         .output()

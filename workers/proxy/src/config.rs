@@ -12,7 +12,8 @@ use crate::upstream::UpstreamSpec;
 /// What the proxy speaks with clients and upstreams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModeArg {
-    /// HTTP/1.1 reverse proxy (not built yet: phase 2, on baton-http).
+    /// HTTP/1.1 reverse proxy: keep-alive pools to upstreams, forwarded
+    /// headers, strict framing both ways (on baton-http).
     Http,
     /// A TCP relay: bytes both ways, spliced in the kernel.
     Tcp,
@@ -66,9 +67,9 @@ pub struct Config {
     )]
     pub upstreams: Vec<UpstreamSpec>,
 
-    /// What is proxied. `tcp` relays bytes both ways (any TCP protocol);
-    /// `http` is the HTTP/1.1 reverse proxy, which is not built yet: until
-    /// it is, `--mode http` refuses to start.
+    /// What is proxied. `http` is the HTTP/1.1 reverse proxy (requests
+    /// balanced one by one over keep-alive connections to the upstreams);
+    /// `tcp` relays bytes both ways (any TCP protocol).
     #[arg(long, value_enum, default_value = "http")]
     pub mode: ModeArg,
 
@@ -94,7 +95,8 @@ pub struct Config {
     pub retries: u32,
 
     /// A relayed connection on which no byte moved either way for this long
-    /// is closed.
+    /// is closed (TCP mode). In HTTP mode: a request whose body or response
+    /// body stops moving for this long is cut.
     #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
     pub idle_timeout: Duration,
 
@@ -176,6 +178,63 @@ pub struct Config {
     #[arg(long, value_name = "PATH")]
     pub register: Option<PathBuf>,
 
+    /// HTTP mode: longest wait for the upstream's response head once the
+    /// request is sent (504 when it passes; the server counts a failure).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+
+    /// HTTP mode: longest time one request may take, from its head to the
+    /// end of its response (0: no limit). 504 if no response began.
+    #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+
+    /// HTTP mode: a client connection idle between requests (or before its
+    /// first) this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+
+    /// HTTP mode: an Upgrade tunnel (WebSocket) on which nothing moved for
+    /// this long is closed.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub tunnel_timeout: Duration,
+
+    /// HTTP mode: an idle pooled connection to an upstream is closed after
+    /// this long (keep it below the upstream's own keep-alive timeout).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub pool_idle_timeout: Duration,
+
+    /// HTTP mode: most idle keep-alive connections kept per upstream server
+    /// by each worker (0: none, a connection per request).
+    #[arg(long, value_name = "N", default_value_t = 128)]
+    pub pool_size: usize,
+
+    /// HTTP mode: largest request body accepted (413 beyond it).
+    #[arg(long, value_name = "BYTES", default_value_t = 1 << 30)]
+    pub max_body_bytes: u64,
+
+    /// HTTP mode: largest request head (start line and fields); beyond it
+    /// 431 (414 for the request line). Also bounds a response head (502).
+    #[arg(long, value_name = "BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// HTTP mode: clients in this range (repeatable; ADDRESS[/BITS]) are
+    /// proxies whose X-Forwarded-*, Forwarded and X-Real-IP fields are
+    /// extended; every other client's are replaced.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<crate::forward::Cidr>,
+
+    /// HTTP mode: also send `X-Real-IP: <client address>`.
+    #[arg(long)]
+    pub x_real_ip: bool,
+
+    /// HTTP mode: the `Host` sent upstream, instead of the client's.
+    #[arg(long, value_name = "HOST")]
+    pub host: Option<String>,
+
+    /// HTTP mode: no access log line per request.
+    #[arg(long)]
+    pub no_access_log: bool,
+
     /// Most connections this worker takes at once, announced to the
     /// acceptor in HELLO (0 leaves the limit to the acceptor). Each costs
     /// six fds: the two sockets and two pipes.
@@ -209,6 +268,19 @@ impl Config {
                 "--health-path {:?}: must start with / and hold no space or control character",
                 self.health_path
             ));
+        }
+        if self.response_timeout.is_zero() || self.keepalive_timeout.is_zero() {
+            return Err("--response-timeout and --keepalive-timeout must not be 0".into());
+        }
+        if self.max_header_bytes < 256 {
+            return Err("--max-header-bytes must be at least 256".into());
+        }
+        if let Some(h) = &self.host {
+            if h.is_empty() || !baton_http::fields::valid_host(h.as_bytes()) {
+                return Err(format!(
+                    "--host {h:?}: not a valid Host value (HOST[:PORT])"
+                ));
+            }
         }
         if self.upstreams.len() > baton_sdk::shared::MAX_SLOTS {
             return Err(format!(

@@ -6,9 +6,11 @@
 //! one thread; the acceptor runs a pool of them.
 //!
 //! * [`config`]: the command line (`--help` explains every option).
-//! * [`mode`]: what is proxied. TCP mode is built; HTTP mode (phase 2, on
-//!   the coming `baton-http` crate) plugs in here and refuses to start
-//!   until it exists.
+//! * [`mode`]: what is proxied: HTTP (the default) or TCP.
+//! * [`http`]: HTTP mode: requests balanced one by one over keep-alive
+//!   pools to the upstreams, strict framing both ways, forwarded headers
+//!   ([`forward`]), streamed bodies, Upgrade tunnels, timeouts and error
+//!   answers, an access log.
 //! * [`upstream`]: `--upstream HOST:PORT[,weight=N][,backup]`, resolved once
 //!   before the sandbox (a chrooted worker has no resolver).
 //! * [`balance`]: choosing a server (round-robin, least-conn, p2c, hash):
@@ -29,7 +31,9 @@
 
 pub mod balance;
 pub mod config;
+pub mod forward;
 pub mod health;
+pub mod http;
 pub mod mode;
 pub mod probe;
 pub mod relay;
@@ -92,13 +96,7 @@ where
         log!(Level::Error, "{e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    let mode::Mode::Tcp = match mode::select(cfg.mode) {
-        Ok(m) => m,
-        Err(e) => {
-            log!(Level::Error, "{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
+    let mode = mode::select(cfg.mode);
     // Before the sandbox: names need the resolver, the shared region its fd.
     let upstreams = match upstream::resolve(&cfg.upstreams) {
         Ok(u) => u,
@@ -133,10 +131,10 @@ where
         log!(Level::Error, "{e}");
         return ExitCode::from(EXIT_CONFIG);
     }
-    // Two sockets and two pipes per connection.
+    let fds = mode.fds_per_conn();
     let worker = match &cfg.register {
-        Some(path) => baton_sdk::Worker::register_per_conn(path, cfg.capacity, 6),
-        None => baton_sdk::Worker::from_env_per_conn(cfg.capacity, 6),
+        Some(path) => baton_sdk::Worker::register_per_conn(path, cfg.capacity, fds),
+        None => baton_sdk::Worker::from_env_per_conn(cfg.capacity, fds),
     };
     let worker = match worker {
         Ok(w) => w,
@@ -146,7 +144,7 @@ where
         }
     };
     let prep = server::Prepared { upstreams, shared };
-    match server::run(cfg, prep, worker) {
+    match server::run(cfg, mode, prep, worker) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log!(Level::Error, "{e}");

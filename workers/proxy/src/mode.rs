@@ -1,11 +1,10 @@
-//! What the proxy speaks: the boundary HTTP mode plugs into.
+//! What the proxy speaks: the boundary between the two modes.
 //!
-//! Each mode is one module behind [`select`]: TCP mode is
-//! [`crate::tcp`] driven by [`crate::server`]. HTTP mode (phase 2) will be
-//! built on the `baton-http` crate (request heads, framing rules, limits,
-//! response writing, shared with baton-static), which does not exist yet;
-//! until then asking for it is an error at start-up, never a fallback to
-//! something else.
+//! Each mode is one module driven by the same event loop
+//! ([`crate::server`]), upstream list, balancer and shared health: TCP mode
+//! is [`crate::tcp`] (bytes both ways, spliced), HTTP mode is
+//! [`crate::http`] (requests one by one, over keep-alive pools, on the
+//! `baton-http` crate).
 
 use crate::config::ModeArg;
 
@@ -13,33 +12,26 @@ use crate::config::ModeArg;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Tcp,
+    Http,
 }
 
-/// A mode that is not built.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ModeError {
-    #[error(
-        "--mode http: the HTTP reverse proxy is not built yet (it comes with the baton-http crate); \
-         this build relays TCP only: pass --mode tcp"
-    )]
-    HttpNotBuilt,
-}
-
-/// The mode for `--mode`, or why it cannot run.
-pub fn select(arg: ModeArg) -> Result<Mode, ModeError> {
-    match arg {
-        ModeArg::Tcp => Ok(Mode::Tcp),
-        ModeArg::Http => http::start(),
+impl Mode {
+    /// File descriptors one client connection costs: for TCP the two
+    /// sockets and two pipes; for HTTP the two sockets and a share of the
+    /// pool.
+    pub fn fds_per_conn(self) -> u32 {
+        match self {
+            Mode::Tcp => 6,
+            Mode::Http => 3,
+        }
     }
 }
 
-/// HTTP mode's entry point, a placeholder that refuses (see the module
-/// docs).
-mod http {
-    use super::{Mode, ModeError};
-
-    pub(super) fn start() -> Result<Mode, ModeError> {
-        Err(ModeError::HttpNotBuilt)
+/// The mode for `--mode`.
+pub fn select(arg: ModeArg) -> Mode {
+    match arg {
+        ModeArg::Tcp => Mode::Tcp,
+        ModeArg::Http => Mode::Http,
     }
 }
 
@@ -48,12 +40,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn http_is_refused_until_built() {
-        assert_eq!(select(ModeArg::Tcp), Ok(Mode::Tcp));
-        let e = select(ModeArg::Http).unwrap_err().to_string();
-        assert!(
-            e.contains("not built yet") && e.contains("--mode tcp"),
-            "{e}"
-        );
+    fn both_modes_are_built() {
+        assert_eq!(select(ModeArg::Tcp), Mode::Tcp);
+        assert_eq!(select(ModeArg::Http), Mode::Http);
     }
 }

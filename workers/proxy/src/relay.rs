@@ -17,17 +17,17 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// A pipe's two ends and what is in it.
 #[derive(Debug)]
-struct Pipe {
-    r: OwnedFd,
-    w: OwnedFd,
+pub(crate) struct Pipe {
+    pub(crate) r: OwnedFd,
+    pub(crate) w: OwnedFd,
     /// Bytes in the pipe.
-    held: usize,
+    pub(crate) held: usize,
     /// Its capacity.
-    cap: usize,
+    pub(crate) cap: usize,
 }
 
 impl Pipe {
-    fn new(size: usize) -> io::Result<Pipe> {
+    pub(crate) fn new(size: usize) -> io::Result<Pipe> {
         let mut fds = [0 as libc::c_int; 2];
         // SAFETY: `fds` is an array of two ints that pipe2 fills.
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
@@ -70,7 +70,7 @@ pub(crate) fn retry_eintr(mut call: impl FnMut() -> isize) -> io::Result<usize> 
 
 /// `splice(from, to, len)`, non-blocking on the pipe side (the sockets are
 /// non-blocking themselves). Ok(0) is end of file on `from`.
-fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+pub(crate) fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: plain fds and null offsets (neither end is seekable); the
     // kernel touches no memory of ours.
     retry_eintr(|| unsafe {

@@ -4,8 +4,10 @@
 //! |----------------------|--------------------------|--------------------------------------------------|
 //! | `CHANNEL`            | the acceptor's channel   | [`Worker::poll_events`]: connections (ACKed), DRAIN, the acceptor's exit |
 //! | `SIGNALS`            | an eventfd (`Waker`)     | SIGTERM/SIGINT drain; a second one stops at once |
-//! | `FIRST + 2k`         | client socket of conn `k`| [`Server::drive`]                                |
-//! | `FIRST + 2k + 1`     | its upstream socket      | [`Server::drive`]                                |
+//! | `FIRST + 2k`         | client socket of conn `k`| [`Server::drive`] (TCP mode)                     |
+//! | `FIRST + 2k + 1`     | its upstream socket      | [`Server::drive`] (TCP mode)                     |
+//! | `FIRST + k`          | client `k` (HTTP mode)   | `Server::http_client_event` ([`crate::http`])    |
+//! | `UPS + u`            | upstream connection `u`, in use or pooled (HTTP mode) | `Server::http_up_event` |
 //! | `PROBES + p`         | health probe `p`         | [`Server::probe_ready`]                          |
 //!
 //! After each batch of events the loop gives another turn to connections
@@ -31,9 +33,11 @@ use mio::{Events, Interest, Poll, Token};
 use slab::Slab;
 
 use crate::balance::{Balancer, Candidate, Server as BServer};
-use crate::config::{Config, HealthCheck, SendProxy};
+use crate::config::{Config, HealthCheck};
 use crate::health::{self, Rules, Transition};
+use crate::http::UPS;
 use crate::log;
+use crate::mode::Mode;
 use crate::probe::{Probe, Verdict};
 use crate::relay::Direction;
 use crate::tcp::{Conn, ConnectStep, HeaderStep, Phase, RelayStep, Side};
@@ -41,7 +45,7 @@ use crate::upstream::{Fnv, Upstream};
 
 const CHANNEL: Token = Token(0);
 const SIGNALS: Token = Token(1);
-const FIRST: usize = 2;
+pub(crate) const FIRST: usize = 2;
 /// Tokens of probes start here, far above any connection's.
 const PROBES: usize = usize::MAX / 2;
 
@@ -72,8 +76,8 @@ pub struct Prepared {
     pub shared: Shared,
 }
 
-/// Joins the acceptor and serves until drained (TCP mode).
-pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
+/// Joins the acceptor and serves until drained, in `mode`.
+pub fn run(cfg: Config, mode: Mode, prep: Prepared, worker: Worker) -> Result<(), Error> {
     event::bound_channel_sends(&worker, CHANNEL_SEND_TIMEOUT)
         .map_err(|e| Error::Channel(e.into()))?;
     let poll = Poll::new().map_err(Error::Poll)?;
@@ -130,8 +134,12 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
         .collect();
     log!(
         Level::Info,
-        "worker {} ready: tcp mode, {} upstream(s): {}; balance {}, health check {}, health state {}",
+        "worker {} ready: {} mode, {} upstream(s): {}; balance {}, health check {}, health state {}",
         worker.id(),
+        match mode {
+            Mode::Tcp => "tcp",
+            Mode::Http => "http",
+        },
         n,
         names.join(", "),
         value_name(cfg.balance),
@@ -143,7 +151,14 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
         }
     );
     let now = Instant::now();
+    let fwd = crate::forward::Rules {
+        trusted: cfg.trusted_proxies.clone(),
+        x_real_ip: cfg.x_real_ip,
+        host: cfg.host.clone(),
+    };
     let mut s = Server {
+        mode,
+        http: crate::http::Http::new(n, fwd),
         balancer: Balancer::new(cfg.balance, servers, seed),
         cfg,
         upstreams: prep.upstreams,
@@ -170,33 +185,36 @@ pub fn run(cfg: Config, prep: Prepared, worker: Worker) -> Result<(), Error> {
     s.run()
 }
 
-struct Server {
-    cfg: Config,
-    upstreams: Vec<Upstream>,
-    shared: Shared,
-    rules: Rules,
-    balancer: Balancer,
+pub(crate) struct Server {
+    pub(crate) mode: Mode,
+    /// HTTP mode's connections and pools.
+    pub(crate) http: crate::http::Http,
+    pub(crate) cfg: Config,
+    pub(crate) upstreams: Vec<Upstream>,
+    pub(crate) shared: Shared,
+    pub(crate) rules: Rules,
+    pub(crate) balancer: Balancer,
     /// Connections in flight from this worker, per server.
-    outstanding: Vec<u32>,
+    pub(crate) outstanding: Vec<u32>,
     /// Servers with a probe of ours in flight.
-    probing: Vec<bool>,
-    conns: Slab<Conn>,
-    probes: Slab<Probe>,
-    poll: Poll,
-    worker: Worker,
-    now: Instant,
-    signals: Option<DrainSignals>,
-    done: DoneQueue,
-    draining: bool,
-    drain_deadline: Option<Instant>,
-    closed: bool,
-    channel_error: Option<baton_sdk::Error>,
+    pub(crate) probing: Vec<bool>,
+    pub(crate) conns: Slab<Conn>,
+    pub(crate) probes: Slab<Probe>,
+    pub(crate) poll: Poll,
+    pub(crate) worker: Worker,
+    pub(crate) now: Instant,
+    pub(crate) signals: Option<DrainSignals>,
+    pub(crate) done: DoneQueue,
+    pub(crate) draining: bool,
+    pub(crate) drain_deadline: Option<Instant>,
+    pub(crate) closed: bool,
+    pub(crate) channel_error: Option<baton_sdk::Error>,
     /// Earliest connection or probe deadline that may need acting on.
-    next_check: Option<Instant>,
+    pub(crate) next_check: Option<Instant>,
     /// When to try for probe leases next (None: no active check).
-    next_probe: Option<Instant>,
-    again: Vec<usize>,
-    served: u64,
+    pub(crate) next_probe: Option<Instant>,
+    pub(crate) again: Vec<usize>,
+    pub(crate) served: u64,
 }
 
 /// How an option value is spelled on the command line.
@@ -205,7 +223,7 @@ fn value_name(v: impl clap::ValueEnum) -> String {
         .map_or_else(|| "?".to_string(), |p| p.get_name().to_string())
 }
 
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, None) => a,
@@ -220,7 +238,7 @@ impl Server {
         self.channel_ready(&mut incoming);
         loop {
             self.report_done();
-            if self.draining && self.conns.is_empty() {
+            if self.draining && self.conns.is_empty() && self.http.clients.is_empty() {
                 break;
             }
             let timeout = if self.again.is_empty() {
@@ -239,18 +257,27 @@ impl Server {
                 return Err(Error::Poll(e));
             }
             self.now = Instant::now();
-            self.signal_ready();
+            // Signals are read when their eventfd says so (a signal landing
+            // after this poll makes it readable, so the next one returns):
+            // not on every turn, which would cost a read(2) per turn.
             for ev in events.iter() {
                 match ev.token() {
                     CHANNEL => self.channel_ready(&mut incoming),
                     SIGNALS => self.signal_ready(),
                     Token(t) if t >= PROBES => self.probe_ready(t - PROBES),
+                    Token(t) if self.mode == Mode::Http && t >= UPS => {
+                        self.http_up_event(t - UPS, ev)
+                    }
+                    Token(t) if self.mode == Mode::Http => self.http_client_event(t - FIRST, ev),
                     Token(t) => self.drive((t - FIRST) / 2),
                 }
             }
             let again = std::mem::take(&mut self.again);
             for key in again {
-                self.drive(key);
+                match self.mode {
+                    Mode::Tcp => self.drive(key),
+                    Mode::Http => self.http_drive(key),
+                }
             }
             self.expire();
             self.start_probes();
@@ -312,6 +339,7 @@ impl Server {
                 for k in keys {
                     self.close(k, "stopped");
                 }
+                self.http_close_all("stopped");
             } else {
                 log!(
                     Level::Info,
@@ -334,10 +362,15 @@ impl Server {
         for k in keys {
             self.end_probe(k, None);
         }
+        self.http_drain();
     }
 
     fn accept(&mut self, c: Connection) {
         self.served += 1;
+        if self.mode == Mode::Http {
+            self.http_accept(c);
+            return;
+        }
         let id = c.id;
         if let Err(e) = c.stream.set_nonblocking(true) {
             log!(
@@ -466,6 +499,18 @@ impl Server {
             .collect()
     }
 
+    /// The server the policy picks for a client at `peer` among those up
+    /// and not in `tried`.
+    pub(crate) fn pick(&mut self, tried: &[bool], peer: std::net::SocketAddr) -> Option<usize> {
+        let cands = self.candidates(tried);
+        let mut h = Fnv::default();
+        match peer.ip() {
+            std::net::IpAddr::V4(a) => h.write(&a.octets()),
+            std::net::IpAddr::V6(a) => h.write(&a.octets()),
+        }
+        self.balancer.pick(&cands, h.0)
+    }
+
     /// Connects `key` to the next server the policy picks among those not
     /// tried yet; closes it when none is left or the retries are spent.
     /// `last` is the previous attempt's failure, for the log.
@@ -483,16 +528,8 @@ impl Server {
                 self.close(key, "");
                 return;
             }
-            let cands = self.candidates(&c.tried);
-            let hash_key = {
-                let mut h = Fnv::default();
-                match peer.ip() {
-                    std::net::IpAddr::V4(a) => h.write(&a.octets()),
-                    std::net::IpAddr::V6(a) => h.write(&a.octets()),
-                }
-                h.0
-            };
-            let Some(i) = self.balancer.pick(&cands, hash_key) else {
+            let tried = c.tried.clone();
+            let Some(i) = self.pick(&tried, peer) else {
                 match &last {
                     None => log!(
                         Level::Warn,
@@ -587,13 +624,7 @@ impl Server {
                 return;
             }
         }
-        c.preamble = match send_proxy {
-            Some(SendProxy::V2) => baton_sdk::proxy_protocol::encode_v2(c.peer, c.local),
-            Some(SendProxy::V1) => {
-                baton_sdk::proxy_protocol::encode_v1(c.peer, c.local).into_bytes()
-            }
-            None => Vec::new(),
-        };
+        c.preamble = crate::http::proxy_preamble(send_proxy, c.peer, c.local);
         c.phase = Phase::Relay;
         c.deadline = self.now + self.cfg.idle_timeout;
         self.success(i);
@@ -634,7 +665,7 @@ impl Server {
         }
     }
 
-    fn failure(&mut self, i: usize, why: &str) {
+    pub(crate) fn failure(&mut self, i: usize, why: &str) {
         let Some(slot) = self.shared.slot(i) else {
             return;
         };
@@ -642,7 +673,7 @@ impl Server {
         self.report(i, t, why);
     }
 
-    fn success(&mut self, i: usize) {
+    pub(crate) fn success(&mut self, i: usize) {
         let Some(slot) = self.shared.slot(i) else {
             return;
         };
@@ -701,23 +732,24 @@ impl Server {
     fn expire(&mut self) {
         let now = self.now;
         if let Some(d) = self.drain_deadline {
-            if now >= d && !self.conns.is_empty() {
+            let open = self.conns.len() + self.http.clients.len();
+            if now >= d && open > 0 {
                 log!(
                     Level::Warn,
-                    "drain timeout: closing {} connection(s) still open",
-                    self.conns.len()
+                    "drain timeout: closing {open} connection(s) still open"
                 );
                 let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                 for k in keys {
                     self.close(k, "drain timeout");
                 }
+                self.http_close_all("drain timeout");
             }
         }
         match self.next_check {
             Some(t) if t <= now => {}
             _ => return,
         }
-        let mut next: Option<Instant> = None;
+        let mut next: Option<Instant> = self.http_expire();
         let mut expired = Vec::new();
         for (k, c) in self.conns.iter() {
             if c.deadline <= now {

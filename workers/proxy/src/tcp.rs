@@ -121,6 +121,50 @@ fn send(fd: &impl AsRawFd, buf: &[u8]) -> io::Result<usize> {
     })
 }
 
+/// Peeks at what `client` sent for a PROXY header; consumes exactly the
+/// header once it is whole, so not one byte of the client's own data is
+/// read (shared by both modes).
+pub fn read_proxy_header(client: &mio::net::TcpStream) -> HeaderStep {
+    let mut buf = [0u8; V2_MAX];
+    let n = match recv(client, &mut buf, libc::MSG_PEEK) {
+        Ok(0) => return HeaderStep::Closed,
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HeaderStep::Wait,
+        Err(_) => return HeaderStep::Closed,
+    };
+    match proxy_protocol::parse(&buf[..n]) {
+        Ok(Parsed::Incomplete) => HeaderStep::Wait,
+        Ok(Parsed::Complete { header, len }) => {
+            // The bytes are queued (we just peeked at them): this reads
+            // exactly the header, nothing after it.
+            let mut sink = [0u8; V2_MAX];
+            match recv(client, &mut sink[..len], 0) {
+                Ok(got) if got == len => HeaderStep::Done(header.addrs),
+                _ => HeaderStep::Closed,
+            }
+        }
+        Err(e) => HeaderStep::Bad(e),
+    }
+}
+
+/// Whether a non-blocking connect of `sock` finished, and how.
+pub fn connect_status(sock: &mio::net::TcpStream) -> ConnectStep {
+    match sock.take_error() {
+        Ok(Some(e)) | Err(e) => return ConnectStep::Failed(e),
+        Ok(None) => {}
+    }
+    match sock.peer_addr() {
+        Ok(_) => ConnectStep::Connected,
+        Err(e)
+            if e.kind() == io::ErrorKind::NotConnected
+                || e.raw_os_error() == Some(libc::EINPROGRESS) =>
+        {
+            ConnectStep::Wait
+        }
+        Err(e) => ConnectStep::Failed(e),
+    }
+}
+
 impl Conn {
     pub fn new(
         id: u64,
@@ -150,48 +194,16 @@ impl Conn {
     }
 
     /// Peeks at what the client sent for a PROXY header; consumes exactly
-    /// the header once it is whole.
+    /// the header once it is whole ([`read_proxy_header`]).
     pub fn read_header(&mut self) -> HeaderStep {
-        let mut buf = [0u8; V2_MAX];
-        let n = match recv(&self.client, &mut buf, libc::MSG_PEEK) {
-            Ok(0) => return HeaderStep::Closed,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return HeaderStep::Wait,
-            Err(_) => return HeaderStep::Closed,
-        };
-        match proxy_protocol::parse(&buf[..n]) {
-            Ok(Parsed::Incomplete) => HeaderStep::Wait,
-            Ok(Parsed::Complete { header, len }) => {
-                // The bytes are queued (we just peeked at them): this reads
-                // exactly the header, nothing after it.
-                let mut sink = [0u8; V2_MAX];
-                match recv(&self.client, &mut sink[..len], 0) {
-                    Ok(got) if got == len => HeaderStep::Done(header.addrs),
-                    _ => HeaderStep::Closed,
-                }
-            }
-            Err(e) => HeaderStep::Bad(e),
-        }
+        read_proxy_header(&self.client)
     }
 
     /// Whether the pending connect finished, and how.
     pub fn connect_status(&mut self) -> ConnectStep {
-        let Some(up) = &self.upstream else {
-            return ConnectStep::Failed(io::Error::other("no upstream socket"));
-        };
-        match up.take_error() {
-            Ok(Some(e)) | Err(e) => return ConnectStep::Failed(e),
-            Ok(None) => {}
-        }
-        match up.peer_addr() {
-            Ok(_) => ConnectStep::Connected,
-            Err(e)
-                if e.kind() == io::ErrorKind::NotConnected
-                    || e.raw_os_error() == Some(libc::EINPROGRESS) =>
-            {
-                ConnectStep::Wait
-            }
-            Err(e) => ConnectStep::Failed(e),
+        match &self.upstream {
+            Some(up) => connect_status(up),
+            None => ConnectStep::Failed(io::Error::other("no upstream socket")),
         }
     }
 
