@@ -174,6 +174,17 @@ pub enum CtlVerb {
     },
     /// Re-read the config file and apply the difference (like SIGHUP).
     Reload,
+    /// Take this host out of the L4 balancer in front, then stop: the
+    /// health check (--health-listen) turns 503 at once, the listeners keep
+    /// accepting for the grace (--drain-grace, 5s by default) so that the
+    /// balancer notices and sends no more, then they close and baton
+    /// finishes what it holds and exits as on SIGTERM.
+    DrainHost {
+        /// How long the listeners keep accepting while the health check
+        /// fails [default: baton's --drain-grace].
+        #[arg(long, value_name = "DURATION", value_parser = crate::options::parse_duration)]
+        grace: Option<Duration>,
+    },
     /// Replace baton's binary without a dropped connection: the new binary
     /// checks the configuration, then baton re-executes itself in place
     /// (same pid) and keeps every worker, listener and connection (like

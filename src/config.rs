@@ -167,6 +167,11 @@ pub struct Config {
     pub worker_allow_uid: Vec<u32>,
     /// Prometheus endpoint address.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Health check endpoint address (`--health-listen`).
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// `ctl drain-host`: how long the listeners keep accepting after the
+    /// health check turns 503.
+    pub drain_grace: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
     /// At least one; names unique, listeners claimed by one pool each.

@@ -72,6 +72,14 @@ pub enum Request {
     },
     /// Re-read the config file and apply the difference.
     Reload {},
+    /// Take this host out of the balancer in front, then stop: the health
+    /// check turns 503 at once, the listeners keep accepting for
+    /// `grace_ms` (default `--drain-grace`), then close, and baton finishes
+    /// what it holds and exits as on SIGTERM.
+    DrainHost {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        grace_ms: Option<u64>,
+    },
     /// Re-execute baton in place from `binary` (default: the binary it was
     /// started from), keeping its pid, workers and connections.
     Upgrade {
@@ -221,6 +229,16 @@ mod tests {
                 count: None,
                 drain_timeout_ms: Some(500),
                 pool: None,
+            }
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"drain-host"}"#).unwrap(),
+            Request::DrainHost { grace_ms: None }
+        );
+        assert_eq!(
+            parse_request(br#"{"cmd":"drain-host","grace_ms":100}"#).unwrap(),
+            Request::DrainHost {
+                grace_ms: Some(100)
             }
         );
         assert!(parse_request(br#"{"cmd":"add"}"#).is_err());

@@ -51,6 +51,9 @@ pub fn run(args: &CtlArgs) -> Result<String, CtlError> {
             pool: pool.name.clone(),
         },
         CtlVerb::Reload => Request::Reload {},
+        CtlVerb::DrainHost { grace } => Request::DrainHost {
+            grace_ms: grace.map(|d| d.as_millis() as u64),
+        },
         CtlVerb::Upgrade { binary } => Request::Upgrade {
             binary: binary.as_ref().map(|b| b.display().to_string()),
         },
@@ -115,6 +118,10 @@ fn render(req: &Request, reply: Reply, json: bool) -> Result<String, CtlError> {
         Request::Upgrade { .. } => format!(
             "upgraded in place: pid {} now runs {}, {} workers kept",
             result["pid"], result["upgraded"], result["workers"]
+        ),
+        Request::DrainHost { .. } => format!(
+            "draining the host: health check failing now; listeners close in {} ms, then baton finishes its connections and exits",
+            result["listeners_close_in_ms"]
         ),
         Request::Restart { .. } => format!(
             "rolling restart of {} workers started: each is replaced once its successor is ready",

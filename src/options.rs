@@ -100,6 +100,23 @@ pub struct Options {
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
 
+    /// Serve a health check over HTTP on this address, e.g. 10.0.0.5:8404,
+    /// for the L4 balancer in front of this host: `200 OK` while baton
+    /// accepts and every pool has a ready worker, `503` with the reason
+    /// otherwise (a pool with no ready worker, `baton ctl drain-host`,
+    /// shutting down). Any path, GET or HEAD.
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<String>,
+
+    /// `baton ctl drain-host`: how long the health check fails while the
+    /// listeners still accept, before they close and baton finishes what
+    /// it holds and exits (as on SIGTERM). Give the balancer in front time
+    /// to notice: more than its check interval times its fall count (5s
+    /// covers HAProxy's `inter 1s fall 3`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[serde(with = "duration")]
+    pub drain_grace: Duration,
+
     /// The pool: the `[pool]` table of the file (with several `[[pool]]`
     /// sections, the first; [`Loader::pools`] gives them all).
     #[command(flatten)]
@@ -591,16 +608,21 @@ impl Options {
             }
             built.push(pool);
         }
-        let metrics_listen = match &self.metrics_listen {
-            Some(a) => Some(
-                ListenAddr::parse(a)
-                    .map_err(|e| ConfigError::Invalid(format!("--metrics-listen: {e}")))?
-                    .0,
-            ),
-            None => None,
+        let endpoint = |a: &Option<String>, flag: &str| {
+            a.as_deref()
+                .map(|a| {
+                    ListenAddr::parse(a)
+                        .map(|l| l.0)
+                        .map_err(|e| ConfigError::Invalid(format!("--{flag}: {e}")))
+                })
+                .transpose()
         };
+        let metrics_listen = endpoint(&self.metrics_listen, "metrics-listen")?;
+        let health_listen = endpoint(&self.health_listen, "health-listen")?;
         Ok(Config {
             metrics_listen,
+            health_listen,
+            drain_grace: self.drain_grace,
             backlog,
             shutdown_timeout: self.shutdown_timeout,
             control: if no_control {

@@ -340,6 +340,7 @@ impl Acceptor {
                 }
             },
             Request::Upgrade { .. } => Reply::err("baton is shutting down: no upgrade now"),
+            Request::DrainHost { grace_ms } => self.drain_host(grace_ms.map(Duration::from_millis)),
             Request::Restart { pool } => {
                 let p = match self.pool_named(pool.as_deref()) {
                     Ok(p) => p,

@@ -65,7 +65,8 @@ impl Acceptor {
                 .sum::<usize>()
             + self.ctl.len()
             + self.scrapers.len()
-            + usize::from(self.metrics_listener.is_some());
+            + usize::from(self.metrics_listener.is_some())
+            + self.health.fds();
         self.fd_limit.saturating_sub(fixed + FD_RESERVE)
     }
 

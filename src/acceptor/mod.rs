@@ -9,6 +9,7 @@
 //! | `WORKER_SOCKET`        | worker socket (SEQPACKET)      | accept self-registering workers        |
 //! | `LISTENER_BASE + i`    | listener `i` (of one pool)     | accept until EAGAIN, hand off to that pool |
 //! | `METRICS`              | `--metrics-listen` (TCP)       | accept Prometheus scrapers (`scrape`) |
+//! | `HEALTH`               | `--health-listen` (TCP)        | accept health checks (`scrape`, answered by `health`) |
 //! | `CTL_BASE + key`       | a control client               | JSON request lines → replies (`ops`) |
 //! | `SCRAPE_BASE + key`    | a metrics scraper              | one GET → the metrics text, close     |
 //! | `WORKER_BASE + (pool << 20) + key` | a worker's SEQPACKET channel | HELLO / ACK / DONE / PARK; EOF = worker gone (read to its end first) |
@@ -38,7 +39,8 @@
 //! | `ctl_sessions.rs` | `baton ctl` clients: SO_PEERCRED, JSON lines, replies       |
 //! | `ops.rs`      | registration, add/remove/restart/reload, autoscaling (`Pool::scale` decides) |
 //! | `status.rs`   | `ctl workers`, `ctl status`, the metrics text                   |
-//! | `scrape.rs`   | the `--metrics-listen` HTTP endpoint                             |
+//! | `scrape.rs`   | the `--metrics-listen` HTTP endpoint (and `--health-listen`'s)   |
+//! | `health.rs`   | the health check's answer, `ctl drain-host`                     |
 //!
 //! Timers (restart backoff, EMFILE retry, HELLO, ACK and drain timeouts,
 //! idle control clients, shutdown deadline) are deadlines kept in the state below; the poll timeout is the
@@ -78,6 +80,7 @@ use crate::unix::UnixListener;
 use crate::{listener, Error};
 
 mod ctl_sessions;
+mod health;
 mod intake;
 mod ops;
 mod parked;
@@ -90,13 +93,14 @@ use ctl_sessions::CtlClient;
 use intake::{count_open_fds, raise_nofile};
 use ops::OpError;
 use parked::ParkedConn;
-use scrape::Scraper;
+use scrape::{Endpoint, Scraper};
 use sessions::Gone;
 
 const SIGNALS: Token = Token(0);
 const CONTROL: Token = Token(1);
 const WORKER_SOCKET: Token = Token(2);
 const METRICS: Token = Token(3);
+const HEALTH: Token = Token(4);
 const LISTENER_BASE: usize = 16;
 const SCRAPE_BASE: usize = 1 << 24;
 const CTL_BASE: usize = 2 << 24;
@@ -380,6 +384,8 @@ pub struct Acceptor {
     /// `--metrics-listen` and its clients.
     metrics_listener: Option<mio::net::TcpListener>,
     scrapers: Slab<Scraper>,
+    /// `--health-listen` and `ctl drain-host` (its clients are scrapers).
+    health: health::Health,
     /// Builds the configuration again on reload: re-reads `--config` and
     /// lays the command line over it.
     reload: Option<crate::options::Loader>,
@@ -512,6 +518,7 @@ impl Acceptor {
             }
             None => None,
         };
+        let health = health::Health::open(&poll, cfg.health_listen)?;
         // Block the signals we handle so that they queue on the signalfd.
         let mut mask = SigSet::empty();
         for s in [
@@ -573,6 +580,7 @@ impl Acceptor {
             reload: None,
             metrics_listener,
             scrapers: Slab::new(),
+            health,
         })
     }
 
@@ -646,7 +654,8 @@ impl Acceptor {
                     }
                     CONTROL => self.on_control_accept(),
                     WORKER_SOCKET => self.on_worker_socket_accept(),
-                    METRICS => self.on_scrape_accept(),
+                    METRICS => self.on_scrape_accept(Endpoint::Metrics),
+                    HEALTH => self.on_scrape_accept(Endpoint::Health),
                     Token(t) if (SCRAPE_BASE..CTL_BASE).contains(&t) => {
                         self.on_scrape_event(t - SCRAPE_BASE);
                     }
@@ -926,7 +935,7 @@ impl Acceptor {
                                 return Some(Outcome::Forced);
                             }
                             self.stop_signal = Some((now, s, info.ssi_pid));
-                            self.begin_shutdown(s);
+                            self.begin_shutdown(s.as_str());
                         }
                         _ => {}
                     }
@@ -1040,7 +1049,12 @@ impl Acceptor {
         }
     }
 
-    fn begin_shutdown(&mut self, sig: Signal) {
+    /// Stops accepting and drains every worker; `why` is the signal's name
+    /// (or `drain-host`). Once only.
+    fn begin_shutdown(&mut self, why: &str) {
+        if self.shutdown.is_some() {
+            return;
+        }
         crate::systemd::stopping();
         self.shutdown = Some(Instant::now() + self.cfg.shutdown_timeout);
         self.close_all_parked(None);
@@ -1062,7 +1076,7 @@ impl Acceptor {
             // Dropped: the socket file is removed.
         }
         info!(
-            signal = sig.as_str(),
+            signal = why,
             timeout_ms = self.cfg.shutdown_timeout.as_millis() as u64,
             workers,
             "shutting down: no new connections; workers finish what they have"
@@ -1214,6 +1228,7 @@ impl Acceptor {
         };
         consider(self.emfile_until);
         consider(self.shutdown);
+        consider(self.drain_host_deadline());
         consider(self.parked_order.first().map(|(t, _)| *t));
         consider(self.tls_deadline());
         for (_, c) in self.ctl.iter() {
@@ -1256,6 +1271,7 @@ impl Acceptor {
         }
         self.expire_parked(now);
         self.tls_timers(now);
+        self.on_drain_host_timer(now);
         let mut overdue = Vec::new();
         for (p, ps) in self.pools.iter_mut() {
             let (hello, ack) = (ps.cfg.hello_timeout, ps.cfg.ack_timeout);

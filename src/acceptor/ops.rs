@@ -588,7 +588,9 @@ impl Acceptor {
             say(
                 changes,
                 &name,
-                format!("baton-proxy: rolling restart of {n} workers to resolve upstream names again"),
+                format!(
+                    "baton-proxy: rolling restart of {n} workers to resolve upstream names again"
+                ),
             );
         }
         let live = self.pools[p].spawned_live();

@@ -1,11 +1,13 @@
-//! `--metrics-listen ADDR`: the Prometheus endpoint.
+//! `--metrics-listen ADDR`: the Prometheus endpoint; and the same small
+//! HTTP server for `--health-listen ADDR` (the health check, whose answer
+//! `health.rs` decides).
 //!
 //! The one place where the acceptor reads bytes from a TCP peer, so it is
 //! kept small and strict: the peer is an operator's scraper on an address
 //! the operator chose (bind it to loopback or a management network). A
 //! request head is read into a fixed 8 KiB buffer, parsed with httparse,
-//! answered (`GET` gets the metrics, anything else 405) and the connection
-//! closed. A peer that does not finish its head in [`SCRAPE_TIMEOUT`] is
+//! answered (`GET` gets the metrics, anything else 405; the health check
+//! also answers `HEAD`) and the connection closed. A peer that does not finish its head in [`SCRAPE_TIMEOUT`] is
 //! dropped.
 
 use std::io::{self, Read, Write};
@@ -15,6 +17,13 @@ use mio::{Interest, Token};
 use tracing::{debug, warn};
 
 use super::{Acceptor, SCRAPE_BASE};
+
+/// Which endpoint a client came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Metrics,
+    Health,
+}
 
 /// Longest request head accepted from a scraper.
 const MAX_HEAD: usize = 8 * 1024;
@@ -27,12 +36,17 @@ pub struct Scraper {
     out: Vec<u8>,
     written: usize,
     pub deadline: Instant,
+    kind: Endpoint,
 }
 
 impl Acceptor {
-    pub(super) fn on_scrape_accept(&mut self) {
+    pub(super) fn on_scrape_accept(&mut self, kind: Endpoint) {
         loop {
-            let Some(l) = &self.metrics_listener else {
+            let l = match kind {
+                Endpoint::Metrics => self.metrics_listener.as_ref(),
+                Endpoint::Health => self.health.listener.as_ref(),
+            };
+            let Some(l) = l else {
                 return;
             };
             let (mut stream, peer) = match l.accept() {
@@ -53,13 +67,14 @@ impl Acceptor {
                 warn!(error = %e, "metrics: cannot watch a client");
                 continue;
             }
-            debug!(peer = %peer, "metrics client");
+            debug!(peer = %peer, endpoint = ?kind, "metrics or health client");
             self.scrapers.insert(Scraper {
                 stream,
                 buf: Vec::with_capacity(512),
                 out: Vec::new(),
                 written: 0,
                 deadline: Instant::now() + SCRAPE_TIMEOUT,
+                kind,
             });
         }
     }
@@ -102,13 +117,18 @@ impl Acceptor {
             }
             let mut headers = [httparse::EMPTY_HEADER; 32];
             let mut req = httparse::Request::new(&mut headers);
-            let (status, body) = match req.parse(&s.buf) {
+            let kind = s.kind;
+            let parsed = req.parse(&s.buf);
+            let head = kind == Endpoint::Health && req.method == Some("HEAD");
+            let (status, body) = match parsed {
                 Ok(httparse::Status::Partial) if eof => {
                     self.close_scraper(key);
                     return;
                 }
                 Ok(httparse::Status::Partial) if s.buf.len() <= MAX_HEAD => return,
-                Ok(httparse::Status::Complete(_)) if req.method == Some("GET") => {
+                Ok(httparse::Status::Complete(_))
+                    if req.method == Some("GET") || (head && req.method == Some("HEAD")) =>
+                {
                     ("200 OK", String::new())
                 }
                 Ok(httparse::Status::Complete(_)) => {
@@ -119,17 +139,21 @@ impl Acceptor {
                 }
                 Err(_) => ("400 Bad Request", "bad request\n".to_string()),
             };
-            let (ctype, body) = if status.starts_with("200") {
-                ("text/plain; version=0.0.4", self.metrics())
-            } else {
-                ("text/plain", body)
+            let (status, ctype, body) = match (status.starts_with("200"), kind) {
+                (true, Endpoint::Metrics) => (status, "text/plain; version=0.0.4", self.metrics()),
+                (true, Endpoint::Health) => {
+                    let (status, line) = self.health_answer();
+                    (status, "text/plain", line)
+                }
+                (false, _) => (status, "text/plain", body),
             };
             let Some(s) = self.scrapers.get_mut(key) else {
                 return;
             };
             s.out = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{}",
+                body.len(),
+                if head { "" } else { body.as_str() }
             )
             .into_bytes();
             let _ = self.poll.registry().reregister(

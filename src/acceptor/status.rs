@@ -182,6 +182,8 @@ impl Acceptor {
             "refused_control": self.ctl_refused.total(),
             "refused_workers": self.worker_refused.total(),
             "shutting_down": self.shutdown.is_some(),
+            "draining_host": self.health.draining(),
+            "health": self.health_answer().1.trim_end(),
             "rolling_restart": pools().any(|ps| ps.rolling()),
             "pools": per_pool,
         })

@@ -67,6 +67,12 @@ pub struct State {
     control: Option<(RawFd, PathBuf)>,
     worker_socket: Option<(RawFd, PathBuf)>,
     metrics: Option<RawFd>,
+    /// `--health-listen`'s socket, and what is left of a host drain's
+    /// grace (absent from the state of a binary before them).
+    #[serde(default)]
+    health: Option<RawFd>,
+    #[serde(default)]
+    drain_host_left_ms: Option<u64>,
     /// The control client that asked for the upgrade: answered by the new
     /// image.
     reply_to: Option<RawFd>,
@@ -382,6 +388,8 @@ impl Acceptor {
         fds.extend(control.iter().map(|c| c.0));
         fds.extend(worker_socket.iter().map(|c| c.0));
         fds.extend(metrics);
+        let (health, drain_host_left_ms) = self.health.snapshot(now);
+        fds.extend(health);
         fds.extend(reply_to);
         let keyd = self.keyd.as_ref().map(|k| KeydSnap {
             pid: k.pid,
@@ -407,6 +415,8 @@ impl Acceptor {
             control,
             worker_socket,
             metrics,
+            health,
+            drain_host_left_ms,
             reply_to,
             from: self.exe.clone(),
             pools,
@@ -426,10 +436,12 @@ impl Acceptor {
         let control = cfg.control.take();
         let worker_socket = cfg.worker_socket.take();
         let metrics_listen = cfg.metrics_listen.take();
+        let health_listen = cfg.health_listen.take();
         let mut acc = Acceptor::new(cfg, Vec::new())?;
         acc.cfg.control = control;
         acc.cfg.worker_socket = worker_socket;
         acc.cfg.metrics_listen = metrics_listen;
+        acc.cfg.health_listen = health_listen;
         let mut adopt_fd = adopt;
         let mut pools = Vec::new();
         for snap in state.pools {
@@ -583,6 +595,12 @@ impl Acceptor {
             restart_at: k.restart_in_ms.map(|ms| now + Duration::from_millis(ms)),
             failures: k.failures,
         });
+        acc.health = super::health::Health::restore(
+            &acc.poll,
+            state.health.map(adopt),
+            state.drain_host_left_ms,
+            now,
+        )?;
         acc.next_conn_id = state.next_conn_id;
         acc.next_worker_id = state.next_worker_id;
         acc.stats = state.stats;

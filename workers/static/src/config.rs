@@ -124,6 +124,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=1024 * 1024))]
     pub sendfile_threshold: u64,
 
+    /// Every connection starts with a PROXY protocol header (v1 or v2), as
+    /// an L4 balancer in front sends it (HAProxy `send-proxy-v2`): the
+    /// client address it carries is the one in the access log. A connection
+    /// without one, or with a malformed one, is logged and closed; nothing
+    /// is guessed. Only for listeners that nothing but the balancer can
+    /// reach: whoever connects may claim any address.
+    #[arg(long)]
+    pub accept_proxy: bool,
+
+    /// Time a connection has to send its PROXY header (with
+    /// --accept-proxy), counted from the hand-over.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub accept_proxy_timeout: Duration,
+
     /// File served for a request naming a directory (a plain file name).
     #[arg(long, value_name = "NAME", default_value = "index.html", value_parser = file_name)]
     pub index: String,

@@ -32,6 +32,18 @@
 //! anywhere across reads) and dropped, up to `--max-body-bytes`; a body
 //! that breaks its framing or grows past that closes the connection.
 //!
+//! With `--accept-proxy` a fresh connection first owes its PROXY header
+//! (v1 or v2, [`baton_sdk::proxy_protocol`]): it is parsed from the same
+//! read buffer as the request heads (no `MSG_PEEK`, no extra system call),
+//! and its source address becomes [`Conn::peer`], the access log's. A
+//! malformed header, data that is not one, or none within
+//! `--accept-proxy-timeout`, closes the connection with a log line and no
+//! answer. A connection parked after its header comes back carrying that
+//! address, not the socket's peer: that is how the worker that gets it
+//! knows the header was read (see `Server::accept`). One whose header named
+//! no address, or the socket's own, could not be told apart, so it is never
+//! parked.
+//!
 //! Closing after an error response is "lingering": stop writing
 //! (`shutdown(SHUT_WR)`), read and discard for a short while, then close, so
 //! that unread request bytes do not make the kernel reset the connection
@@ -46,6 +58,7 @@ use nix::errno::Errno;
 use nix::sys::socket::{self, MsgFlags};
 
 use baton_http::{BodyDecoder, ChunkLimits};
+use baton_sdk::proxy_protocol::{self, Parsed};
 
 use crate::config::Config;
 use crate::http::{self, ConnState, FileBody, Shared};
@@ -203,6 +216,13 @@ pub struct Conn {
     pub park_after: Option<Duration>,
     /// Whether the socket is registered with the event loop yet.
     pub registered: bool,
+    /// Its PROXY header is still to come (`--accept-proxy`).
+    pub awaiting_proxy: bool,
+    /// What was read is not a PROXY header: close without an answer.
+    proxy_refused: bool,
+    /// Its PROXY header named no address of its own: a worker given it
+    /// back from parking could not tell that the header was read.
+    never_park: bool,
     rbuf: Option<Box<[u8]>>,
     rlen: usize,
     /// The request body being skipped, if any.
@@ -254,6 +274,9 @@ impl Conn {
             local: peer,
             park_after: None,
             registered: false,
+            awaiting_proxy: false,
+            proxy_refused: false,
+            never_park: false,
             rbuf: None,
             rlen: 0,
             discard: None,
@@ -324,6 +347,7 @@ impl Conn {
         // A TLS session lives in this process: it cannot be handed back.
         self.tls.is_none()
             && self.is_idle()
+            && !self.never_park
             && !self.lingering
             && !self.close_after
             && !self.read_eof
@@ -379,6 +403,9 @@ impl Conn {
                 return Next::Again;
             }
             let mut progress = self.process(sh, io);
+            if self.proxy_refused {
+                return Next::Close;
+            }
             if !self.close_after && !self.output_empty() {
                 self.ensure_nodelay();
             }
@@ -444,6 +471,30 @@ impl Conn {
         let mut fields = Vec::new();
         let mut consumed = 0;
         let mut handled = false;
+        if self.awaiting_proxy {
+            match proxy_protocol::parse(&buf[..self.rlen]) {
+                Ok(Parsed::Incomplete) => return false,
+                Ok(Parsed::Complete { header, len }) => {
+                    consumed = len;
+                    self.awaiting_proxy = false;
+                    // The balancer's own address (LOCAL, UNKNOWN) stays the
+                    // peer, and so does a header naming the socket's own
+                    // peer; neither could be recognised back from parking.
+                    match header.addrs {
+                        Some((src, dst)) if src != self.peer => {
+                            self.peer = src;
+                            self.local = dst;
+                        }
+                        _ => self.never_park = true,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(conn = self.id, peer = %self.peer, error = %e, "--accept-proxy: closing a connection that does not start with a valid PROXY header");
+                    self.proxy_refused = true;
+                    return false;
+                }
+            }
+        }
         while self.wants_input() {
             if let Some(body) = &mut self.discard {
                 match body.skip(&buf[consumed..self.rlen], sh.cfg.max_body_bytes) {
@@ -827,6 +878,8 @@ impl Conn {
     pub fn set_deadline(&mut self, cfg: &Config) {
         self.deadline = if self.lingering {
             later(self.linger_since, cfg.linger_timeout)
+        } else if self.awaiting_proxy {
+            later(self.req_start, cfg.accept_proxy_timeout)
         } else if !self.output_empty() {
             later(self.last_active, cfg.send_timeout)
         } else if self.rlen > 0 || self.discard.is_some() || self.requests == 0 {
@@ -849,6 +902,9 @@ impl Conn {
             "linger done"
         } else if !self.output_empty() {
             "send timeout"
+        } else if self.awaiting_proxy {
+            tracing::warn!(conn = self.id, peer = %self.peer, bytes = self.rlen, "--accept-proxy: no whole PROXY header within --accept-proxy-timeout; closing");
+            "no PROXY header"
         } else if self.rlen > 0 || self.discard.is_some() {
             let mut out = Vec::new();
             http::bad_request(&mut out, sh.date, 408);

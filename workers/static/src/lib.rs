@@ -8,8 +8,8 @@
 //!
 //! * [`config`]: the command line (`--help` explains every flag).
 //! * [`server`]: the event loop: worker channel, signals, connections, timers.
-//! * [`conn`]: one client connection: reading, pipelining, writing with
-//!   `sendfile(2)`, lingering close.
+//! * [`conn`]: one client connection: its PROXY header (`--accept-proxy`),
+//!   reading, pipelining, writing with `sendfile(2)`, lingering close.
 //! * [`http`]: answering one parsed request (files, conditionals, ranges,
 //!   errors). Request heads, their limits and body framing come from
 //!   `baton-http`, the HTTP crate baton's workers share.

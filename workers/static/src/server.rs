@@ -376,6 +376,12 @@ impl Server<'_> {
         // left it in, the worker never blocks, and a one-request connection
         // costs no extra system call. mio only watches the fd: its own I/O
         // methods, which would need O_NONBLOCK, are never used.
+        // A connection parked after its PROXY header comes back with the
+        // header's client address, which differs from the socket's own
+        // peer (only a PARK can make them differ): its header was read.
+        // Every other one owes its header now.
+        let awaiting_proxy =
+            self.cfg.accept_proxy && c.stream.peer_addr().map_or(true, |p| p == c.peer);
         let sock = mio::net::TcpStream::from_std(c.stream);
         let mut conn = Conn::new(id, sock, c.peer, self.io.now);
         if let Some(t) = &self.tls {
@@ -388,6 +394,7 @@ impl Server<'_> {
         conn.listener = c.listener;
         conn.local = c.local;
         conn.park_after = self.park_after();
+        conn.awaiting_proxy = awaiting_proxy;
         let key = self.conns.insert(conn);
         if self.draining {
             if let Some(conn) = self.conns.get_mut(key) {

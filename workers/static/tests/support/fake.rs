@@ -37,6 +37,7 @@ pub struct Fake {
     logs: Receiver<String>,
     pub seen_logs: Vec<String>,
     next_id: Arc<AtomicU64>,
+    claimed_peer: Arc<Mutex<Option<SocketAddr>>>,
 }
 
 impl Fake {
@@ -128,16 +129,21 @@ impl Fake {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
         let addr = listener.local_addr().expect("addr");
         let next_id = Arc::new(AtomicU64::new(1));
+        let claimed_peer = Arc::new(Mutex::new(None));
         {
             let chan = chan.clone();
             let next_id = next_id.clone();
+            let claimed_peer = claimed_peer.clone();
             std::thread::spawn(move || {
                 for s in listener.incoming() {
                     let Ok(s) = s else { continue };
                     let info = ConnInfo {
                         id: next_id.fetch_add(1, Ordering::SeqCst),
                         listener: 0,
-                        peer: s.peer_addr().expect("peer"),
+                        peer: claimed_peer
+                            .lock()
+                            .unwrap()
+                            .unwrap_or_else(|| s.peer_addr().expect("peer")),
                         local: s.local_addr().expect("local"),
                     };
                     if chan.send(&Msg::Conn(info), Some(s.as_fd())).is_err() {
@@ -157,7 +163,15 @@ impl Fake {
             logs,
             seen_logs: Vec::new(),
             next_id,
+            claimed_peer,
         }
+    }
+
+    /// Hands the next connections over with `peer` as their client address
+    /// instead of the socket's (what an acceptor does with a connection a
+    /// worker parked after reading its PROXY header); None: the socket's.
+    pub fn claim_peer(&self, peer: Option<SocketAddr>) {
+        *self.claimed_peer.lock().unwrap() = peer;
     }
 
     /// Ids handed over so far.
