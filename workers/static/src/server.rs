@@ -3,7 +3,7 @@
 //! | token        | source                 | on readiness                                  |
 //! |--------------|------------------------|-----------------------------------------------|
 //! | `CHANNEL`    | the acceptor's channel | [`Worker::poll_events`]: new connections (already ACKed), DRAIN, or the acceptor's exit |
-//! | `SIGNALS`    | an eventfd (`Waker`)   | SIGTERM/SIGINT drain; a second one stops at once |
+//! | `SIGNALS`    | an eventfd (`DrainSignals`) | SIGTERM/SIGINT drain; a second one stops at once |
 //! | `FIRST + k`  | connection `k` (slab)  | [`Conn::drive`]                                |
 //!
 //! After each batch of events the loop gives another turn to connections
@@ -30,15 +30,12 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
+use baton_sdk::event::DrainSignals;
 use baton_sdk::{Connection, Event, Worker};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use nix::errno::Errno;
-use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use slab::Slab;
 
 use crate::config::Config;
@@ -91,66 +88,10 @@ fn raise_nofile() {
     }
 }
 
-/// SIGTERM/SIGINT received so far, counted by [`on_signal`].
-static SIGNALS_SEEN: AtomicU32 = AtomicU32::new(0);
-/// The last of them.
-static LAST_SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// Wakes the event loop from the signal handler.
-static WAKER: OnceLock<mio::Waker> = OnceLock::new();
-
-extern "C" fn on_signal(sig: libc::c_int) {
-    let saved = Errno::last_raw();
-    LAST_SIGNAL.store(sig, Ordering::SeqCst);
-    SIGNALS_SEEN.fetch_add(1, Ordering::SeqCst);
-    if let Some(w) = WAKER.get() {
-        let _ = w.wake();
-    }
-    Errno::set_raw(saved);
-}
-
-/// SIGTERM and SIGINT drain the worker: a handler counts them and wakes the
-/// loop through an eventfd (mio's `Waker`). Not a signalfd, nor
-/// signal-hook's socket pair: those would have to exist before the sandbox
-/// is applied, which closes every fd it was not told to keep, and seccomp
-/// refuses to create them after; `rt_sigaction` and `eventfd2` it allows.
-fn catch_signals(registry: &mio::Registry) -> Result<(), io::Error> {
-    let waker = mio::Waker::new(registry, SIGNALS)?;
-    // One event loop per process: set once.
-    let _ = WAKER.set(waker);
-    let action = SigAction::new(
-        SigHandler::Handler(on_signal),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
-    for sig in [Signal::SIGTERM, Signal::SIGINT] {
-        // SAFETY: `on_signal` is async-signal-safe: it stores to atomics,
-        // reads a OnceLock that was set above (an atomic load), writes to an
-        // eventfd (write(2)), and restores errno before returning.
-        unsafe { sigaction(sig, &action) }?;
-    }
-    Ok(())
-}
-
 /// How long one ACK or DONE send may wait for room in the acceptor's
 /// receive queue before the channel counts as failed (the acceptor's own
 /// `--ack-timeout` defaults to the same).
 pub const CHANNEL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The channel stays in blocking mode, with a send timeout, rather than
-/// `set_nonblocking(true)`: [`Worker::poll_events`] receives with
-/// `MSG_DONTWAIT` whatever the mode, but its ACK (and `done_many`) would fail
-/// with `EAGAIN` whenever the acceptor is a few messages behind (a Unix
-/// socket's queue holds `net.unix.max_dgram_qlen` messages, 10 by default),
-/// and an ACK that is not sent cannot be retried: the acceptor would give
-/// the connection to another worker. Blocking briefly is the right
-/// backpressure; the timeout bounds it if the acceptor is stuck.
-fn bound_channel_sends(worker: &Worker) -> io::Result<()> {
-    // SAFETY: the fd is the worker's channel, open for as long as `worker`,
-    // which outlives this borrow.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(worker.as_raw_fd()) };
-    worker.set_nonblocking(false)?;
-    socket2::SockRef::from(&fd).set_write_timeout(Some(CHANNEL_SEND_TIMEOUT))
-}
 
 /// Runs the worker until it has drained; `Ok` means a clean exit.
 ///
@@ -166,7 +107,9 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         None => Worker::from_env_per_conn(cfg.capacity, 2),
     }
     .map_err(Error::Join)?;
-    bound_channel_sends(&worker).map_err(|e| Error::Channel(e.into()))?;
+    // Blocking with a send timeout (see baton_sdk::event).
+    baton_sdk::event::bound_channel_sends(&worker, CHANNEL_SEND_TIMEOUT)
+        .map_err(|e| Error::Channel(e.into()))?;
     // TLS, when the acceptor set it up for this pool: the certificate
     // chains and ticket keys from the pool's bundle, a channel to the key
     // process for signatures; never a private key.
@@ -204,9 +147,19 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             Interest::READABLE,
         )
         .map_err(Error::Poll)?;
-    if let Err(e) = catch_signals(poll.registry()) {
-        tracing::warn!(error = %e, "SIGTERM/SIGINT will stop this worker without draining");
-    }
+    // SIGTERM and SIGINT drain the worker, as an eventfd event (see
+    // baton_sdk::event: nothing the sandbox refuses).
+    let signals = match DrainSignals::install().and_then(|s| {
+        poll.registry()
+            .register(&mut SourceFd(&s.as_raw_fd()), SIGNALS, Interest::READABLE)
+            .map(|()| s)
+    }) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGTERM/SIGINT will stop this worker without draining");
+            None
+        }
+    };
     let mut server = Server {
         io: Io::new(&cfg),
         cfg: &cfg,
@@ -215,7 +168,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         conns: Slab::with_capacity(1024),
         poll,
         worker,
-        signals_seen: 0,
+        signals,
         done: Vec::new(),
         draining: false,
         closed: false,
@@ -238,8 +191,8 @@ struct Server<'a> {
     conns: Slab<Conn>,
     poll: Poll,
     worker: Worker,
-    /// Signals handled so far (compared with [`SIGNALS_SEEN`]).
-    signals_seen: u32,
+    /// SIGTERM/SIGINT, as an event.
+    signals: Option<DrainSignals>,
     /// Connections closed and not yet reported DONE.
     done: Vec<u64>,
     draining: bool,
@@ -286,9 +239,6 @@ impl Server<'_> {
             }
             self.io.now = Instant::now();
             self.date.refresh(SystemTime::now());
-            if SIGNALS_SEEN.load(Ordering::SeqCst) != self.signals_seen {
-                self.signal_ready();
-            }
             for ev in events.iter() {
                 match ev.token() {
                     CHANNEL => self.channel_ready(&mut incoming),
@@ -349,11 +299,7 @@ impl Server<'_> {
     }
 
     fn signal_ready(&mut self) {
-        let seen = SIGNALS_SEEN.load(Ordering::SeqCst);
-        while self.signals_seen < seen {
-            self.signals_seen += 1;
-            let sig =
-                Signal::try_from(LAST_SIGNAL.load(Ordering::SeqCst)).map_or("?", |s| s.as_str());
+        while let Some(sig) = self.signals.as_mut().and_then(DrainSignals::take) {
             if self.draining {
                 tracing::warn!(signal = sig, "second signal: closing every connection now");
                 let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
