@@ -349,6 +349,24 @@ impl Slot {
     }
 }
 
+/// Makes `cmd`'s child start with no signal blocked: the acceptor blocks
+/// the signals it reads from its signalfd, and a mask survives exec.
+pub fn unblock_signals(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: runs in the child between fork and exec; sigprocmask with a
+    // stack sigset is async-signal-safe and touches nothing shared.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// An fd a spawned worker inherits besides its channel.
 #[derive(Debug, Clone, Copy)]
 pub struct Inherit<'a> {
@@ -371,9 +389,10 @@ pub struct Spawned {
 ///
 /// The child's end is made inheritable only for the duration of the spawn;
 /// the acceptor is single-threaded, so no other spawn can inherit it. Every
-/// other fd of the acceptor is close-on-exec. std's `Command` resets the
-/// signal mask in the child, so the worker does not inherit the signals the
-/// acceptor blocks for its signalfd.
+/// other fd of the acceptor is close-on-exec. The signal mask is inherited
+/// across fork and exec (std's `Command` does not reset it), so the child
+/// unblocks every signal before its exec ([`unblock_signals`]): a worker
+/// must get the SIGTERM the acceptor blocks for its own signalfd.
 ///
 /// With a `profile`, the worker finds it in `BATON_SANDBOX` (with the
 /// channel as its one kept fd) and confines itself before its HELLO.
@@ -425,6 +444,7 @@ pub fn spawn(
         );
         command.env(SANDBOX_ENV, p.to_env());
     }
+    unblock_signals(&mut command);
     let child = command.spawn();
     // Closing our copy of their end either way: EOF on `ours` then means
     // the worker is gone.

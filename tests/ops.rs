@@ -627,3 +627,31 @@ fn metrics_are_served_over_http_in_the_prometheus_format() {
     assert!(get("POST").starts_with("HTTP/1.1 405"));
     b.stop();
 }
+
+#[test]
+fn a_worker_starts_with_no_signal_blocked_and_drains_on_its_own_sigterm() {
+    // The acceptor blocks the signals it reads from its signalfd; a mask
+    // survives exec, so a worker must be given an empty one.
+    let mut b = Baton::start(&["--listen", "127.0.0.1:0", "--workers", "1"], 1);
+    let pid = b.worker_pids()[0];
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let blocked = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .map(str::trim)
+        .expect("SigBlk");
+    assert_eq!(
+        blocked, "0000000000000000",
+        "worker {pid} starts with signals blocked"
+    );
+    // The static worker drains on SIGTERM (its own handler) and exits 0.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM).expect("kill");
+    let exited = b
+        .find(Duration::from_secs(10), |l| {
+            l.message() == "worker exited" && l.field("pid") == Some(pid.to_string())
+        })
+        .expect("the worker exits");
+    assert!(exited.raw.contains("exit code 0"), "{}", exited.raw);
+    assert!(b.seen.iter().any(|l| l.message() == "draining"));
+    b.stop();
+}

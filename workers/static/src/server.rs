@@ -95,12 +95,29 @@ pub const CHANNEL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the worker until it has drained; `Ok` means a clean exit.
 ///
-/// Joining the acceptor comes first: [`Worker::from_env`] applies the
-/// sandbox the acceptor passed, which closes every fd it was not told to
-/// keep and may chroot, so the root directory (resolved inside the jail)
-/// and every other fd are opened after it.
+/// The sandbox the acceptor passed comes first: it closes every fd it was
+/// not told to keep and may chroot, so every fd is opened after it
+/// (`main_from` applies it; [`Worker::from_env`] applies it once per
+/// process, so calling `run` unconfined is safe too, and the root directory
+/// is resolved inside the jail). The drain signals are caught before the
+/// worker says HELLO: from then on the acceptor may count on them.
 pub fn run(cfg: Config) -> Result<(), Error> {
     raise_nofile();
+    baton_sdk::sandbox::apply_from_env().map_err(|e| Error::Join(baton_sdk::Error::from(e)))?;
+    let poll = Poll::new().map_err(Error::Poll)?;
+    // SIGTERM and SIGINT drain the worker, as an eventfd event (see
+    // baton_sdk::event: nothing the sandbox refuses).
+    let signals = match DrainSignals::install().and_then(|s| {
+        poll.registry()
+            .register(&mut SourceFd(&s.as_raw_fd()), SIGNALS, Interest::READABLE)
+            .map(|()| s)
+    }) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "SIGTERM/SIGINT will stop this worker without draining");
+            None
+        }
+    };
     let worker = match &cfg.register {
         // A socket and, while a body goes out, its file: two fds each.
         Some(path) => Worker::register_per_conn(path, cfg.capacity, 2),
@@ -139,7 +156,6 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             Site::Demo(Demo::new(std::process::id(), worker.id()))
         }
     };
-    let poll = Poll::new().map_err(Error::Poll)?;
     poll.registry()
         .register(
             &mut SourceFd(&worker.as_raw_fd()),
@@ -147,19 +163,6 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             Interest::READABLE,
         )
         .map_err(Error::Poll)?;
-    // SIGTERM and SIGINT drain the worker, as an eventfd event (see
-    // baton_sdk::event: nothing the sandbox refuses).
-    let signals = match DrainSignals::install().and_then(|s| {
-        poll.registry()
-            .register(&mut SourceFd(&s.as_raw_fd()), SIGNALS, Interest::READABLE)
-            .map(|()| s)
-    }) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "SIGTERM/SIGINT will stop this worker without draining");
-            None
-        }
-    };
     let mut server = Server {
         io: Io::new(&cfg),
         cfg: &cfg,

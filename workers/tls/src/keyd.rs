@@ -734,11 +734,20 @@ pub fn spawn(
         Some(p) => cmd.env(sandbox::SANDBOX_ENV, p.to_env()),
         None => cmd.env_remove(sandbox::SANDBOX_ENV),
     };
-    // SAFETY: runs in the child between fork and exec; fcntl is
-    // async-signal-safe and touches only the fd meant for the child.
+    // SAFETY: runs in the child between fork and exec; fcntl and
+    // sigprocmask (on a stack sigset) are async-signal-safe and touch only
+    // the child's own state.
     unsafe {
         cmd.pre_exec(move || {
             if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // A signal mask survives exec: a parent that blocks signals
+            // for a signalfd (baton's acceptor) must not leave the key
+            // process deaf to SIGTERM.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
