@@ -169,12 +169,7 @@ fn with_log_format_json_every_line_of_every_process_is_json() {
         .expect("the static worker's access log line");
     b.stop();
     assert!(!b.seen.is_empty());
-    let not_json: Vec<&str> = b
-        .seen
-        .iter()
-        .filter(|l| l.json.is_null())
-        .map(|l| l.raw.as_str())
-        .collect();
+    let not_json = b.lines_not_json();
     assert!(
         not_json.is_empty(),
         "lines that are not JSON: {not_json:#?}"

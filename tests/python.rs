@@ -626,12 +626,7 @@ fn spawned_python_pool(protocol: u8) {
             && theirs.iter().any(|l| l.message().contains("exiting after")),
         "{theirs:?}"
     );
-    let not_json: Vec<&str> = b
-        .seen
-        .iter()
-        .filter(|l| l.json.is_null())
-        .map(|l| l.raw.as_str())
-        .collect();
+    let not_json = b.lines_not_json();
     assert!(
         not_json.is_empty(),
         "lines that are not JSON: {not_json:#?}"

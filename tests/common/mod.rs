@@ -259,6 +259,16 @@ impl Baton {
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("ctl {args:?}: {e}: {out}"))
     }
 
+    /// Every line seen so far that is not JSON (with `--log-format json`,
+    /// which the harness passes, there should be none, from any process).
+    pub fn lines_not_json(&self) -> Vec<&str> {
+        self.seen
+            .iter()
+            .filter(|l| l.json.is_null())
+            .map(|l| l.raw.as_str())
+            .collect()
+    }
+
     /// Pids of the live workers, read from the acceptor's children.
     pub fn worker_pids(&self) -> Vec<i32> {
         let path = format!("/proc/{}/task/{}/children", self.pid(), self.pid());
