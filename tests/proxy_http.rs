@@ -2,7 +2,8 @@
 //! `baton -- baton-proxy --upstream ...`, with upstream servers written
 //! here (threads on loopback) that count connections and requests and
 //! report what they saw, some of them misbehaving on purpose, and
-//! baton-static behind a second acceptor. Tests synchronise on responses,
+//! baton-static behind a second acceptor, and TLS terminated in the proxy
+//! (a Rust client, curl). Tests synchronise on responses,
 //! on what the upstreams count and on log lines, never on sleeps.
 
 mod common;
@@ -327,7 +328,7 @@ impl Response {
 }
 
 /// Reads one response (skipping 100 Continue).
-fn read_response(r: &mut BufReader<TcpStream>) -> io::Result<Response> {
+fn read_response(r: &mut impl BufRead) -> io::Result<Response> {
     loop {
         let mut head = String::new();
         loop {
@@ -424,17 +425,16 @@ fn one(addr: SocketAddr, raw: &[u8]) -> Response {
 /// `baton -- baton-proxy ARGS` (HTTP mode, the default), `workers`
 /// workers, each logging "worker N ready: http mode".
 fn start(workers: usize, proxy_args: &[&str]) -> Baton {
+    start_with(workers, &[], proxy_args)
+}
+
+/// [`start`] with more arguments for baton itself.
+fn start_with(workers: usize, baton_args: &[&str], proxy_args: &[&str]) -> Baton {
     let w = workers.to_string();
     let proxy = bin("baton-proxy").display().to_string();
-    let mut args: Vec<&str> = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        &w,
-        "--no-control",
-        "--",
-        &proxy,
-    ];
+    let mut args: Vec<&str> = vec!["--listen", "127.0.0.1:0", "--workers", &w, "--no-control"];
+    args.extend_from_slice(baton_args);
+    args.extend_from_slice(&["--", &proxy]);
     args.extend_from_slice(proxy_args);
     let mut b = Baton::start(&args, workers);
     for _ in 0..workers {
@@ -940,4 +940,249 @@ fn send_proxy_connections_are_never_shared_between_clients() {
     let p2 = c2.get("/").text();
     assert_ne!(p1, p2, "each client has its own upstream connection");
     assert_eq!(conns.load(Ordering::SeqCst), 2);
+}
+
+// ---- TLS in the proxy ---------------------------------------------------------
+
+use common::pki::{have_openssl, pki};
+use std::path::Path;
+
+/// A rustls client connection to the proxy, trusting the test CA, with SNI
+/// `localhost` and ALPN `h2, http/1.1` offered.
+struct TlsClient {
+    r: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
+}
+
+impl TlsClient {
+    fn new(dir: &Path, addr: SocketAddr) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        let ca = rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca.crt"))
+            .expect("the test CA");
+        roots.add(ca).expect("add the CA");
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let name = "localhost".try_into().expect("a server name");
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a TLS client");
+        let sock = connect(addr).expect("connect to the proxy");
+        TlsClient {
+            r: BufReader::new(rustls::StreamOwned::new(conn, sock)),
+        }
+    }
+    fn send(&mut self, raw: &[u8]) -> io::Result<Response> {
+        self.r.get_mut().write_all(raw)?;
+        self.r.get_mut().flush()?;
+        read_response(&mut self.r)
+    }
+    fn get(&mut self, path: &str) -> Response {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
+            .expect("a response over TLS")
+    }
+    fn alpn(&self) -> Option<Vec<u8>> {
+        self.r.get_ref().conn.alpn_protocol().map(<[u8]>::to_vec)
+    }
+}
+
+/// `baton --tls-cert localhost.crt --tls-key localhost.key -- baton-proxy
+/// ARGS`, as issue 13 writes it (on a free port).
+fn start_tls(dir: &Path, workers: usize, proxy_args: &[&str]) -> Baton {
+    let (cert, key) = tls_args(dir);
+    start_with(
+        workers,
+        &["--tls-cert", &cert, "--tls-key", &key],
+        proxy_args,
+    )
+}
+
+fn tls_args(dir: &Path) -> (String, String) {
+    (
+        dir.join("localhost.crt").display().to_string(),
+        dir.join("localhost.key").display().to_string(),
+    )
+}
+
+#[test]
+fn tls_ends_in_the_proxy_and_the_upstream_is_told_https() {
+    if !have_openssl("tls_ends_in_the_proxy_and_the_upstream_is_told_https") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start_tls(&dir, 1, &["--upstream", &up.arg()]);
+    wait_line(&mut b, "TLS: handshakes signed by baton's key process");
+    // curl, as the issue writes it.
+    let port = b.addr().port();
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(dir.join("ca.crt"))
+        .arg("--resolve")
+        .arg(format!("localhost:{port}:127.0.0.1"))
+        .arg(format!("https://localhost:{port}/seen"))
+        .output()
+        .expect("run curl");
+    let seen = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "GET /seen HTTP/1.1\r\n",
+        "X-Forwarded-Proto: https\r\n",
+        ";proto=https\r\n",
+    ] {
+        assert!(seen.contains(want), "{want:?} not seen:\n{seen}");
+    }
+    // A Rust client: ALPN picks http/1.1; one TLS connection carries many
+    // requests, over one upstream connection.
+    let mut c = TlsClient::new(&dir, b.addr());
+    for i in 0..50 {
+        let r = c.get(&format!("/r{i}"));
+        assert_eq!(r.status, 200, "{}", r.head);
+        assert!(r.text().starts_with(&format!("GET /r{i} HTTP/1.1")));
+    }
+    assert_eq!(c.alpn().as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(up.reqs(), 51);
+    assert_eq!(up.conns(), 1, "the upstream connection is reused");
+    // A client that claims it came over http is not believed.
+    let r = c
+        .send(b"GET /claim HTTP/1.1\r\nHost: localhost\r\nX-Forwarded-Proto: http\r\n\r\n")
+        .unwrap();
+    assert!(
+        r.text().contains("X-Forwarded-Proto: https\r\n"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !r.text().contains("X-Forwarded-Proto: http\r\n"),
+        "{}",
+        r.text()
+    );
+}
+
+#[test]
+fn large_bodies_and_tunnels_over_tls_arrive_intact() {
+    if !have_openssl("large_bodies_and_tunnels_over_tls_arrive_intact") {
+        return;
+    }
+    const TOTAL: usize = 16 << 20;
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let b = start_tls(&dir, 1, &["--upstream", &up.arg()]);
+    let mut body = vec![0u8; TOTAL];
+    pattern(42, &mut body);
+    let mut sum = FNV0;
+    fnv(&mut sum, &body);
+    let want = format!("body {TOTAL} {sum:016x}\n");
+    let mut c = TlsClient::new(&dir, b.addr());
+    // A Content-Length upload (spliced past the replay window without TLS).
+    let mut raw =
+        format!("PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: {TOTAL}\r\n\r\n").into_bytes();
+    raw.extend_from_slice(&body);
+    let r = c.send(&raw).unwrap();
+    assert_eq!(r.status, 200);
+    assert!(r.text().ends_with(&want), "{}", r.text());
+    // Downloads, chunked and Content-Length (spliced without TLS).
+    let mut expect = vec![0u8; TOTAL];
+    let mut seed = 7u32;
+    for part in expect.chunks_mut(65536) {
+        seed = pattern(seed, part);
+    }
+    for path in ["/download", "/length", "/length"] {
+        let r = c.get(&format!("{path}/{TOTAL}"));
+        assert_eq!((r.status, r.body.len()), (200, TOTAL), "{path}");
+        assert!(r.body == expect, "{path}: the download arrives intact");
+    }
+    // A WebSocket tunnel through TLS.
+    let ws = Upstream::start(Kind::WebSocket);
+    let b = start_tls(&dir, 1, &["--upstream", &ws.arg()]);
+    let mut c = TlsClient::new(&dir, b.addr());
+    let r = c
+        .send(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        .unwrap();
+    assert_eq!(r.status, 101);
+    for i in 0..20 {
+        let msg = format!("frame {i} {}", "x".repeat(i * 1000));
+        c.r.get_mut().write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        c.r.read_exact(&mut back).unwrap();
+        assert_eq!(back, msg.as_bytes());
+    }
+}
+
+#[test]
+fn plaintext_garbage_and_stalled_handshakes_on_the_tls_port_are_closed() {
+    if !have_openssl("plaintext_garbage_and_stalled_handshakes_on_the_tls_port_are_closed") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start_tls(
+        &dir,
+        1,
+        &["--upstream", &up.arg(), "--tls-handshake-timeout", "1s"],
+    );
+    // Plain HTTP: told, in plain HTTP, to use https.
+    let r = one(b.addr(), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("use https://"), "{}", r.text());
+    wait_line(&mut b, "the client sent plaintext HTTP");
+    // Bytes that are not TLS: closed, no HTTP answer.
+    let mut s = connect(b.addr()).unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(!got.starts_with(b"HTTP/"), "{got:?}");
+    // A client that opens and says nothing is closed at the deadline.
+    let t0 = Instant::now();
+    let mut s = connect(b.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let n = s.read(&mut [0u8; 16]).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a byte");
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    wait_line(
+        &mut b,
+        "TLS handshake not finished within --tls-handshake-timeout 1s",
+    );
+    // Nothing reached the upstream, and the worker still serves.
+    assert_eq!(up.reqs(), 0);
+    let mut c = TlsClient::new(&dir, b.addr());
+    assert_eq!(c.get("/after").status, 200);
+}
+
+#[test]
+fn tcp_mode_refuses_a_tls_pool_with_a_reason() {
+    if !have_openssl("tcp_mode_refuses_a_tls_pool_with_a_reason") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let proxy = bin("baton-proxy").display().to_string();
+    let (cert, key) = tls_args(&dir);
+    let up_arg = up.arg();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--no-control",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--",
+        &proxy,
+        "--mode",
+        "tcp",
+        "--upstream",
+        &up_arg,
+    ];
+    let mut b = Baton::start(&args, 0);
+    wait_line(&mut b, "--mode tcp passes bytes through untouched");
 }

@@ -10,6 +10,8 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+pub mod pki;
+
 /// Path of a binary built by this workspace (same profile as the tests).
 pub fn bin(name: &str) -> PathBuf {
     // CARGO_BIN_EXE_* is only set for this package's own binaries; the

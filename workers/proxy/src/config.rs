@@ -188,6 +188,11 @@ pub struct Config {
     #[arg(long, value_name = "DURATION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
 
+    /// With TLS (the pool has --tls-cert): time a client has to finish its
+    /// TLS handshake; a client that stalls in it is closed and logged.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
     /// HTTP mode: a client connection idle between requests (or before its
     /// first) this long is closed.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
@@ -269,8 +274,14 @@ impl Config {
                 self.health_path
             ));
         }
-        if self.response_timeout.is_zero() || self.keepalive_timeout.is_zero() {
-            return Err("--response-timeout and --keepalive-timeout must not be 0".into());
+        if self.response_timeout.is_zero()
+            || self.keepalive_timeout.is_zero()
+            || self.tls_handshake_timeout.is_zero()
+        {
+            return Err(
+                "--response-timeout, --keepalive-timeout and --tls-handshake-timeout must not be 0"
+                    .into(),
+            );
         }
         if self.max_header_bytes < 256 {
             return Err("--max-header-bytes must be at least 256".into());

@@ -162,6 +162,8 @@ pub struct Hop<'a> {
     pub upstream: &'a str,
     /// The request asks for a protocol upgrade that is forwarded.
     pub upgrade: bool,
+    /// The client's connection is TLS (the proxy terminated it).
+    pub tls: bool,
 }
 
 /// Writes the head of `req` as it goes to the upstream: always HTTP/1.1,
@@ -196,7 +198,8 @@ pub fn request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, hop: &Hop<'_>,
     let ip = hop.client.ip().to_canonical();
     let ip_text = ip.to_string();
     joined(out, "X-Forwarded-For", chain, ip_text.as_bytes());
-    let proto = fields::first(chain, "x-forwarded-proto").unwrap_or(b"http");
+    let this_proto: &[u8] = if hop.tls { b"https" } else { b"http" };
+    let proto = fields::first(chain, "x-forwarded-proto").unwrap_or(this_proto);
     write::field(out, "X-Forwarded-Proto", proto);
     if let Some(h) = fields::first(chain, "x-forwarded-host").or(client_host) {
         write::field(out, "X-Forwarded-Host", h);
@@ -211,7 +214,8 @@ pub fn request_head(out: &mut Vec<u8>, req: &RequestHead<'_, '_>, hop: &Hop<'_>,
         fwd.extend_from_slice(b";host=");
         param(&mut fwd, h);
     }
-    fwd.extend_from_slice(b";proto=http");
+    fwd.extend_from_slice(b";proto=");
+    fwd.extend_from_slice(this_proto);
     joined(out, "Forwarded", chain, &fwd);
     if rules.x_real_ip {
         let real = fields::first(chain, "x-real-ip").unwrap_or(ip_text.as_bytes());
@@ -320,6 +324,10 @@ mod tests {
     use baton_http::{parse_request, parse_response, Limits};
 
     fn forward(raw: &[u8], client: &str, rules: &Rules) -> String {
+        forward_over(raw, client, rules, false)
+    }
+
+    fn forward_over(raw: &[u8], client: &str, rules: &Rules, tls: bool) -> String {
         let limits = Limits::default();
         let mut store = limits.fields();
         let req = parse_request(raw, &limits, &mut store).unwrap().unwrap();
@@ -328,6 +336,7 @@ mod tests {
             client: client.parse().unwrap(),
             upstream: "up:80",
             upgrade: wants_upgrade(&req),
+            tls,
         };
         request_head(&mut out, &req, &hop, rules);
         String::from_utf8(out).unwrap()
@@ -385,6 +394,18 @@ mod tests {
         ] {
             assert!(h.contains(kept), "{kept:?} not in {h}");
         }
+    }
+
+    #[test]
+    fn a_tls_client_is_forwarded_as_https_and_cannot_claim_otherwise() {
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-Forwarded-Proto: http\r\n\r\n";
+        let h = forward_over(raw, "192.0.2.7:5000", &Rules::default(), true);
+        assert!(h.contains("X-Forwarded-Proto: https\r\n"), "{h}");
+        assert!(!h.contains("X-Forwarded-Proto: http\r\n"), "{h}");
+        assert!(
+            h.contains("Forwarded: for=192.0.2.7;host=a;proto=https\r\n"),
+            "{h}"
+        );
     }
 
     #[test]

@@ -51,6 +51,24 @@
 //!    connections into a two-way tunnel (half-close honoured) closed after
 //!    `--tunnel-timeout` of silence.
 //!
+//! ## TLS
+//!
+//! When the pool has `--tls-cert`, the acceptor gives every worker the
+//! pool's certificate chains and session-ticket keys and a channel to its
+//! key process ([`baton_tls::bundle`]); the private keys stay there. Each
+//! client connection then gets a rustls session ([`baton_tls::TlsConn`]
+//! over the raw fd) at once: the PROXY header (`--accept-proxy`), which
+//! comes before the handshake, is still read from the socket, and every
+//! byte after it goes through the session: reads through
+//! [`read_client`], writes through [`Sink`]. The handshake has
+//! `--tls-handshake-timeout`; plaintext HTTP on the port gets a plain
+//! 400 saying to use https. Nothing is spliced to or from a TLS client
+//! (the kernel would see ciphertext on one side, plaintext on the other),
+//! so bodies are copied through rustls's buffers, still bounded by
+//! [`HIGH`]. The upstream is told `X-Forwarded-Proto: https` and
+//! `Forwarded: ...;proto=https`; a client cannot claim otherwise unless it
+//! is a `--trusted-proxy`. Closes send close_notify first, best effort.
+//!
 //! ## Cost per request
 //!
 //! Every socket call passes `MSG_DONTWAIT`, so a client socket needs
@@ -80,6 +98,7 @@ use baton_http::chunked::{ChunkHead, CRLF, LAST_CHUNK};
 use baton_http::write::{self as w, DateCache, ErrorPage};
 use baton_http::{BodyDecoder, ChunkLimits, Framing, Limits, Version, EMPTY_FIELD};
 use baton_sdk::log::Level;
+use baton_tls::{FdIo, TlsConn};
 use mio::{Interest, Token};
 use slab::Slab;
 
@@ -203,6 +222,8 @@ struct Sink<'a> {
     fd: RawFd,
     ready: &'a mut bool,
     out: &'a mut Buf,
+    /// The client's TLS session, if it has one: plaintext goes through it.
+    tls: Option<&'a mut TlsConn<FdIo>>,
 }
 
 impl Sink<'_> {
@@ -210,6 +231,9 @@ impl Sink<'_> {
     /// once when it may be written (one system call). Returns the bytes
     /// written.
     fn emit(&mut self, parts: &[&[u8]]) -> io::Result<usize> {
+        if let Some(t) = self.tls.as_deref_mut() {
+            return emit_tls(t, self.ready, self.out, parts);
+        }
         let total: usize = self.out.len() + parts.iter().map(|p| p.len()).sum::<usize>();
         if !*self.ready || total == 0 {
             for p in parts {
@@ -245,10 +269,150 @@ impl Sink<'_> {
     }
 
     fn flush(&mut self) -> io::Result<usize> {
-        if self.out.is_empty() {
+        let tls_waits = self
+            .tls
+            .as_ref()
+            .is_some_and(|t| t.connection().wants_write());
+        if self.out.is_empty() && !tls_waits {
             return Ok(0);
         }
         self.emit(&[])
+    }
+}
+
+/// A TLS error as the `io::Error` the state machine handles, its kind
+/// named for the log.
+fn tls_io(e: baton_tls::TlsError) -> io::Error {
+    io::Error::other(format!("TLS ({}): {e}", e.kind()))
+}
+
+/// [`Sink::emit`] through a TLS session: what waits, then `parts`, is
+/// encrypted into rustls's buffer (bounded: rustls takes no more than its
+/// limit) and written as far as the socket takes it; the rest waits in
+/// `out`. Returns the plaintext bytes rustls took.
+fn emit_tls(
+    t: &mut TlsConn<FdIo>,
+    ready: &mut bool,
+    out: &mut Buf,
+    parts: &[&[u8]],
+) -> io::Result<usize> {
+    use std::io::Write;
+    // Writes as much of `b` as rustls takes, flushing it to the socket
+    // when its buffer is full; 0 once the socket would block.
+    fn put(t: &mut TlsConn<FdIo>, ready: &mut bool, b: &[u8]) -> io::Result<usize> {
+        let n = t.connection_mut().writer().write(b)?;
+        if n > 0 || b.is_empty() {
+            return Ok(n);
+        }
+        if !t.flush_tls().map_err(tls_io)? {
+            *ready = false;
+            return Ok(0);
+        }
+        // Still 0 after a flush: rustls holds plaintext until the
+        // handshake ends, and its buffer for that is full.
+        t.connection_mut().writer().write(b)
+    }
+    let mut taken = 0;
+    if *ready {
+        if !t.flush_tls().map_err(tls_io)? {
+            *ready = false;
+        }
+        while *ready && !out.is_empty() {
+            let n = put(t, ready, out.pending())?;
+            if n == 0 {
+                break;
+            }
+            out.consume(n);
+            taken += n;
+        }
+    }
+    for p in parts {
+        let mut p: &[u8] = p;
+        while *ready && out.is_empty() && !p.is_empty() {
+            let n = put(t, ready, p)?;
+            if n == 0 {
+                break;
+            }
+            p = &p[n..];
+            taken += n;
+        }
+        out.extend(p);
+    }
+    if *ready && !t.flush_tls().map_err(tls_io)? {
+        *ready = false;
+    }
+    Ok(taken)
+}
+
+/// Reads once more from the client, at most `want` bytes of plaintext,
+/// into `inb`: `Ok(0)` is its end. Keeps `rd` true while the socket (or,
+/// with TLS, rustls) may hold more, false once it is empty.
+fn read_client(
+    fd: RawFd,
+    tls: Option<&mut TlsConn<FdIo>>,
+    inb: &mut Buf,
+    rd: &mut bool,
+    want: usize,
+) -> io::Result<usize> {
+    let Some(t) = tls else {
+        return match inb.fill(fd, want) {
+            Ok(n) => {
+                if n > 0 && n < want {
+                    *rd = false;
+                }
+                Ok(n)
+            }
+            Err(e) => {
+                if would_block(&e) {
+                    *rd = false;
+                }
+                Err(e)
+            }
+        };
+    };
+    use std::io::BufRead;
+    let mut got = 0;
+    loop {
+        let from_socket = match t.on_readable() {
+            Ok(n) => n,
+            Err(e) => {
+                if e.kind() == "plaintext-http" {
+                    // Plain HTTP to the TLS port: say so in plain HTTP.
+                    let _ = send_parts(fd, &[baton_tls::PLAINTEXT_HTTP_RESPONSE]);
+                }
+                return Err(tls_io(e));
+            }
+        };
+        let r = {
+            let mut reader = t.connection_mut().reader();
+            match reader.fill_buf() {
+                Ok(chunk) => {
+                    let n = chunk.len().min(want - got);
+                    inb.extend(&chunk[..n]);
+                    reader.consume(n);
+                    Ok(n)
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match r {
+            Ok(0) => return Ok(got),
+            Ok(n) => {
+                got += n;
+                if got == want {
+                    return Ok(got);
+                }
+            }
+            Err(e) if would_block(&e) => {
+                if from_socket == 0 {
+                    *rd = false;
+                    return if got > 0 { Ok(got) } else { Err(e) };
+                }
+            }
+            // The socket closed without close_notify: most clients do.
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(got),
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -324,6 +488,9 @@ struct Req {
 pub struct Client {
     pub id: u64,
     sock: mio::net::TcpStream,
+    /// Its TLS session when the pool terminates TLS: every byte to and
+    /// from the client goes through it (and nothing is spliced).
+    tls: Option<Box<TlsConn<FdIo>>>,
     pub peer: SocketAddr,
     local: SocketAddr,
     rd: bool,
@@ -360,12 +527,36 @@ pub struct Client {
 }
 
 impl Client {
+    /// Nothing waits to be written to the client, not even in rustls.
+    fn out_done(&self) -> bool {
+        self.out.is_empty()
+            && !self
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.connection().wants_write())
+    }
+
+    /// Still in its TLS handshake.
+    fn handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
+    }
+
+    /// Queues close_notify and writes it as far as the socket takes it.
+    fn close_notify(&mut self) {
+        if let Some(t) = self.tls.as_mut() {
+            if !t.is_handshaking() {
+                let _ = t.close();
+            }
+        }
+    }
+
     /// Writes what waits for the client, as far as it takes it.
     fn flush(&mut self) -> io::Result<usize> {
         Sink {
             fd: self.sock.as_raw_fd(),
             ready: &mut self.wr,
             out: &mut self.out,
+            tls: self.tls.as_deref_mut(),
         }
         .flush()
     }
@@ -456,9 +647,24 @@ impl Server {
         } else {
             St::Head
         };
+        let tls = match self.tls.as_ref() {
+            None => None,
+            Some(t) => match TlsConn::new(t.tls.config.clone(), FdIo(c.stream.as_raw_fd())) {
+                Ok(t) => Some(Box::new(t)),
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "conn {id}: cannot start a TLS session: {e}; closing the connection"
+                    );
+                    self.done.push(id);
+                    return;
+                }
+            },
+        };
         let client = Client {
             id,
             sock: mio::net::TcpStream::from_std(c.stream),
+            tls,
             peer: c.peer,
             local: c.local,
             rd: true,
@@ -585,8 +791,7 @@ impl Server {
             St::Closing => c.linger && !c.rd,
             St::Request => !c.rd && c.req.as_ref().is_some_and(|r| !r.body_done),
         };
-        let must_write =
-            !c.wr && (!c.out.is_empty() || c.pipe.as_ref().is_some_and(|p| p.held > 0));
+        let must_write = !c.wr && (!c.out_done() || c.pipe.as_ref().is_some_and(|p| p.held > 0));
         if c.registered || !(must_read || must_write) {
             return true;
         }
@@ -676,23 +881,18 @@ impl Server {
                     }
                     return Act::Wait;
                 }
-                match c.inb.fill(c.sock.as_raw_fd(), HEAD_CHUNK) {
+                let fd = c.sock.as_raw_fd();
+                match read_client(fd, c.tls.as_deref_mut(), &mut c.inb, &mut c.rd, HEAD_CHUNK) {
                     Ok(0) => {
                         c.eof = true;
                         Act::Again
                     }
-                    Ok(n) => {
+                    Ok(_) => {
                         c.active = now;
-                        if n < HEAD_CHUNK {
-                            // Less than asked for: the socket is empty.
-                            c.rd = false;
-                        }
                         Act::Again
                     }
-                    Err(e) if would_block(&e) => {
-                        c.rd = false;
-                        Act::Wait
-                    }
+                    // (With TLS, the handshake may have gone on.)
+                    Err(e) if would_block(&e) => Act::Wait,
                     Err(e) => Act::Close(format!("client read: {e}")),
                 }
             }
@@ -713,7 +913,7 @@ impl Server {
                 if let Err(e) = c.flush() {
                     return Act::Close(format!("client write: {e}"));
                 }
-                if !c.out.is_empty() {
+                if !c.out_done() {
                     return Act::Wait;
                 }
                 if !c.linger && c.inb.is_empty() {
@@ -731,12 +931,16 @@ impl Server {
                     });
                     match r {
                         Ok(n) if n > 0 => {}
-                        _ => return Act::Close(String::new()),
+                        _ => {
+                            c.close_notify();
+                            return Act::Close(String::new());
+                        }
                     }
                 }
                 c.linger = true;
                 if !c.shut {
                     c.shut = true;
+                    c.close_notify();
                     let _ = shutdown_write(c.sock.as_raw_fd());
                     c.linger_until = Some(now + LINGER);
                 }
@@ -1183,9 +1387,11 @@ impl Server {
     /// Closes client `key` (and its upstream connection); `why` non-empty
     /// is logged.
     pub(crate) fn http_close(&mut self, key: usize, why: &str) {
-        let Some(c) = self.http.clients.try_remove(key) else {
+        let Some(mut c) = self.http.clients.try_remove(key) else {
             return;
         };
+        // Best effort: a client that sees close_notify knows nothing was cut.
+        c.close_notify();
         if let Some(req) = &c.req {
             if let Some(i) = req.server {
                 self.outstanding[i] = self.outstanding[i].saturating_sub(1);
@@ -1216,6 +1422,7 @@ impl Server {
         let up = c.up.and_then(|uk| self.http.ups.get(uk));
         let d = match c.st {
             St::ProxyHeader => c.started + cfg.accept_proxy_timeout,
+            St::Head if c.handshaking() => c.started + cfg.tls_handshake_timeout,
             St::Head if c.inb.is_empty() => c.active + cfg.keepalive_timeout,
             St::Head => c.active + cfg.idle_timeout.min(cfg.keepalive_timeout),
             St::Request => {
@@ -1286,6 +1493,13 @@ impl Server {
                 let why = format!(
                     "no PROXY header within {}",
                     humantime::format_duration(cfg.accept_proxy_timeout)
+                );
+                self.http_close(key, &why);
+            }
+            St::Head if c.handshaking() => {
+                let why = format!(
+                    "TLS handshake not finished within --tls-handshake-timeout {}",
+                    humantime::format_duration(cfg.tls_handshake_timeout)
                 );
                 self.http_close(key, &why);
             }
@@ -1412,6 +1626,7 @@ fn parse_head<'n>(
         client: c.peer,
         upstream: up_name(0),
         upgrade,
+        tls: c.tls.is_some(),
     };
     forward::request_head(&mut out, &head, &hop, rules);
     let body = BodyDecoder::new(head.framing, ChunkLimits::default());
@@ -1453,6 +1668,7 @@ fn parse_head<'n>(
 fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act {
     let Client {
         sock: csock,
+        tls: ctls,
         rd: crd,
         wr: cwr,
         eof: ceof,
@@ -1500,11 +1716,17 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         fd: ufd,
         ready: &mut u.wr,
         out: &mut u.out,
+        tls: None,
     };
     // The request body, client to upstream. Past the replay window (it
     // can no longer be sent again anyway) a Content-Length body with
     // nothing buffered is spliced.
-    if !req.body_done && req.replay.is_none() && u.connected && cin.is_empty() && up.out.is_empty()
+    if !req.body_done
+        && req.replay.is_none()
+        && u.connected
+        && cin.is_empty()
+        && up.out.is_empty()
+        && ctls.is_none()
     {
         if let BodyDecoder::Length { left, .. } = req.body {
             if left >= SPLICE_MIN && req.splice_left.is_none() {
@@ -1546,16 +1768,13 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         }
     } else if !req.body_done {
         if cin.is_empty() && *crd && !*ceof {
-            match cin.fill(cfd, READ_CHUNK) {
+            match read_client(cfd, ctls.as_deref_mut(), cin, crd, READ_CHUNK) {
                 Ok(0) => *ceof = true,
-                Ok(n) => {
-                    if n < READ_CHUNK {
-                        *crd = false;
-                    }
+                Ok(_) => {
                     progress = true;
                     *active = now;
                 }
-                Err(e) if would_block(&e) => *crd = false,
+                Err(e) if would_block(&e) => {}
                 Err(e) => return Act::Close(format!("client read: {e}")),
             }
         }
@@ -1656,6 +1875,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
         fd: cfd,
         ready: cwr,
         out: cout,
+        tls: ctls.as_deref_mut(),
     };
     if req.resp.is_none() && !u.inb.is_empty() {
         let limits = Limits {
@@ -1742,6 +1962,7 @@ fn step_request(c: &mut Client, u: &mut Up, max_body: u64, now: Instant) -> Act 
             if left >= SPLICE_MIN
                 && u.inb.is_empty()
                 && down.out.is_empty()
+                && down.tls.is_none()
                 && resp.splice_left.is_none()
             {
                 if pipe.is_none() {
@@ -1909,10 +2130,10 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
     let ufd = u.sock.as_raw_fd();
     // Client to upstream.
     if c.rd && !c.eof && u.out.len() < HIGH && c.inb.is_empty() {
-        match c.inb.fill(cfd, READ_CHUNK) {
+        match read_client(cfd, c.tls.as_deref_mut(), &mut c.inb, &mut c.rd, READ_CHUNK) {
             Ok(0) => c.eof = true,
             Ok(_) => {}
-            Err(e) if would_block(&e) => c.rd = false,
+            Err(e) if would_block(&e) => {}
             Err(e) => return Act::Close(format!("tunnel: client: {e}")),
         }
         progress = true;
@@ -1922,6 +2143,7 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
             fd: ufd,
             ready: &mut u.wr,
             out: &mut u.out,
+            tls: None,
         };
         if let Err(e) = s.emit(&[c.inb.pending()]) {
             return Act::Close(format!("tunnel: upstream: {e}"));
@@ -1933,6 +2155,7 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
         fd: ufd,
         ready: &mut u.wr,
         out: &mut u.out,
+        tls: None,
     };
     match s.flush() {
         Ok(n) => progress |= n > 0,
@@ -1956,6 +2179,7 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
         fd: cfd,
         ready: &mut c.wr,
         out: &mut c.out,
+        tls: c.tls.as_deref_mut(),
     };
     if !u.inb.is_empty() {
         if let Err(e) = s.emit(&[u.inb.pending()]) {
@@ -1968,8 +2192,9 @@ fn step_tunnel(c: &mut Client, u: &mut Up, now: Instant) -> Act {
         Ok(n) => progress |= n > 0,
         Err(e) => return Act::Close(format!("tunnel: client: {e}")),
     }
-    if u.eof && c.out.is_empty() && !c.fin_down {
+    if u.eof && c.out_done() && !c.fin_down {
         c.fin_down = true;
+        c.close_notify();
         let _ = shutdown_write(cfd);
     }
     if c.fin_up && c.fin_down {

@@ -10,7 +10,9 @@
 //! * [`http`]: HTTP mode: requests balanced one by one over keep-alive
 //!   pools to the upstreams, strict framing both ways, forwarded headers
 //!   ([`forward`]), streamed bodies, Upgrade tunnels, timeouts and error
-//!   answers, an access log.
+//!   answers, an access log; TLS terminated here when the pool has
+//!   `--tls-cert` (see [`http`]'s TLS section: keys stay in baton's key
+//!   process).
 //! * [`upstream`]: `--upstream HOST:PORT[,weight=N][,backup]`, resolved once
 //!   before the sandbox (a chrooted worker has no resolver).
 //! * [`balance`]: choosing a server (round-robin, least-conn, p2c, hash):
@@ -26,7 +28,8 @@
 //!
 //! Start-up order: options checked, names resolved, the shared region
 //! mapped (its fd closed), then the sandbox applied (by the SDK, from
-//! `BATON_SANDBOX`; `--seccomp proxy` allows outbound TCP), then HELLO.
+//! `BATON_SANDBOX`; `--seccomp proxy` allows outbound TCP), then the
+//! pool's TLS bundle read (when it has one), then HELLO.
 //! Nothing on the data path panics on client or upstream input.
 
 pub mod balance;
@@ -131,6 +134,38 @@ where
         log!(Level::Error, "{e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // TLS, when the acceptor set it up for this pool: certificate chains,
+    // ticket keys and a channel to the key process; never a private key.
+    let tls = match baton_tls::bundle::from_env() {
+        Ok(t) => t,
+        Err(e) => {
+            log!(
+                Level::Error,
+                "TLS: cannot read the pool's certificates from the acceptor: {e}"
+            );
+            return ExitCode::from(1);
+        }
+    };
+    if let Some(t) = &tls {
+        if mode == mode::Mode::Tcp {
+            log!(
+                Level::Error,
+                "the pool terminates TLS (--tls-cert) but --mode tcp passes bytes through untouched: \
+                 use --mode http, or drop --tls-cert and let the upstream terminate TLS"
+            );
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        log!(
+            Level::Info,
+            "TLS: handshakes signed by baton's key process; traffic encrypted in this process (userspace rustls)"
+        );
+        for name in &t.tls.shadowed {
+            log!(
+                Level::Warn,
+                "TLS: two certificates claim {name}; the first one added serves it"
+            );
+        }
+    }
     let fds = mode.fds_per_conn();
     let worker = match &cfg.register {
         Some(path) => baton_sdk::Worker::register_per_conn(path, cfg.capacity, fds),
@@ -143,7 +178,11 @@ where
             return ExitCode::from(e.exit_code());
         }
     };
-    let prep = server::Prepared { upstreams, shared };
+    let prep = server::Prepared {
+        upstreams,
+        shared,
+        tls,
+    };
     match server::run(cfg, mode, prep, worker) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -74,7 +74,13 @@ fn watch(registry: &mio::Registry, fd: std::os::fd::RawFd, token: Token) -> io::
 pub struct Prepared {
     pub upstreams: Vec<Upstream>,
     pub shared: Shared,
+    /// The pool's TLS (certificate chains, ticket keys, a channel to the
+    /// key process), when it terminates TLS.
+    pub tls: Option<baton_tls::bundle::FromEnv>,
 }
+
+/// How often the pool's TLS bundle is looked at for new ticket keys.
+const TLS_BUNDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Joins the acceptor and serves until drained, in `mode`.
 pub fn run(cfg: Config, mode: Mode, prep: Prepared, worker: Worker) -> Result<(), Error> {
@@ -181,6 +187,8 @@ pub fn run(cfg: Config, mode: Mode, prep: Prepared, worker: Worker) -> Result<()
         next_probe: rules.active.then_some(now),
         again: Vec::new(),
         served: 0,
+        tls: prep.tls,
+        tls_check: now + TLS_BUNDLE_CHECK,
     };
     s.run()
 }
@@ -215,6 +223,9 @@ pub(crate) struct Server {
     pub(crate) next_probe: Option<Instant>,
     pub(crate) again: Vec<usize>,
     pub(crate) served: u64,
+    pub(crate) tls: Option<baton_tls::bundle::FromEnv>,
+    /// When to look at the TLS bundle next.
+    tls_check: Instant,
 }
 
 /// How an option value is spelled on the command line.
@@ -241,10 +252,11 @@ impl Server {
             if self.draining && self.conns.is_empty() && self.http.clients.is_empty() {
                 break;
             }
+            let tls_check = self.tls.as_ref().map(|_| self.tls_check);
             let timeout = if self.again.is_empty() {
                 earliest(
                     earliest(self.next_check, self.next_probe),
-                    self.drain_deadline,
+                    earliest(self.drain_deadline, tls_check),
                 )
                 .map(|t| t.saturating_duration_since(Instant::now()))
             } else {
@@ -281,6 +293,7 @@ impl Server {
             }
             self.expire();
             self.start_probes();
+            self.watch_tls();
         }
         log!(
             Level::Info,
@@ -291,6 +304,25 @@ impl Server {
         match self.channel_error.take() {
             Some(e) => Err(Error::Channel(e)),
             None => Ok(()),
+        }
+    }
+
+    /// Every [`TLS_BUNDLE_CHECK`]: new session-ticket keys from the pool's
+    /// bundle, if the acceptor rotated them.
+    fn watch_tls(&mut self) {
+        let Some(t) = self.tls.as_mut() else { return };
+        if self.now < self.tls_check {
+            return;
+        }
+        self.tls_check = self.now + TLS_BUNDLE_CHECK;
+        match t.watch.poll(&t.tls) {
+            Ok(true) => log!(
+                Level::Info,
+                "worker {}: TLS session-ticket keys rotated",
+                self.worker.id()
+            ),
+            Ok(false) => {}
+            Err(e) => log!(Level::Warn, "TLS: cannot read the pool's bundle: {e}"),
         }
     }
 

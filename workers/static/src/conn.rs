@@ -163,38 +163,7 @@ struct LogRec {
     end: u64,
 }
 
-/// A connection's socket as `Read + Write` for a TLS session: recv and
-/// send on the fd with `MSG_DONTWAIT` (the `Conn` owns the socket).
-#[derive(Debug)]
-pub struct FdIo(std::os::fd::RawFd);
-
-impl std::io::Read for FdIo {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match socket::recv(self.0, buf, MsgFlags::MSG_DONTWAIT) {
-                Ok(n) => return Ok(n),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-}
-
-impl std::io::Write for FdIo {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        loop {
-            match socket::send(self.0, buf, MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL) {
-                Ok(n) => return Ok(n),
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use baton_tls::FdIo;
 
 /// Plaintext of a file body read per TLS write.
 const TLS_FILE_CHUNK: usize = 16 * 1024;

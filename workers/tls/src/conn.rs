@@ -213,6 +213,46 @@ pub struct Interest {
     pub writable: bool,
 }
 
+/// A socket a worker owns elsewhere, read and written by its raw fd with
+/// `MSG_DONTWAIT` (and `MSG_NOSIGNAL`): the transport under a [`TlsConn`]
+/// whose socket stays blocking, or is also used for `splice(2)` or epoll
+/// by the worker. The fd must outlive it; it never closes the fd.
+#[derive(Debug, Clone, Copy)]
+pub struct FdIo(pub std::os::fd::RawFd);
+
+impl Read for FdIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match nix::sys::socket::recv(self.0, buf, nix::sys::socket::MsgFlags::MSG_DONTWAIT) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+impl Write for FdIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        use nix::sys::socket::MsgFlags;
+        loop {
+            match nix::sys::socket::send(
+                self.0,
+                buf,
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A TLS server connection over a non-blocking socket.
 pub struct TlsConn<S> {
     conn: ServerConnection,

@@ -73,7 +73,7 @@ mod sock;
 pub mod ticket;
 pub mod wire;
 
-pub use conn::{Interest, TlsConn, TlsError, PLAINTEXT_HTTP_RESPONSE};
+pub use conn::{FdIo, Interest, TlsConn, TlsError, PLAINTEXT_HTTP_RESPONSE};
 pub use der::KeyType;
 pub use keyd::{KeyFiles, KeyStore};
 pub use load::{CertChain, LoadError, LoadReason};

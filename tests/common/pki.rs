@@ -1,0 +1,101 @@
+//! Certificates for the TLS tests, made with the `openssl` command: a test
+//! CA and, per name, an ECDSA P-256 certificate it signed (SAN = the
+//! name), in a temporary directory with a `public/` site beside them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Whether the `openssl` command is here; if not, prints why `test` is
+/// skipped.
+pub fn have_openssl(test: &str) -> bool {
+    let ok = Command::new("openssl")
+        .arg("version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIPPED {test}: no openssl command (scripts/install-deps installs it)");
+    }
+    ok
+}
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A CA and, signed by it, a P-256 certificate for each of `names` (files
+/// NAME.crt / NAME.key), plus a site to serve.
+pub fn pki(names: &[&str]) -> PathBuf {
+    let dir = super::tempdir("baton-tls");
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509"];
+    ca.extend(ec);
+    ca.extend([
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=baton test CA",
+    ]);
+    openssl(&dir, &ca);
+    for name in names {
+        let (key, csr, crt, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.crt"),
+            format!("{name}.ext"),
+        );
+        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}\n")).expect("ext");
+        let subj = format!("/CN={name}");
+        let mut req = vec!["req"];
+        req.extend(ec);
+        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+        openssl(&dir, &req);
+        openssl(
+            &dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &crt,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+            ],
+        );
+    }
+    let public = dir.join("public");
+    std::fs::create_dir_all(&public).expect("mkdir");
+    std::fs::write(public.join("index.html"), "hello over tls\n").expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    for d in [dir.as_path(), public.as_path()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    dir
+}
