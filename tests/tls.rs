@@ -1,5 +1,6 @@
 //! TLS end to end: `baton --tls-cert --tls-key --root` served to curl, SNI,
-//! plaintext on the TLS port, the key process killed and back, refused key
+//! plaintext on the TLS port, the key process killed and back (idle and
+//! under load, with resumed sessions going on meanwhile), refused key
 //! files, and (as root) a worker's memory searched for the private key.
 //!
 //! Certificates are made at test time with the `openssl` command (installed
@@ -595,6 +596,284 @@ fn certificates_reload_under_load_without_a_failed_request() {
     assert!(ok > 0);
     let after = served_serial(&dir, b.addr());
     assert_ne!(after, before, "the renewed certificate is served");
+    b.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A rustls client config (ring) trusting the test CA; `resume` keeps
+/// rustls's in-memory session cache (each connection resumes with a ticket
+/// of an earlier one), else every handshake is a full one.
+fn client_config(dir: &Path, resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca = baton_tls::CertChain::load(dir.join("ca.crt")).expect("the test CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for der in ca.chain {
+        roots.add(der).expect("a CA certificate");
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(baton_tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        c.resumption = rustls::client::Resumption::disabled();
+    }
+    std::sync::Arc::new(c)
+}
+
+/// One client request over TLS, as the load of the test below records it.
+#[derive(Debug)]
+struct Attempt {
+    /// From a thread that resumes sessions.
+    resuming: bool,
+    start: Instant,
+    took: Duration,
+    /// The kind of handshake, or the error.
+    result: Result<rustls::HandshakeKind, String>,
+    /// Whether the handshake had finished when it failed.
+    after_handshake: bool,
+    /// Whether the error was a client-side timeout (a hang).
+    timed_out: bool,
+}
+
+/// `GET /` with `Connection: close` over TLS to `localhost` at `addr`,
+/// every socket operation bounded (10 s): what happened.
+fn https_get(
+    config: &std::sync::Arc<rustls::ClientConfig>,
+    resuming: bool,
+    addr: SocketAddr,
+) -> Attempt {
+    use std::io::{Read, Write};
+    let start = Instant::now();
+    let mut conn = rustls::ClientConnection::new(
+        config.clone(),
+        "localhost".try_into().expect("a server name"),
+    )
+    .expect("a client connection");
+    let result = (|| -> std::io::Result<Vec<u8>> {
+        let mut sock = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+        sock.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = Vec::new();
+        tls.read_to_end(&mut response)?;
+        Ok(response)
+    })();
+    let took = start.elapsed();
+    let after_handshake = !conn.is_handshaking();
+    let (result, timed_out) = match result {
+        Ok(r) if r.starts_with(b"HTTP/1.1 200") && r.ends_with(b"\r\n\r\nhello over tls\n") => (
+            conn.handshake_kind()
+                .ok_or_else(|| "no handshake kind".to_string()),
+            false,
+        ),
+        Ok(r) => (
+            Err(format!(
+                "unexpected response {:?}",
+                String::from_utf8_lossy(&r)
+            )),
+            false,
+        ),
+        Err(e) => {
+            let timed_out = matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            );
+            (Err(format!("{:?}: {e}", e.kind())), timed_out)
+        }
+    };
+    Attempt {
+        resuming,
+        start,
+        took,
+        result,
+        after_handshake,
+        timed_out,
+    }
+}
+
+/// Issue 13, "key process killed during load": rustls clients doing full
+/// and resumed handshakes in a loop while the key process is SIGKILLed.
+/// Only full handshakes fail, cleanly and fast, only until the new key
+/// process's workers replaced the old ones; resumed ones never fail.
+#[test]
+fn the_key_process_killed_under_load_fails_only_full_handshakes_and_nothing_hangs() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+    if !have_openssl(
+        "the_key_process_killed_under_load_fails_only_full_handshakes_and_nothing_hangs",
+    ) {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let mut b = start(&dir, &["localhost"], 2);
+    let addr = b.addr();
+
+    // Two threads of full handshakes (no resumption) and two that resume
+    // (each with its own session cache, its first handshake a full one),
+    // in a loop until stopped; every attempt is reported as it ends.
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel::<Attempt>();
+    let threads: Vec<_> = [false, false, true, true]
+        .into_iter()
+        .map(|resuming| {
+            let (stop, tx, config) = (stop.clone(), tx.clone(), client_config(&dir, resuming));
+            std::thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    if tx.send(https_get(&config, resuming, addr)).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    drop(tx);
+    let mut seen: Vec<Attempt> = Vec::new();
+    // Receives attempts until `enough` says so (or 30 s pass).
+    let collect = |seen: &mut Vec<Attempt>, what: &str, enough: &dyn Fn(&[Attempt]) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !enough(seen) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(a) => seen.push(a),
+                Err(_) => panic!("{what}: not within 30 s; attempts: {seen:#?}"),
+            }
+        }
+    };
+    let ok = |a: &Attempt, kind: rustls::HandshakeKind| a.result.as_ref().ok() == Some(&kind);
+    let count_since = |seen: &[Attempt], since: Instant, resuming: bool| {
+        let kind = if resuming {
+            rustls::HandshakeKind::Resumed
+        } else {
+            rustls::HandshakeKind::Full
+        };
+        seen.iter()
+            .filter(|a| a.start >= since && a.resuming == resuming && ok(a, kind))
+            .count()
+    };
+
+    // Load first, served normally.
+    let began = Instant::now();
+    collect(&mut seen, "successes before the kill", &|s| {
+        count_since(s, began, false) >= 20 && count_since(s, began, true) >= 10
+    });
+    let killed_at = Instant::now();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(keyd_pid(&b)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the key process");
+    b.wait_for(
+        "key process exited: TLS full handshakes fail until it is back; restarting it",
+        Duration::from_secs(10),
+    );
+    b.wait_for(
+        "key process back: replacing the pool's workers",
+        Duration::from_secs(10),
+    );
+    b.wait_for(
+        "rolling restart finished: every worker replaced",
+        Duration::from_secs(30),
+    );
+    let recovered_at = Instant::now();
+    // Load again, after the recovery, with full handshakes signed by the
+    // new key process.
+    collect(&mut seen, "successes after the recovery", &|s| {
+        count_since(s, recovered_at, false) >= 20 && count_since(s, recovered_at, true) >= 10
+    });
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("load thread");
+    }
+    seen.extend(rx.try_iter());
+
+    // Nothing hung: every attempt ended, each well within the bound.
+    let max = seen.iter().map(|a| a.took).max().unwrap_or_default();
+    assert!(
+        seen.iter()
+            .all(|a| !a.timed_out && a.took < Duration::from_secs(5)),
+        "an attempt hung: {:#?}",
+        seen.iter()
+            .filter(|a| a.timed_out || a.took >= Duration::from_secs(5))
+            .collect::<Vec<_>>()
+    );
+    // Failures: full handshakes only, in the handshake (a TLS alert or the
+    // connection closed, not a broken response), and only in the outage.
+    let failed: Vec<&Attempt> = seen.iter().filter(|a| a.result.is_err()).collect();
+    for a in &failed {
+        assert!(
+            !a.resuming,
+            "a resumed handshake failed while the key process was down: {a:#?}"
+        );
+        assert!(!a.after_handshake, "failed after its handshake: {a:#?}");
+        // What the client sees of a signature that failed: the worker
+        // closes (close_notify, a fatal alert in a handshake; rustls sends
+        // no alert of its own for a signer's error) or resets (the
+        // client's next flight unread).
+        let e = a.result.as_ref().err().map(String::as_str).unwrap_or("");
+        assert!(
+            e.starts_with("InvalidData: received fatal alert")
+                || e.starts_with("ConnectionReset")
+                || e.starts_with("UnexpectedEof"),
+            "not a clean TLS failure: {a:#?}"
+        );
+        assert!(
+            a.start + a.took >= killed_at && a.start <= recovered_at,
+            "failed outside the outage ({:?} after the kill, the recovery seen {:?} after it): {a:#?}",
+            a.start.checked_duration_since(killed_at),
+            recovered_at - killed_at,
+        );
+    }
+    // The outage was exercised: full handshakes failed, resumed ones went on.
+    assert!(
+        !failed.is_empty(),
+        "no full handshake failed while the key process was down"
+    );
+    let resumed_in_outage = seen
+        .iter()
+        .filter(|a| {
+            a.resuming
+                && a.start >= killed_at
+                && a.start + a.took <= recovered_at
+                && ok(a, rustls::HandshakeKind::Resumed)
+        })
+        .count();
+    assert!(
+        resumed_in_outage > 0,
+        "no resumed handshake during the outage"
+    );
+    // The acceptor stayed up, and no worker crashed.
+    assert!(
+        b.child.try_wait().expect("try_wait").is_none(),
+        "the acceptor exited"
+    );
+    let crashed: Vec<&str> = b
+        .seen
+        .iter()
+        .filter(|l| l.message() == "worker exited" && l.json["level"] != "INFO")
+        .map(|l| l.raw.as_str())
+        .collect();
+    assert!(crashed.is_empty(), "{crashed:#?}");
+    let full_ok = seen
+        .iter()
+        .filter(|a| ok(a, rustls::HandshakeKind::Full))
+        .count();
+    let resumed_ok = seen
+        .iter()
+        .filter(|a| ok(a, rustls::HandshakeKind::Resumed))
+        .count();
+    let errors: std::collections::BTreeSet<&str> = failed
+        .iter()
+        .filter_map(|a| a.result.as_ref().err().map(String::as_str))
+        .collect();
+    eprintln!(
+        "key process killed under load: {} attempts, {full_ok} full and {resumed_ok} resumed handshakes served ({resumed_in_outage} resumed during the outage), {} full handshakes failed cleanly ({errors:?}); outage seen for {:?}; slowest attempt {max:?}",
+        seen.len(),
+        failed.len(),
+        recovered_at - killed_at,
+    );
     b.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -308,7 +308,7 @@ impl Acceptor {
     /// name), with the new keys checked by a throwaway process and loaded
     /// by a new key process. The old key process is retired, not stopped:
     /// it signs for the old workers until the rolling restart replaced
-    /// them. On error nothing changed.
+    /// them and they have drained. On error nothing changed.
     pub(super) fn reload_tls(
         &mut self,
         new: &crate::config::Config,
@@ -343,14 +343,23 @@ impl Acceptor {
         }
     }
 
-    /// Stops key processes a reload replaced, once no TLS pool still rolls
-    /// its workers over (closing the control channel ends one).
+    /// Stops key processes a reload replaced, once no pool still rolls its
+    /// workers over and no worker it replaced is still draining (closing
+    /// the control channel ends one). A draining worker may hold
+    /// connections whose handshake has yet to be signed: stopping the old
+    /// key process under it would fail them.
     pub(super) fn drop_retired_keyds(&mut self) {
         if self.retired_keyds.is_empty() {
             return;
         }
-        let rolling = self.pools.iter().any(|(_, ps)| ps.rolling());
-        if !rolling {
+        let in_use = self.pools.iter().any(|(_, ps)| {
+            ps.rolling()
+                || ps
+                    .slots
+                    .iter()
+                    .any(|(_, s)| s.is_retired() && s.pid().is_some())
+        });
+        if !in_use {
             let n = self.retired_keyds.len();
             self.retired_keyds.clear();
             info!(
