@@ -944,7 +944,7 @@ fn send_proxy_connections_are_never_shared_between_clients() {
 
 // ---- TLS in the proxy ---------------------------------------------------------
 
-use common::pki::{have_openssl, pki};
+use common::pki::{client_config, have_openssl, pki};
 use std::path::Path;
 
 /// A rustls client connection to the proxy, trusting the test CA, with SNI
@@ -955,21 +955,9 @@ struct TlsClient {
 
 impl TlsClient {
     fn new(dir: &Path, addr: SocketAddr) -> TlsClient {
-        use rustls::pki_types::pem::PemObject;
-        let mut roots = rustls::RootCertStore::empty();
-        let ca = rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca.crt"))
-            .expect("the test CA");
-        roots.add(ca).expect("add the CA");
-        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let config = client_config(dir, false, &[b"h2", b"http/1.1"]);
         let name = "localhost".try_into().expect("a server name");
-        let conn = rustls::ClientConnection::new(Arc::new(config), name).expect("a TLS client");
+        let conn = rustls::ClientConnection::new(config, name).expect("a TLS client");
         let sock = connect(addr).expect("connect to the proxy");
         TlsClient {
             r: BufReader::new(rustls::StreamOwned::new(conn, sock)),

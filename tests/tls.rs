@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pki::{have_openssl, openssl, pki};
+use common::pki::{client_config, have_openssl, openssl, pki};
 use common::{bin, is_root, Baton};
 
 fn curl(dir: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
@@ -600,27 +600,6 @@ fn certificates_reload_under_load_without_a_failed_request() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A rustls client config (ring) trusting the test CA; `resume` keeps
-/// rustls's in-memory session cache (each connection resumes with a ticket
-/// of an earlier one), else every handshake is a full one.
-fn client_config(dir: &Path, resume: bool) -> std::sync::Arc<rustls::ClientConfig> {
-    let ca = baton_tls::CertChain::load(dir.join("ca.crt")).expect("the test CA");
-    let mut roots = rustls::RootCertStore::empty();
-    for der in ca.chain {
-        roots.add(der).expect("a CA certificate");
-    }
-    let mut c = rustls::ClientConfig::builder_with_provider(baton_tls::provider())
-        .with_safe_default_protocol_versions()
-        .expect("protocol versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    if !resume {
-        c.resumption = rustls::client::Resumption::disabled();
-    }
-    std::sync::Arc::new(c)
-}
-
 /// One client request over TLS, as the load of the test below records it.
 #[derive(Debug)]
 struct Attempt {
@@ -718,7 +697,11 @@ fn the_key_process_killed_under_load_fails_only_full_handshakes_and_nothing_hang
     let threads: Vec<_> = [false, false, true, true]
         .into_iter()
         .map(|resuming| {
-            let (stop, tx, config) = (stop.clone(), tx.clone(), client_config(&dir, resuming));
+            let (stop, tx, config) = (
+                stop.clone(),
+                tx.clone(),
+                client_config(&dir, resuming, &[b"http/1.1"]),
+            );
             std::thread::spawn(move || {
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {

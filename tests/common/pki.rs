@@ -99,3 +99,29 @@ pub fn pki(names: &[&str]) -> PathBuf {
     }
     dir
 }
+
+/// A rustls client config (ring) trusting the test CA; `resume` keeps
+/// rustls's in-memory session cache (each connection resumes with a ticket
+/// of an earlier one), else every handshake is a full one; `alpn` is what
+/// it offers.
+pub fn client_config(
+    dir: &Path,
+    resume: bool,
+    alpn: &[&[u8]],
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let ca = baton_tls::CertChain::load(dir.join("ca.crt")).expect("the test CA");
+    let mut roots = rustls::RootCertStore::empty();
+    for der in ca.chain {
+        roots.add(der).expect("a CA certificate");
+    }
+    let mut c = rustls::ClientConfig::builder_with_provider(baton_tls::provider())
+        .with_safe_default_protocol_versions()
+        .expect("protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    if !resume {
+        c.resumption = rustls::client::Resumption::disabled();
+    }
+    std::sync::Arc::new(c)
+}
