@@ -315,19 +315,85 @@ fn memory_contains(pid: i32, needle: &[u8]) -> bool {
 
 #[test]
 fn after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker() {
-    if !is_root() {
-        eprintln!("SKIPPED after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker: reading another user's /proc/PID/mem needs root");
-        return;
-    }
-    if !have_openssl("after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker") {
+    let test = "after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker";
+    if !can_read_memory(test) {
         return;
     }
     let dir = pki(&["localhost"]);
-    let scalar = private_scalar(&dir, "localhost.key");
+    let b = start(&dir, &["localhost"], 1);
+    key_is_only_in_the_key_process(b, &dir);
+}
+
+#[test]
+fn a_proxy_worker_never_holds_the_private_key_either() {
+    if !can_read_memory("a_proxy_worker_never_holds_the_private_key_either") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    // An upstream that answers every request with a small page.
+    let up = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
+    let up_addr = up.local_addr().expect("its address").to_string();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for s in up.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\nConnection: close\r\n\r\nhello over tls\n");
+        }
+    });
+    let proxy = bin("baton-proxy").display().to_string();
+    let (cert, key) = (
+        dir.join("localhost.crt").display().to_string(),
+        dir.join("localhost.key").display().to_string(),
+    );
+    let b = Baton::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--",
+            &proxy,
+            "--upstream",
+            &up_addr,
+        ],
+        1,
+    );
+    key_is_only_in_the_key_process(b, &dir);
+}
+
+/// Reading another user's `/proc/PID/mem` needs root, and the key is made
+/// with openssl: whether `test` can run (else it says why it is skipped).
+fn can_read_memory(test: &str) -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED {test}: reading another user's /proc/PID/mem needs root");
+        return false;
+    }
+    have_openssl(test)
+}
+
+/// After a few handshakes through `b`, searches the memory of its key
+/// process, its workers and the acceptor for every form of localhost.key:
+/// only the key process may hold it.
+fn key_is_only_in_the_key_process(mut b: Baton, dir: &Path) {
+    let scalar = private_scalar(dir, "localhost.key");
     assert_eq!(scalar.len(), 32);
-    let mut b = start(&dir, &["localhost"], 1);
     for _ in 0..3 {
-        assert!(curl(&dir, "localhost", b.addr()).is_ok());
+        assert_eq!(
+            curl(dir, "localhost", b.addr()),
+            Ok("hello over tls\n".into())
+        );
     }
     let keyd = keyd_pid(&b);
     let workers: Vec<i32> = b.worker_pids().into_iter().filter(|p| *p != keyd).collect();
@@ -335,7 +401,7 @@ fn after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker() 
     // What of the key a process could hold: the scalar (big-endian, as
     // little-endian limbs, and in the Montgomery form ring computes with),
     // the PKCS#8 DER, the PEM text.
-    let der = pkcs8_der(&dir, "localhost.key");
+    let der = pkcs8_der(dir, "localhost.key");
     let pem_line = std::fs::read_to_string(dir.join("localhost.key"))
         .expect("read key")
         .lines()
@@ -361,7 +427,7 @@ fn after_handshakes_the_private_key_is_in_the_key_process_and_not_in_a_worker() 
         "the acceptor has the private key in its memory"
     );
     b.stop();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
