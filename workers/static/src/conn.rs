@@ -165,6 +165,12 @@ struct LogRec {
 
 use baton_tls::FdIo;
 
+// kTLS: with `ktls_wanted` (the bundle said the kernel has it), each
+// turn first tries `try_ktls`; once the session is the kernel's, `tls` is
+// None and the connection is sent and read as a plain one (sendfile
+// included) except that it is never parked and an `EIO` from recv (a TLS
+// record that is not data) closes it. See `baton_tls::ktls`.
+
 /// Plaintext of a file body read per TLS write.
 const TLS_FILE_CHUNK: usize = 16 * 1024;
 

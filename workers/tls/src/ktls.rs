@@ -44,7 +44,10 @@
 //! control message buffer): baton treats that as the end of the
 //! connection, and closes it. A client that rekeys with KeyUpdate is
 //! therefore closed; one that never does (every browser and curl for the
-//! sizes a static server sends) is not affected.
+//! sizes a static server sends) is not affected. Closing such a
+//! connection sends no close_notify (that would take a `sendmsg` with a
+//! `TLS_SET_RECORD_TYPE` control message, not done): baton's responses are
+//! framed by `Content-Length`, so a client still knows a body is whole.
 //!
 //! # Keys and nonces per suite
 //!
