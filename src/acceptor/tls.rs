@@ -45,6 +45,13 @@ const ADD_PEER_TIMEOUT: Duration = Duration::from_secs(1);
 const KEYD_BACKOFF: Duration = Duration::from_millis(200);
 const KEYD_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
+/// The kTLS probe, once per acceptor (before any sandbox; a reload or a
+/// key process restart reuses it).
+fn ktls() -> &'static baton_tls::ktls::Ktls {
+    static KTLS: std::sync::OnceLock<baton_tls::ktls::Ktls> = std::sync::OnceLock::new();
+    KTLS.get_or_init(baton_tls::ktls::probe)
+}
+
 /// The key process as the acceptor runs it.
 pub(crate) struct Keyd {
     pub(super) pid: i32,
@@ -90,6 +97,7 @@ impl PoolTlsState {
             min_version: tls.min_version,
             ticket_keys: keys.encode(),
             certs,
+            ktls: ktls().clone(),
         };
         let bundle = baton_sdk::shared::create_region("baton-tls-bundle")
             .map_err(|e| format!("cannot create the TLS bundle: {e}"))?;
@@ -166,10 +174,12 @@ impl Acceptor {
             keys = files.len(),
             "key process ready: it holds the private keys; workers ask it to sign"
         );
-        // Which path records take: kernel TLS would let large files go out
-        // with sendfile(2); without it workers encrypt in userspace.
-        let ktls = baton_tls::ktls::probe();
-        info!(ktls = %ktls, "TLS record path: userspace encryption in the workers (kTLS hand-off is not implemented)");
+        // Which path records take: with kernel TLS the workers hand each
+        // session's keys to the kernel after the handshake, and large
+        // files go out with sendfile(2); without it they encrypt in
+        // userspace. The workers are told in the bundle.
+        let ktls = ktls();
+        info!(ktls = %ktls, "TLS record path: {}", ktls.record_path());
         self.keyd = Some(Keyd {
             pid,
             control: sp.control,

@@ -165,6 +165,12 @@ struct LogRec {
 
 use baton_tls::FdIo;
 
+// kTLS: with `ktls_wanted` (the bundle said the kernel has it), each
+// turn first tries `try_ktls`; once the session is the kernel's, `tls` is
+// None and the connection is sent and read as a plain one (sendfile
+// included) except that it is never parked and an `EIO` from recv (a TLS
+// record that is not data) closes it. See `baton_tls::ktls`.
+
 /// Plaintext of a file body read per TLS write.
 const TLS_FILE_CHUNK: usize = 16 * 1024;
 
@@ -174,6 +180,11 @@ pub struct Conn {
     /// The TLS session, when the pool terminates TLS: every byte goes
     /// through it (and file bodies are read, not sendfile'd).
     pub tls: Option<Box<baton_tls::TlsConn<FdIo>>>,
+    /// Hand the TLS session to the kernel once it can be (kTLS).
+    ktls_wanted: bool,
+    /// The session is the kernel's: the socket is read and written in
+    /// plaintext (sendfile too), the kernel encrypts.
+    ktls: bool,
     /// The acceptor's id for this connection (for DONE).
     pub id: u64,
     pub sock: mio::net::TcpStream,
@@ -236,6 +247,8 @@ impl Conn {
     pub fn new(id: u64, sock: mio::net::TcpStream, peer: SocketAddr, now: Instant) -> Conn {
         Conn {
             tls: None,
+            ktls_wanted: false,
+            ktls: false,
             id,
             sock,
             peer,
@@ -313,8 +326,10 @@ impl Conn {
     /// response fully written, nothing of the next request buffered), and
     /// neither closing nor closed by the client.
     pub fn parkable(&self) -> bool {
-        // A TLS session lives in this process: it cannot be handed back.
+        // A TLS session lives in this process (or its kernel state on
+        // this socket): it cannot be handed back.
         self.tls.is_none()
+            && !self.ktls
             && self.is_idle()
             && !self.never_park
             && !self.lingering
@@ -327,10 +342,52 @@ impl Conn {
     pub fn start_tls(
         &mut self,
         config: std::sync::Arc<rustls::ServerConfig>,
+        ktls: bool,
     ) -> Result<(), baton_tls::TlsError> {
         let t = baton_tls::TlsConn::new(config, FdIo(self.sock.as_raw_fd()))?;
         self.tls = Some(Box::new(t));
+        self.ktls_wanted = ktls;
         Ok(())
+    }
+
+    /// Whether its TLS session went to the kernel.
+    pub fn is_ktls(&self) -> bool {
+        self.ktls
+    }
+
+    /// Hands the TLS session to the kernel if it can go now (see
+    /// `baton_tls::ktls`); false: the connection must close (the keys
+    /// left rustls but the kernel did not take them).
+    fn try_ktls(&mut self) -> bool {
+        use baton_tls::ktls::KtlsError;
+        if !self.ktls_wanted || self.tls.as_ref().is_none_or(|t| t.is_handshaking()) {
+            return true;
+        }
+        let Some(t) = self.tls.take() else {
+            return true;
+        };
+        match t.into_ktls(&mut baton_tls::ktls::System) {
+            Ok(_) => {
+                self.ktls = true;
+                self.ktls_wanted = false;
+                // Whatever arrived since is the kernel's to decrypt now.
+                self.read_ready = true;
+                tracing::debug!(conn = self.id, "kTLS: the session is the kernel's");
+                true
+            }
+            Err(baton_tls::Handoff::Kept(t, e)) => {
+                self.tls = Some(t);
+                if !matches!(e, KtlsError::NotReady(_)) {
+                    self.ktls_wanted = false;
+                    tracing::info!(conn = self.id, error = %e, "kTLS: not handed off; this connection stays on userspace rustls");
+                }
+                true
+            }
+            Err(baton_tls::Handoff::Failed(_, e)) => {
+                tracing::warn!(conn = self.id, peer = %self.peer, error = %e, "kTLS: the kernel did not take the session keys; closing the connection");
+                false
+            }
+        }
     }
 
     /// Whether it has been idle long enough to be parked at `now`.
@@ -370,6 +427,9 @@ impl Conn {
             }
             if self.requests - requests0 >= REQUEST_BUDGET {
                 return Next::Again;
+            }
+            if !self.try_ktls() {
+                return Next::Close;
             }
             let mut progress = self.process(sh, io);
             if self.proxy_refused {
@@ -798,6 +858,17 @@ impl Conn {
                 Err(Errno::EAGAIN) => {
                     self.read_ready = false;
                     return Fill::Blocked;
+                }
+                Err(Errno::EIO) if self.ktls => {
+                    // A record that is not application data (an alert such
+                    // as close_notify, a TLS 1.3 KeyUpdate): a plain recv
+                    // cannot take it, and baton does not handle them after
+                    // the hand-off (see baton_tls::ktls).
+                    tracing::debug!(
+                        conn = self.id,
+                        "kTLS: a non-data TLS record ends the connection"
+                    );
+                    return Fill::Failed;
                 }
                 Err(_) => return Fill::Failed,
             }

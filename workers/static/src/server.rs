@@ -130,11 +130,12 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     // TLS, when the acceptor set it up for this pool: the certificate
     // chains and ticket keys from the pool's bundle, a channel to the key
     // process for signatures; never a private key.
-    let tls = baton_tls::bundle::from_env()?;
+    let tls = baton_tls::bundle::from_env_for(true)?;
     if let Some(t) = &tls {
         tracing::info!(
             worker = worker.id(),
-            "TLS: handshakes signed by baton's key process; responses encrypted in this process (userspace rustls)"
+            "TLS: handshakes signed by baton's key process; TLS record path: {}",
+            t.ktls.record_path()
         );
         for name in &t.tls.shadowed {
             tracing::warn!(name = %name, "TLS: two certificates claim this name; the first one added serves it");
@@ -334,7 +335,9 @@ impl Server<'_> {
         let sock = mio::net::TcpStream::from_std(c.stream);
         let mut conn = Conn::new(id, sock, c.peer, self.io.now);
         if let Some(t) = &self.tls {
-            if let Err(e) = conn.start_tls(t.tls.config.clone()) {
+            if let Err(e) =
+                conn.start_tls(t.tls.config.clone(), t.tls.config.enable_secret_extraction)
+            {
                 tracing::warn!(conn = id, error = %e, "cannot start a TLS session; closing the connection");
                 self.done.push(id);
                 return;

@@ -14,14 +14,20 @@
 //! Neither is in the environment itself: `/proc/PID/environ` is readable by
 //! processes of the same uid, and the ticket keys are secrets.
 //!
-//! # Bundle layout (version 1), little-endian
+//! # Bundle layout (version 2), little-endian
 //!
 //! ```text
-//! "BTLS" | version u8 = 1 | generation u64 | length u32 | payload | generation u64
+//! "BTLS" | version u8 = 2 | generation u64 | length u32 | payload | generation u64
 //! payload: min_version u8 (2 = TLS 1.2, 3 = TLS 1.3)
 //!          | ticket keys: u16 length, TicketKeys::encode()
 //!          | certificates: u16 count, each: id u32, u16 chain length, each DER: u32 length, bytes
+//!          | kTLS (version 2 only): u8 (0 unavailable, 1 available, 2 loadable),
+//!            u16 length, the reason it is unavailable (UTF-8)
 //! ```
+//!
+//! The kTLS field is the acceptor's [`crate::ktls::probe`]: a sandboxed
+//! worker cannot probe, and uses the kernel path only when it says so.
+//! Version 1 (no such field) still decodes, as "unavailable".
 //!
 //! The generation is written before and after the payload (the trailing
 //! copy last), so a reader that sees them differ, or a payload that does
@@ -33,6 +39,7 @@ use std::path::Path;
 
 use rustls::pki_types::CertificateDer;
 
+use crate::ktls::Ktls;
 use crate::load::{CertChain, LoadError};
 use crate::ticket::{TicketKeyError, TicketKeys};
 use crate::{MinVersion, TlsOptions, WorkerTls};
@@ -43,7 +50,7 @@ pub const KEY_FD_ENV: &str = "BATON_TLS_KEY_FD";
 pub const BUNDLE_FD_ENV: &str = "BATON_TLS_BUNDLE_FD";
 
 const MAGIC: &[u8; 4] = b"BTLS";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Bundles larger than this are refused (a chain is a few KiB).
 pub const MAX_BUNDLE: usize = 4 << 20;
 
@@ -54,7 +61,7 @@ pub enum BundleError {
     Malformed(&'static str),
     #[error("the TLS bundle is being rewritten")]
     Torn,
-    #[error("TLS bundle version {0} (this worker reads 1)")]
+    #[error("TLS bundle version {0} (this worker reads 1 and 2)")]
     Version(u8),
     #[error("the TLS bundle's ticket keys: {0}")]
     Tickets(#[from] TicketKeyError),
@@ -80,6 +87,8 @@ pub struct Bundle {
     pub ticket_keys: Vec<u8>,
     /// Key id and DER chain (leaf first) of each certificate.
     pub certs: Vec<(u32, Vec<Vec<u8>>)>,
+    /// What the acceptor's kTLS probe found.
+    pub ktls: Ktls,
 }
 
 impl Bundle {
@@ -100,6 +109,15 @@ impl Bundle {
                 p.extend_from_slice(der);
             }
         }
+        let (tag, why) = match &self.ktls {
+            Ktls::Unavailable(why) => (0u8, why.as_bytes()),
+            Ktls::Available => (1, &b""[..]),
+            Ktls::Loadable => (2, &b""[..]),
+        };
+        let why = &why[..why.len().min(1024)];
+        p.push(tag);
+        p.extend_from_slice(&(why.len() as u16).to_le_bytes());
+        p.extend_from_slice(why);
         let mut b = Vec::with_capacity(p.len() + 29);
         b.extend_from_slice(MAGIC);
         b.push(VERSION);
@@ -116,7 +134,7 @@ impl Bundle {
             return Err(BundleError::Malformed("magic"));
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(BundleError::Version(version));
         }
         let generation = r.u64()?;
@@ -144,6 +162,19 @@ impl Bundle {
             }
             certs.push((id, chain));
         }
+        let ktls = if version == 1 {
+            Ktls::Unavailable("the acceptor's TLS bundle (version 1) does not say".into())
+        } else {
+            let tag = p.u8()?;
+            let n = p.u16()? as usize;
+            let why = String::from_utf8_lossy(p.take(n)?).into_owned();
+            match tag {
+                0 => Ktls::Unavailable(why),
+                1 => Ktls::Available,
+                2 => Ktls::Loadable,
+                _ => return Err(BundleError::Malformed("kTLS")),
+            }
+        };
         if !p.0.is_empty() {
             return Err(BundleError::Malformed("trailing bytes"));
         }
@@ -152,6 +183,7 @@ impl Bundle {
             min_version,
             ticket_keys,
             certs,
+            ktls,
         })
     }
 
@@ -266,6 +298,9 @@ fn take_fd(env: &'static str) -> Result<Option<OwnedFd>, BundleError> {
 /// A worker's TLS, as the acceptor set it up.
 pub struct FromEnv {
     pub tls: crate::BuiltTls,
+    /// The acceptor's kTLS probe: sessions go to the kernel only if it
+    /// is available (the config then allows secret extraction).
+    pub ktls: Ktls,
     pub watch: Watch,
 }
 
@@ -299,6 +334,13 @@ impl Watch {
 /// sandbox (it reads inherited fds; both stay open for the worker's life,
 /// and the acceptor lists them among the fds the sandbox keeps).
 pub fn from_env() -> Result<Option<FromEnv>, BundleError> {
+    from_env_for(false)
+}
+
+/// [`from_env`] for a worker that hands sessions to the kernel
+/// (`handoff`: baton-static) when the bundle says kTLS is available: its
+/// config then allows secret extraction ([`crate::TlsOptions::ktls`]).
+pub fn from_env_for(handoff: bool) -> Result<Option<FromEnv>, BundleError> {
     let (Some(key), Some(bundle_fd)) = (take_fd(KEY_FD_ENV)?, take_fd(BUNDLE_FD_ENV)?) else {
         return Ok(None);
     };
@@ -310,12 +352,14 @@ pub fn from_env() -> Result<Option<FromEnv>, BundleError> {
         ticket_lifetime: 12 * 3600,
         options: TlsOptions {
             min_version: b.min_version,
+            ktls: handoff && b.ktls.is_available(),
             ..TlsOptions::default()
         },
     }
     .build()?;
     Ok(Some(FromEnv {
         tls,
+        ktls: b.ktls,
         watch: Watch {
             fd: bundle_fd,
             generation: b.generation,
@@ -333,6 +377,7 @@ mod tests {
             min_version: MinVersion::Tls13,
             ticket_keys: TicketKeys::generate().unwrap().encode(),
             certs: vec![(7, vec![vec![1, 2, 3], vec![4; 300]]), (9, vec![vec![5]])],
+            ktls: Ktls::Unavailable("no tls ULP".into()),
         }
     }
 
@@ -348,10 +393,40 @@ mod tests {
         assert_eq!(Bundle::read_from(&fd).unwrap(), b);
         let c = Bundle {
             certs: vec![],
+            ktls: Ktls::Loadable,
             ..sample(4)
         };
         c.write_to(&fd).unwrap();
         assert_eq!(Bundle::read_from(&fd).unwrap(), c, "shorter rewrite");
+    }
+
+    /// A version-1 bundle (an older acceptor's) still decodes: no kTLS.
+    #[test]
+    fn version_1_still_decodes() {
+        let b = Bundle {
+            ktls: Ktls::Available,
+            ..sample(6)
+        };
+        let v2 = b.encode();
+        // Version 1 is version 2 without the kTLS field at the payload's
+        // end (3 bytes for Available).
+        let len = u32::from_le_bytes(v2[13..17].try_into().unwrap()) as usize;
+        let payload = &v2[17..17 + len - 3];
+        let mut v1 = b"BTLS\x01".to_vec();
+        v1.extend_from_slice(&6u64.to_le_bytes());
+        v1.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        v1.extend_from_slice(payload);
+        v1.extend_from_slice(&6u64.to_le_bytes());
+        let d = Bundle::decode(&v1).unwrap();
+        assert!(matches!(&d.ktls, Ktls::Unavailable(why) if why.contains("version 1")));
+        assert_eq!(d.certs, b.certs);
+        assert_eq!(Bundle::decode(&v2).unwrap(), b);
+        let mut bad = v2.clone();
+        bad[17 + len - 3] = 9;
+        assert!(matches!(
+            Bundle::decode(&bad),
+            Err(BundleError::Malformed("kTLS"))
+        ));
     }
 
     #[test]

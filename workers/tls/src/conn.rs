@@ -82,6 +82,7 @@ use std::time::{Duration, Instant};
 
 use rustls::{AlertDescription, ServerConfig, ServerConnection};
 
+use crate::ktls::{self, Kernel, KtlsError};
 use crate::signer::SignError;
 
 /// What a worker may write, in clear, to a client that spoke plain HTTP
@@ -189,11 +190,48 @@ fn classify(err: rustls::Error, first: &[u8]) -> TlsError {
     TlsError::Tls(err)
 }
 
-/// Records the first bytes read from the socket.
+/// Follows the record framing of the bytes read from the socket, so that
+/// a hand-off to the kernel happens only at a record boundary (rustls holds
+/// no partial record the kernel would never see).
+#[derive(Debug, Default, Clone, Copy)]
+struct Framing {
+    hdr: [u8; 5],
+    hlen: usize,
+    /// Body bytes of the current record still to come.
+    left: usize,
+}
+
+impl Framing {
+    fn feed(&mut self, mut b: &[u8]) {
+        while !b.is_empty() {
+            if self.left > 0 {
+                let n = self.left.min(b.len());
+                self.left -= n;
+                b = &b[n..];
+                continue;
+            }
+            let n = (5 - self.hlen).min(b.len());
+            self.hdr[self.hlen..self.hlen + n].copy_from_slice(&b[..n]);
+            self.hlen += n;
+            b = &b[n..];
+            if self.hlen == 5 {
+                self.hlen = 0;
+                self.left = usize::from(u16::from_be_bytes([self.hdr[3], self.hdr[4]]));
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.hlen == 0 && self.left == 0
+    }
+}
+
+/// Records the first bytes read from the socket, and their framing.
 struct Tap<'a, S> {
     inner: &'a mut S,
     first: &'a mut [u8; SNIFF],
     len: &'a mut usize,
+    framing: &'a mut Framing,
 }
 
 impl<S: Read> Read for Tap<'_, S> {
@@ -202,6 +240,7 @@ impl<S: Read> Read for Tap<'_, S> {
         let take = (SNIFF - *self.len).min(n);
         self.first[*self.len..*self.len + take].copy_from_slice(&buf[..take]);
         *self.len += take;
+        self.framing.feed(&buf[..n]);
         Ok(n)
     }
 }
@@ -219,6 +258,12 @@ pub struct Interest {
 /// by the worker. The fd must outlive it; it never closes the fd.
 #[derive(Debug, Clone, Copy)]
 pub struct FdIo(pub std::os::fd::RawFd);
+
+impl std::os::fd::AsRawFd for FdIo {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
 
 impl Read for FdIo {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -265,6 +310,26 @@ pub struct TlsConn<S> {
     peer_closed: bool,
     deadline: Option<(Instant, Duration)>,
     failed: bool,
+    framing: Framing,
+}
+
+/// A [`TlsConn::into_ktls`] that did not happen.
+pub enum Handoff<S> {
+    /// Nothing was lost: the session is still rustls's (not ready yet, an
+    /// unsupported suite, or the kernel refused the ULP).
+    Kept(Box<TlsConn<S>>, KtlsError),
+    /// The keys were extracted but the kernel did not take them: the
+    /// connection cannot go on; close the socket.
+    Failed(S, KtlsError),
+}
+
+impl<S> std::fmt::Debug for Handoff<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Handoff::Kept(_, e) => write!(f, "Kept({e})"),
+            Handoff::Failed(_, e) => write!(f, "Failed({e})"),
+        }
+    }
 }
 
 impl<S> std::fmt::Debug for TlsConn<S> {
@@ -289,6 +354,7 @@ impl<S: Read + Write> TlsConn<S> {
             peer_closed: false,
             deadline: None,
             failed: false,
+            framing: Framing::default(),
         })
     }
 
@@ -369,16 +435,12 @@ impl<S: Read + Write> TlsConn<S> {
         }
         let mut total = 0;
         while !self.eof && self.conn.wants_read() {
-            let n = if self.first_len < SNIFF {
-                let mut tap = Tap {
-                    inner: &mut self.sock,
-                    first: &mut self.first,
-                    len: &mut self.first_len,
-                };
-                self.conn.read_tls(&mut tap)
-            } else {
-                self.conn.read_tls(&mut self.sock)
-            };
+            let n = self.conn.read_tls(&mut Tap {
+                inner: &mut self.sock,
+                first: &mut self.first,
+                len: &mut self.first_len,
+                framing: &mut self.framing,
+            });
             match n {
                 Ok(0) => self.eof = true,
                 Ok(n) => total += n,
@@ -445,6 +507,62 @@ impl<S: Read + Write> TlsConn<S> {
     }
 }
 
+impl<S: Read + Write + std::os::fd::AsRawFd> TlsConn<S> {
+    /// Whether the session can go to the kernel now: handshake done,
+    /// nothing buffered either way (no received plaintext, no partial
+    /// received record, no TLS bytes to write, such as TLS 1.3 session
+    /// tickets), the client has not closed, and the suite is one the
+    /// kernel knows. Needs [`crate::TlsOptions::ktls`].
+    pub fn ktls_ready(&mut self) -> Result<ktls::Version, KtlsError> {
+        if self.failed || self.eof || self.peer_closed {
+            return Err(KtlsError::NotReady("the connection is closing"));
+        }
+        if self.conn.is_handshaking() {
+            return Err(KtlsError::NotReady("handshaking"));
+        }
+        if !self.framing.at_boundary() {
+            return Err(KtlsError::NotReady("a partial record is buffered"));
+        }
+        let state = self
+            .conn
+            .process_new_packets()
+            .map_err(|_| KtlsError::NotReady("TLS error"))?;
+        if state.plaintext_bytes_to_read() > 0 {
+            return Err(KtlsError::NotReady("received plaintext is buffered"));
+        }
+        if state.tls_bytes_to_write() > 0 || self.conn.wants_write() {
+            return Err(KtlsError::NotReady("TLS bytes wait to be sent"));
+        }
+        if state.peer_has_closed() {
+            return Err(KtlsError::NotReady("the client sent close_notify"));
+        }
+        ktls::supported(
+            self.conn.protocol_version(),
+            self.conn.negotiated_cipher_suite(),
+        )
+    }
+
+    /// Hands the session to the kernel (see [`crate::ktls`]): when
+    /// [`TlsConn::ktls_ready`], attaches the `tls` ULP (a refusal keeps
+    /// the session: [`Handoff::Kept`]), then extracts the keys and sets
+    /// `TLS_TX` and `TLS_RX` (a refusal now is [`Handoff::Failed`]: close).
+    /// On success the socket is returned, to be used in plaintext.
+    pub fn into_ktls(mut self, kernel: &mut dyn Kernel) -> Result<S, Handoff<S>> {
+        let version = match self.ktls_ready() {
+            Ok(v) => v,
+            Err(e) => return Err(Handoff::Kept(Box::new(self), e)),
+        };
+        let fd = self.sock.as_raw_fd();
+        if let Err(e) = kernel.set_ulp(fd) {
+            return Err(Handoff::Kept(Box::new(self), KtlsError::Ulp(e)));
+        }
+        match ktls::install(kernel, fd, version, self.conn) {
+            Ok(()) => Ok(self.sock),
+            Err(e) => Err(Handoff::Failed(self.sock, e)),
+        }
+    }
+}
+
 impl<S: Read + Write> Read for TlsConn<S> {
     /// Plaintext from the client: `WouldBlock` when none has arrived yet,
     /// `Ok(0)` after close_notify, `UnexpectedEof` when the socket closed
@@ -493,6 +611,34 @@ fn to_io(e: TlsError) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn framing_finds_record_boundaries() {
+        let mut f = Framing::default();
+        assert!(f.at_boundary());
+        let rec = |len: u16| {
+            let mut v = vec![0x17, 3, 3];
+            v.extend_from_slice(&len.to_be_bytes());
+            v.extend(std::iter::repeat_n(0xee, usize::from(len)));
+            v
+        };
+        let stream = [rec(3), rec(0), rec(300)].concat();
+        // Fed whole, then byte by byte, then in odd pieces.
+        f.feed(&stream);
+        assert!(f.at_boundary());
+        for b in &stream[..stream.len() - 1] {
+            f.feed(std::slice::from_ref(b));
+        }
+        assert!(!f.at_boundary());
+        f.feed(&stream[stream.len() - 1..]);
+        assert!(f.at_boundary());
+        f.feed(&stream[..2]);
+        assert!(!f.at_boundary(), "half a header");
+        f.feed(&stream[2..8]);
+        assert!(f.at_boundary(), "the 3-byte record ends at 8");
+        f.feed(&stream[8..12]);
+        assert!(!f.at_boundary());
+    }
 
     #[test]
     fn classification() {

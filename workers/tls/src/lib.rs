@@ -30,7 +30,8 @@
 //!   and shared by every worker, rotated at run time.
 //! * [`conn`]: [`TlsConn`], a non-blocking server connection for a mio
 //!   loop, with a handshake deadline and classified errors.
-//! * [`ktls`]: whether the kernel offers kTLS (detection only).
+//! * [`ktls`]: whether the kernel offers kTLS, and the hand-off of a
+//!   finished session's keys to it ([`TlsConn::into_ktls`]).
 //! * [`server_config`]: the rustls `ServerConfig` baton uses.
 //!
 //! # Crypto provider: ring
@@ -73,7 +74,7 @@ mod sock;
 pub mod ticket;
 pub mod wire;
 
-pub use conn::{FdIo, Interest, TlsConn, TlsError, PLAINTEXT_HTTP_RESPONSE};
+pub use conn::{FdIo, Handoff, Interest, TlsConn, TlsError, PLAINTEXT_HTTP_RESPONSE};
 pub use der::KeyType;
 pub use keyd::{KeyFiles, KeyStore};
 pub use load::{CertChain, LoadError, LoadReason};
@@ -123,6 +124,10 @@ pub struct TlsOptions {
     /// TLS 1.3 tickets sent after each full handshake (rustls's default 2;
     /// 0 disables TLS 1.3 resumption).
     pub tls13_tickets: usize,
+    /// Let sessions be handed to the kernel (kTLS) after the handshake:
+    /// sets rustls's `enable_secret_extraction`, which
+    /// [`TlsConn::into_ktls`] needs. Off unless the acceptor found kTLS.
+    pub ktls: bool,
 }
 
 impl Default for TlsOptions {
@@ -131,6 +136,7 @@ impl Default for TlsOptions {
             min_version: MinVersion::Tls12,
             alpn: vec![b"http/1.1".to_vec()],
             tls13_tickets: 2,
+            ktls: false,
         }
     }
 }
@@ -161,6 +167,7 @@ pub fn server_config(
     config.alpn_protocols = options.alpn.clone();
     config.send_tls13_tickets = options.tls13_tickets;
     config.max_early_data_size = 0;
+    config.enable_secret_extraction = options.ktls;
     if let Some(t) = ticketer {
         config.ticketer = t;
     }
