@@ -12,9 +12,9 @@
 //!
 //! After each batch of events the loop gives another turn to connections
 //! that used up their byte budget (edge-triggered readiness does not
-//! repeat), expires deadlines (PROXY header, connect, idle, drain), starts
-//! the health probes whose lease this worker won, and sends one DONE
-//! message for every connection closed in the batch.
+//! repeat), expires deadlines (PROXY header, TLS handshake, connect, idle,
+//! drain), starts the health probes whose lease this worker won, and sends
+//! one DONE message for every connection closed in the batch.
 //!
 //! **Draining** (DRAIN, the channel closing, SIGTERM/SIGINT): no probe is
 //! started any more; open connections are relayed to their end, and those
