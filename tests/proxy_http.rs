@@ -1145,8 +1145,8 @@ fn plaintext_garbage_and_stalled_handshakes_on_the_tls_port_are_closed() {
 }
 
 #[test]
-fn tcp_mode_refuses_a_tls_pool_with_a_reason() {
-    if !have_openssl("tcp_mode_refuses_a_tls_pool_with_a_reason") {
+fn tcp_mode_terminates_tls_and_relays_the_bytes_untouched() {
+    if !have_openssl("tcp_mode_terminates_tls_and_relays_the_bytes_untouched") {
         return;
     }
     let dir = pki(&["localhost"]);
@@ -1171,6 +1171,21 @@ fn tcp_mode_refuses_a_tls_pool_with_a_reason() {
         "--upstream",
         &up_arg,
     ];
-    let mut b = Baton::start(&args, 0);
-    wait_line(&mut b, "--mode tcp passes bytes through untouched");
+    let mut b = Baton::start(&args, 1);
+    wait_line(&mut b, "ready: tcp mode");
+    wait_line(&mut b, "TLS: handshakes signed by baton's key process");
+    // The request goes through as the client wrote it: TCP mode adds no
+    // forwarded header, and offers no ALPN (the client's offer of h2 and
+    // http/1.1 is ignored, not refused).
+    let mut c = TlsClient::new(&dir, b.addr());
+    let r = c.get("/seen");
+    assert_eq!(r.status, 200, "{}", r.head);
+    assert!(
+        r.text().starts_with("GET /seen HTTP/1.1\r\n"),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains("X-Forwarded-Proto"), "{}", r.text());
+    assert_eq!(c.alpn(), None);
+    assert_eq!(c.get("/again").status, 200, "the same TLS connection");
 }

@@ -22,6 +22,12 @@ enum Kind {
     Echo,
     /// Reads a PROXY header first and reports it, then echoes.
     ProxyHeader,
+    /// Writes `HELLO\n` and shuts its side down at once, then reads to
+    /// the client's EOF, adding what it got to `moved`.
+    GreetThenListen,
+    /// Writes without end (as fast as the other side takes it), adding
+    /// what it wrote to `moved`.
+    Flood,
 }
 
 /// A small upstream server on loopback.
@@ -31,6 +37,8 @@ struct Upstream {
     conns: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     headers: Arc<Mutex<Vec<Result<proxy_protocol::Header, String>>>>,
+    /// Bytes read (GreetThenListen) or written (Flood).
+    moved: Arc<AtomicUsize>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -46,8 +54,10 @@ impl Upstream {
         let conns = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let headers = Arc::new(Mutex::new(Vec::new()));
+        let moved = Arc::new(AtomicUsize::new(0));
         let thread = {
             let (conns, stop, headers) = (conns.clone(), stop.clone(), headers.clone());
+            let moved = moved.clone();
             std::thread::spawn(move || {
                 for s in l.incoming() {
                     if stop.load(Ordering::SeqCst) {
@@ -55,7 +65,8 @@ impl Upstream {
                     }
                     let Ok(s) = s else { continue };
                     let (headers, conns) = (headers.clone(), conns.clone());
-                    std::thread::spawn(move || serve(s, kind, &headers, &conns));
+                    let moved = moved.clone();
+                    std::thread::spawn(move || serve(s, kind, &headers, &conns, &moved));
                 }
                 // The listener closes here: connects are refused from now.
             })
@@ -65,6 +76,7 @@ impl Upstream {
             conns,
             stop,
             headers,
+            moved,
             thread: Some(thread),
         }
     }
@@ -98,9 +110,31 @@ fn serve(
     kind: Kind,
     headers: &Mutex<Vec<Result<proxy_protocol::Header, String>>>,
     conns: &AtomicUsize,
+    moved: &AtomicUsize,
 ) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
     let mut buf = vec![0u8; 256 * 1024];
+    match kind {
+        Kind::GreetThenListen => {
+            conns.fetch_add(1, Ordering::SeqCst);
+            if s.write_all(b"HELLO\n").is_err() || s.shutdown(Shutdown::Write).is_err() {
+                return;
+            }
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                moved.fetch_add(n, Ordering::SeqCst);
+            }
+            return;
+        }
+        Kind::Flood => {
+            conns.fetch_add(1, Ordering::SeqCst);
+            let _ = s.set_write_timeout(Some(Duration::from_secs(60)));
+            while let Ok(n @ 1..) = s.write(&buf) {
+                moved.fetch_add(n, Ordering::SeqCst);
+            }
+            return;
+        }
+        Kind::Echo | Kind::ProxyHeader => {}
+    }
     let mut pending = Vec::new();
     let mut counted = false;
     let mut count = |n: usize| {
@@ -157,21 +191,20 @@ fn serve(
 /// `baton --seccomp proxy -- baton-proxy --mode tcp ARGS`, `workers`
 /// workers, each logging "worker N ready: tcp mode".
 fn start(workers: usize, proxy_args: &[String]) -> Baton {
+    start_with(workers, &[], proxy_args)
+}
+
+/// As [`start`], with `baton_args` for the acceptor (before `--`).
+fn start_with(workers: usize, baton_args: &[&str], proxy_args: &[String]) -> Baton {
     let w = workers.to_string();
     let proxy = bin("baton-proxy").display().to_string();
-    let mut args: Vec<&str> = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        &w,
-        "--no-control",
+    let mut args: Vec<&str> = vec!["--listen", "127.0.0.1:0", "--workers", &w, "--no-control"];
+    args.extend_from_slice(baton_args);
+    args.extend([
         // No --seccomp: `auto` gives baton-proxy the proxy profile, so the
         // issue's command line works as written.
-        "--",
-        &proxy,
-        "--mode",
-        "tcp",
-    ];
+        "--", &proxy, "--mode", "tcp",
+    ]);
     args.extend(proxy_args.iter().map(|s| s.as_str()));
     let mut b = Baton::start(&args, workers);
     for _ in 0..workers {
@@ -782,4 +815,430 @@ fn under_the_default_seccomp_profile_it_says_to_use_proxy() {
     // Exit 78: not restarted; with no worker left, baton stops.
     let st = b.wait_exit(Duration::from_secs(30));
     assert!(!st.success());
+}
+
+// ---- TLS offload: the pool has --tls-cert, --mode tcp ------------------------
+
+use common::pki::{have_openssl, pki};
+use std::path::Path;
+
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A rustls client config trusting the test CA (ring provider).
+fn tls_config(dir: &Path) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let ca =
+        rustls::pki_types::CertificateDer::from_pem_file(dir.join("ca.crt")).expect("the test CA");
+    roots.add(ca).expect("add the CA");
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth(),
+    )
+}
+
+/// A TLS session over `sock` (SNI `localhost`), handshake done.
+fn tls_over(dir: &Path, sock: TcpStream) -> TlsStream {
+    let name = "localhost".try_into().expect("a server name");
+    let conn = rustls::ClientConnection::new(tls_config(dir), name).expect("a TLS client");
+    let mut t = rustls::StreamOwned::new(conn, sock);
+    t.sock
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    while t.conn.is_handshaking() {
+        t.conn
+            .complete_io(&mut t.sock)
+            .expect("a TLS handshake with the proxy");
+    }
+    t
+}
+
+fn tls_connect(dir: &Path, addr: SocketAddr) -> TlsStream {
+    tls_over(dir, connect(addr).expect("connect to the proxy"))
+}
+
+/// `baton --tls-cert localhost.crt --tls-key localhost.key -- baton-proxy
+/// --mode tcp ARGS`, one worker.
+fn start_tls(dir: &Path, proxy_args: &[String]) -> Baton {
+    let cert = dir.join("localhost.crt").display().to_string();
+    let key = dir.join("localhost.key").display().to_string();
+    start_with(1, &["--tls-cert", &cert, "--tls-key", &key], proxy_args)
+}
+
+/// How the test client ends its side.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientEnd {
+    /// close_notify, the TCP connection left open.
+    CloseNotify,
+    /// A bare FIN, no close_notify.
+    Fin,
+}
+
+/// Sends `data` over `t` while reading what comes back (both at once,
+/// non-blocking, so that an echo cannot deadlock), then ends as `end`
+/// says. Returns what came back, and whether the proxy ended it with
+/// close_notify (false: a bare FIN).
+fn exchange(mut t: TlsStream, data: &[u8], end: ClientEnd) -> (Vec<u8>, bool) {
+    let (conn, sock) = (&mut t.conn, &mut t.sock);
+    sock.set_nonblocking(true).unwrap();
+    let (mut sent, mut ended, mut fin) = (0, false, false);
+    let mut peer_end = None;
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "exchange stuck: sent {sent}, got {}",
+            got.len()
+        );
+        let mut progress = false;
+        if sent < data.len() {
+            let n = conn
+                .writer()
+                .write(&data[sent..(sent + (1 << 16)).min(data.len())])
+                .unwrap();
+            sent += n;
+            progress |= n > 0;
+        } else if !ended {
+            if end == ClientEnd::CloseNotify {
+                conn.send_close_notify();
+            }
+            ended = true;
+            progress = true;
+        }
+        while conn.wants_write() {
+            match conn.write_tls(sock) {
+                Ok(n) => progress |= n > 0,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("write to the proxy: {e}"),
+            }
+        }
+        if ended && !fin && end == ClientEnd::Fin && !conn.wants_write() {
+            sock.shutdown(Shutdown::Write).unwrap();
+            fin = true;
+        }
+        if peer_end.is_none() {
+            match conn.read_tls(sock) {
+                Ok(_) => {
+                    conn.process_new_packets().expect("TLS from the proxy");
+                    progress = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("read from the proxy: {e}"),
+            }
+            loop {
+                match conn.reader().read(&mut buf) {
+                    Ok(0) => break peer_end = Some(true),
+                    Ok(n) => {
+                        got.extend_from_slice(&buf[..n]);
+                        progress = true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                        break peer_end = Some(false)
+                    }
+                    Err(e) => panic!("read from the proxy: {e}"),
+                }
+            }
+        }
+        if let Some(clean) = peer_end {
+            if ended && !conn.wants_write() {
+                return (got, clean);
+            }
+        }
+        if !progress {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `n` bytes of a pseudo-random pattern.
+fn pattern(n: usize) -> Vec<u8> {
+    let mut x = 0x9e37_79b9u32;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn tls_offload_carries_16_mib_each_way_to_a_plain_upstream() {
+    if !have_openssl("tls_offload_carries_16_mib_each_way_to_a_plain_upstream") {
+        return;
+    }
+    const TOTAL: usize = 16 << 20;
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start_tls(&dir, &args(&["--upstream", &up.arg()]));
+    b.find(Duration::from_secs(10), |l| {
+        l.message()
+            .contains("TLS: handshakes signed by baton's key process")
+    })
+    .expect("the worker says it terminates TLS");
+    let data = pattern(TOTAL);
+    let (back, clean) = exchange(tls_connect(&dir, b.addr()), &data, ClientEnd::CloseNotify);
+    assert_eq!(back.len(), TOTAL + format!("BYE {TOTAL}\n").len());
+    assert!(back[..TOTAL] == data[..], "the echo arrives intact");
+    assert_eq!(&back[TOTAL..], format!("BYE {TOTAL}\n").as_bytes());
+    assert!(clean, "the proxy ends with close_notify");
+    let line = b
+        .wait_until(Duration::from_secs(10), |l| l.message().contains("done,"))
+        .expect("the connection's closing line");
+    assert!(
+        line.message()
+            .contains(&format!("{TOTAL} bytes up, {} bytes down", back.len())),
+        "{}",
+        line.message()
+    );
+    assert_eq!(up.count(), 1);
+    b.stop();
+}
+
+#[test]
+fn tls_offload_half_closes_both_ways() {
+    if !have_openssl("tls_offload_half_closes_both_ways") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let b = start_tls(&dir, &args(&["--upstream", &up.arg()]));
+    // The client ends with close_notify only (its TCP side stays open):
+    // the upstream sees EOF (it says BYE only then), its answer follows.
+    let t = tls_connect(&dir, b.addr());
+    let (back, clean) = exchange(t, b"first part", ClientEnd::CloseNotify);
+    assert_eq!(back, b"first partBYE 10\n");
+    assert!(clean);
+    // With a bare FIN instead: the same.
+    let t = tls_connect(&dir, b.addr());
+    let (back, clean) = exchange(t, &[7u8; 100_000], ClientEnd::Fin);
+    assert_eq!(back.len(), 100_000 + b"BYE 100000\n".len());
+    assert!(back.ends_with(b"BYE 100000\n"));
+    assert!(clean);
+    // The upstream ends first: the client gets its bytes and close_notify,
+    // and may still send; the upstream receives all of it.
+    let greeter = Upstream::start(Kind::GreetThenListen);
+    let b = start_tls(&dir, &args(&["--upstream", &greeter.arg()]));
+    let mut t = tls_connect(&dir, b.addr());
+    let mut hello = Vec::new();
+    t.read_to_end(&mut hello).expect("read until close_notify");
+    assert_eq!(hello, b"HELLO\n");
+    t.write_all(&[1u8; 100_000])
+        .expect("the client may still send after the upstream's FIN");
+    t.conn.send_close_notify();
+    t.flush().unwrap();
+    let t0 = Instant::now();
+    while greeter.moved.load(Ordering::SeqCst) < 100_000 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the upstream got all"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(greeter.moved.load(Ordering::SeqCst), 100_000);
+    // Both ways over: the proxy closes.
+    let mut rest = [0u8; 16];
+    assert_eq!(t.sock.read(&mut rest).unwrap_or(0), 0);
+}
+
+#[test]
+fn tls_offload_takes_the_proxy_header_before_the_handshake() {
+    if !have_openssl("tls_offload_takes_the_proxy_header_before_the_handshake") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::ProxyHeader);
+    let mut b = start_tls(
+        &dir,
+        &args(&[
+            "--upstream",
+            &up.arg(),
+            "--accept-proxy",
+            "--send-proxy",
+            "v2",
+        ]),
+    );
+    let client: SocketAddr = "192.0.2.9:4343".parse().unwrap();
+    let front: SocketAddr = "198.51.100.2:443".parse().unwrap();
+    for header in [
+        proxy_protocol::encode_v1(client, front).into_bytes(),
+        proxy_protocol::encode_v2(client, front),
+    ] {
+        let mut s = connect(b.addr()).unwrap();
+        s.write_all(&header).unwrap();
+        let t = tls_over(&dir, s);
+        let (back, clean) = exchange(t, b"over tls", ClientEnd::CloseNotify);
+        assert_eq!(back, b"over tlsBYE 8\n");
+        assert!(clean);
+    }
+    {
+        let h = up.headers.lock().unwrap();
+        assert_eq!(h.len(), 2);
+        for got in h.iter() {
+            assert_eq!(got.clone().unwrap().addrs, Some((client, front)));
+        }
+    }
+    b.find(Duration::from_secs(5), |l| {
+        l.message().contains("from 192.0.2.9:4343 via")
+    })
+    .expect("the header's address is the one logged");
+    // A TLS ClientHello where the header should be: refused as a header.
+    let mut s = connect(b.addr()).unwrap();
+    s.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.is_empty());
+    b.wait_until(Duration::from_secs(5), |l| {
+        l.message().contains("PROXY header refused")
+    })
+    .expect("logged");
+    assert_eq!(up.headers.lock().unwrap().len(), 2);
+}
+
+#[test]
+fn tls_offload_closes_plaintext_garbage_and_stalled_handshakes() {
+    if !have_openssl("tls_offload_closes_plaintext_garbage_and_stalled_handshakes") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start_tls(
+        &dir,
+        &args(&["--upstream", &up.arg(), "--tls-handshake-timeout", "1s"]),
+    );
+    let addr = b.addr();
+    let send = |bytes: &[u8]| -> Vec<u8> {
+        let mut s = connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(bytes);
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        got
+    };
+    // Plain HTTP: closed without an answer (the service need not be HTTP).
+    assert_eq!(send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), b"");
+    b.wait_until(Duration::from_secs(5), |l| {
+        l.message()
+            .contains("TLS handshake failed (plaintext-http)")
+            && l.message().contains("without an answer")
+    })
+    .expect("plaintext HTTP is logged");
+    // Bytes that are not TLS at all: the same.
+    assert_eq!(send(&[0u8; 64]), b"");
+    b.wait_until(Duration::from_secs(5), |l| {
+        l.message().contains("TLS handshake failed (not-tls)")
+    })
+    .expect("garbage is logged");
+    // A client that opens and says nothing is closed at the deadline.
+    let t0 = Instant::now();
+    let mut s = connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(s.read(&mut [0u8; 16]).unwrap_or(0), 0, "closed, no byte");
+    assert!(t0.elapsed() < Duration::from_secs(8), "{:?}", t0.elapsed());
+    b.wait_until(Duration::from_secs(5), |l| {
+        l.message()
+            .contains("TLS handshake not finished within --tls-handshake-timeout 1s")
+    })
+    .expect("the stall is logged");
+    // Garbage after a good handshake: the connection ends, the upstream
+    // never gets a byte of it.
+    let mut t = tls_connect(&dir, addr);
+    t.sock.write_all(b"this is not a TLS record\r\n").unwrap();
+    let mut buf = [0u8; 64];
+    match t.read(&mut buf) {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("plaintext back after garbage: {:?}", &buf[..n]),
+    }
+    // (Logged as a relay error, or as a handshake error when the client's
+    // Finished and the garbage were read together.)
+    b.wait_until(Duration::from_secs(5), |l| {
+        l.message().contains("client I/O error: TLS (tls)")
+            || l.message().contains("TLS handshake failed (tls)")
+    })
+    .expect("the garbage is logged");
+    assert_eq!(up.count(), 0, "nothing reached the upstream");
+    // The worker still serves.
+    let (back, _) = exchange(tls_connect(&dir, addr), b"ok", ClientEnd::CloseNotify);
+    assert_eq!(back, b"okBYE 2\n");
+}
+
+/// The resident set of `pid`, in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pid of the pool's baton-proxy worker.
+fn proxy_pid(b: &Baton) -> i32 {
+    b.worker_pids()
+        .into_iter()
+        .find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .is_ok_and(|c| c.trim() == "baton-proxy")
+        })
+        .expect("a baton-proxy worker")
+}
+
+#[test]
+fn tls_clients_that_never_read_cost_bounded_memory() {
+    if !have_openssl("tls_clients_that_never_read_cost_bounded_memory") {
+        return;
+    }
+    const CLIENTS: usize = 16;
+    let dir = pki(&["localhost"]);
+    let flood = Upstream::start(Kind::Flood);
+    let b = start_tls(&dir, &args(&["--upstream", &flood.arg()]));
+    let pid = proxy_pid(&b);
+    // One connection first, so that the worker's steady allocations are
+    // in the baseline.
+    drop(tls_connect(&dir, b.addr()));
+    std::thread::sleep(Duration::from_millis(200));
+    let before = rss_kib(pid);
+    // Clients that finish the handshake and never read, under an upstream
+    // that writes without end: what the proxy holds must stay bounded.
+    let clients: Vec<TlsStream> = (0..CLIENTS).map(|_| tls_connect(&dir, b.addr())).collect();
+    // Until the flood stalls (backpressure reached the upstream).
+    let t0 = Instant::now();
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = flood.moved.load(Ordering::SeqCst);
+        if now == last && now > 0 {
+            break;
+        }
+        last = now;
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the upstream keeps writing: {now} bytes (nothing stops it)"
+        );
+    }
+    let after = rss_kib(pid);
+    let grew = after.saturating_sub(before);
+    eprintln!(
+        "{CLIENTS} non-reading TLS clients: worker RSS {before} KiB -> {after} KiB (+{grew} KiB, \
+         {} KiB per client); the upstream wrote {} KiB in all before it blocked",
+        grew / CLIENTS as u64,
+        last / 1024
+    );
+    assert!(before > 0, "VmRSS read from /proc/{pid}/status");
+    // 64 KiB of ours plus rustls's 64 KiB per client, and slack.
+    assert!(
+        grew < (CLIENTS as u64) * 512,
+        "the worker grew by {grew} KiB for {CLIENTS} clients"
+    );
+    assert_eq!(flood.count(), CLIENTS + 1);
+    drop(clients);
 }

@@ -15,7 +15,9 @@ pub enum ModeArg {
     /// HTTP/1.1 reverse proxy: keep-alive pools to upstreams, forwarded
     /// headers, strict framing both ways (on baton-http).
     Http,
-    /// A TCP relay: bytes both ways, spliced in the kernel.
+    /// A TCP relay: bytes both ways, spliced in the kernel; when the pool
+    /// has --tls-cert, TLS is terminated here and the upstream gets
+    /// plaintext (copied, not spliced).
     Tcp,
 }
 
@@ -69,7 +71,10 @@ pub struct Config {
 
     /// What is proxied. `http` is the HTTP/1.1 reverse proxy (requests
     /// balanced one by one over keep-alive connections to the upstreams);
-    /// `tcp` relays bytes both ways (any TCP protocol).
+    /// `tcp` relays bytes both ways (any TCP protocol). Either mode
+    /// terminates TLS when the pool has --tls-cert (the upstream gets
+    /// plaintext; in tcp mode it is connected once the handshake is done,
+    /// and plaintext sent to the TLS port is closed without an answer).
     #[arg(long, value_enum, default_value = "http")]
     pub mode: ModeArg,
 
@@ -163,7 +168,9 @@ pub struct Config {
     /// Size of the kernel pipe each direction of a relayed connection goes
     /// through (F_SETPIPE_SZ; the kernel rounds it to pages and caps it at
     /// /proc/sys/fs/pipe-max-size). It bounds what is in flight per
-    /// direction: nothing is buffered in user space.
+    /// direction: nothing is buffered in user space. Not used with TLS
+    /// (nothing is spliced to or from a TLS client: at most 64 KiB per
+    /// direction waits in user space, plus rustls's own buffer).
     #[arg(long, value_name = "BYTES", default_value_t = 65536)]
     pub pipe_size: usize,
 
@@ -189,7 +196,8 @@ pub struct Config {
     pub request_timeout: Duration,
 
     /// With TLS (the pool has --tls-cert): time a client has to finish its
-    /// TLS handshake; a client that stalls in it is closed and logged.
+    /// TLS handshake; a client that stalls in it is closed and logged. It
+    /// starts after the PROXY header (--accept-proxy), which is plaintext.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
     pub tls_handshake_timeout: Duration,
 

@@ -22,8 +22,14 @@
 //!   sees a server go down and come back at once, and only one of them
 //!   probes it per interval.
 //! * [`probe`]: the active probes (TCP connect, HTTP `GET`).
-//! * [`tcp`], [`relay`]: one relayed connection; bytes moved with
-//!   `splice(2)` through a pipe per direction, half-close honoured.
+//! * [`tcp`], [`relay`]: TCP mode, one relayed connection; bytes moved
+//!   with `splice(2)` through a pipe per direction, half-close honoured.
+//! * [`tls_relay`]: TCP mode when the pool has `--tls-cert` (TLS offload
+//!   in front of any TCP service): the handshake (after the PROXY header,
+//!   before the upstream is connected), then plaintext to the upstream and
+//!   ciphertext to the client, copied through rustls and bounded buffers
+//!   instead of spliced; close_notify and FIN both ways. Keys stay in
+//!   baton's key process in both modes.
 //! * [`server`]: the event loop.
 //!
 //! Start-up order: options checked, names resolved, the shared region
@@ -42,6 +48,7 @@ pub mod probe;
 pub mod relay;
 pub mod server;
 pub mod tcp;
+pub mod tls_relay;
 pub mod upstream;
 
 /// Logs one line in the shared style ([`baton_sdk::log`]) as `baton-proxy`.
@@ -136,7 +143,7 @@ where
     }
     // TLS, when the acceptor set it up for this pool: certificate chains,
     // ticket keys and a channel to the key process; never a private key.
-    let tls = match baton_tls::bundle::from_env() {
+    let mut tls = match baton_tls::bundle::from_env() {
         Ok(t) => t,
         Err(e) => {
             log!(
@@ -146,14 +153,17 @@ where
             return ExitCode::from(1);
         }
     };
-    if let Some(t) = &tls {
+    if let Some(t) = tls.as_mut() {
         if mode == mode::Mode::Tcp {
-            log!(
-                Level::Error,
-                "the pool terminates TLS (--tls-cert) but --mode tcp passes bytes through untouched: \
-                 use --mode http, or drop --tls-cert and let the upstream terminate TLS"
-            );
-            return ExitCode::from(EXIT_CONFIG);
+            // The pool's config offers ALPN `http/1.1`, and refuses a
+            // client that offers ALPN but not that (RFC 7301). A TCP relay
+            // does not know its protocol: no ALPN at all, so that any
+            // client's offer is ignored rather than refused. The ticketer
+            // and the resolver are shared, so ticket-key rotation still
+            // reaches this copy.
+            let mut config = (*t.tls.config).clone();
+            config.alpn_protocols.clear();
+            t.tls.config = std::sync::Arc::new(config);
         }
         log!(
             Level::Info,

@@ -2,7 +2,8 @@
 //!
 //! Each mode is one module driven by the same event loop
 //! ([`crate::server`]), upstream list, balancer and shared health: TCP mode
-//! is [`crate::tcp`] (bytes both ways, spliced), HTTP mode is
+//! is [`crate::tcp`] (bytes both ways, spliced; copied through rustls
+//! when the pool terminates TLS, [`crate::tls_relay`]), HTTP mode is
 //! [`crate::http`] (requests one by one, over keep-alive pools, on the
 //! `baton-http` crate).
 
@@ -17,8 +18,8 @@ pub enum Mode {
 
 impl Mode {
     /// File descriptors one client connection costs: for TCP the two
-    /// sockets and two pipes; for HTTP the two sockets and a share of the
-    /// pool.
+    /// sockets and two pipes (with TLS no pipes: fewer; this is the most);
+    /// for HTTP the two sockets and a share of the pool.
     pub fn fds_per_conn(self) -> u32 {
         match self {
             Mode::Tcp => 6,

@@ -11,6 +11,11 @@
 //! End of stream: when the source says EOF and the pipe is empty, the
 //! destination gets `shutdown(SHUT_WR)` (a FIN), and the other direction
 //! goes on: a client that half-closes still receives the whole answer.
+//!
+//! Not for a TLS client (the pool has `--tls-cert`): the kernel would move
+//! ciphertext one way and plaintext the other. Those connections are
+//! copied through rustls instead ([`crate::tls_relay`]); [`Pumped`] and
+//! [`shutdown_write`] are shared with it.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

@@ -12,9 +12,9 @@
 //!
 //! After each batch of events the loop gives another turn to connections
 //! that used up their byte budget (edge-triggered readiness does not
-//! repeat), expires deadlines (PROXY header, connect, idle, drain), starts
-//! the health probes whose lease this worker won, and sends one DONE
-//! message for every connection closed in the batch.
+//! repeat), expires deadlines (PROXY header, TLS handshake, connect, idle,
+//! drain), starts the health probes whose lease this worker won, and sends
+//! one DONE message for every connection closed in the batch.
 //!
 //! **Draining** (DRAIN, the channel closing, SIGTERM/SIGINT): no probe is
 //! started any more; open connections are relayed to their end, and those
@@ -41,7 +41,9 @@ use crate::mode::Mode;
 use crate::probe::{Probe, Verdict};
 use crate::relay::Direction;
 use crate::tcp::{Conn, ConnectStep, HeaderStep, Phase, RelayStep, Side};
+use crate::tls_relay::{HandshakeStep, TlsClient};
 use crate::upstream::{Fnv, Upstream};
+use baton_tls::{FdIo, TlsConn, TlsError};
 
 const CHANNEL: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -369,6 +371,7 @@ impl Server {
                 );
                 let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                 for k in keys {
+                    self.close_notify(k);
                     self.close(k, "stopped");
                 }
                 self.http_close_all("stopped");
@@ -413,13 +416,31 @@ impl Server {
             return;
         }
         let _ = c.stream.set_nodelay(true);
+        // With TLS, a session per connection over the raw fd (the socket
+        // stays in `Conn`, which outlives the session).
+        let tls = match self.tls.as_ref() {
+            None => None,
+            Some(t) => match TlsConn::new(t.tls.config.clone(), FdIo(c.stream.as_raw_fd())) {
+                Ok(t) => Some(Box::new(TlsClient::new(t))),
+                Err(e) => {
+                    log!(
+                        Level::Warn,
+                        "conn {id}: cannot start a TLS session: {e}; closing the connection"
+                    );
+                    self.done.push(id);
+                    return;
+                }
+            },
+        };
         let phase = if self.cfg.accept_proxy {
             Phase::Header
+        } else if tls.is_some() {
+            Phase::Handshake
         } else {
             Phase::Connecting
         };
         let sock = mio::net::TcpStream::from_std(c.stream);
-        let conn = Conn::new(
+        let mut conn = Conn::new(
             id,
             sock,
             c.peer,
@@ -428,6 +449,7 @@ impl Server {
             phase,
             self.now,
         );
+        conn.tls = tls;
         let key = self.conns.insert(conn);
         if !self.watch_conn(key, Side::Client) {
             return;
@@ -435,13 +457,27 @@ impl Server {
         let Some(conn) = self.conns.get_mut(key) else {
             return;
         };
-        if phase == Phase::Header {
-            conn.deadline = self.now + self.cfg.accept_proxy_timeout;
-            self.schedule(key);
-            self.drive(key);
-        } else {
-            self.connect_next(key, None);
+        match phase {
+            Phase::Header => {
+                conn.deadline = self.now + self.cfg.accept_proxy_timeout;
+                self.schedule(key);
+                self.drive(key);
+            }
+            Phase::Handshake => self.start_handshake(key),
+            _ => self.connect_next(key, None),
         }
+    }
+
+    /// Starts `key`'s TLS handshake (its deadline, and a first turn: the
+    /// ClientHello may be there already, and its edge gone).
+    fn start_handshake(&mut self, key: usize) {
+        let Some(c) = self.conns.get_mut(key) else {
+            return;
+        };
+        c.phase = Phase::Handshake;
+        c.deadline = self.now + self.cfg.tls_handshake_timeout;
+        self.schedule(key);
+        self.drive(key);
     }
 
     /// Registers one of `key`'s sockets with the poller, or closes the
@@ -495,8 +531,12 @@ impl Server {
                         c.peer = src;
                         c.local = dst;
                     }
-                    c.phase = Phase::Connecting;
-                    self.connect_next(key, None);
+                    if c.tls.is_some() {
+                        self.start_handshake(key);
+                    } else {
+                        c.phase = Phase::Connecting;
+                        self.connect_next(key, None);
+                    }
                 }
                 step @ (HeaderStep::Closed | HeaderStep::Bad(_)) => {
                     let why = match step {
@@ -504,6 +544,30 @@ impl Server {
                         _ => "closed before a whole PROXY header".to_string(),
                     };
                     log!(Level::Warn, "conn {} from {}: {why}; closing", c.id, c.peer);
+                    self.close(key, "");
+                }
+            },
+            Phase::Handshake => match c.handshake() {
+                HandshakeStep::Wait => {}
+                // Only now an upstream (see crate::tcp: connect timing).
+                HandshakeStep::Done => {
+                    c.phase = Phase::Connecting;
+                    self.connect_next(key, None);
+                }
+                HandshakeStep::Failed(e) => {
+                    let why = match &e {
+                        TlsError::PlaintextHttp(_) | TlsError::NotTls(_) => {
+                            format!("{e}; closing without an answer (TCP mode)")
+                        }
+                        _ => format!("{e}; closing"),
+                    };
+                    log!(
+                        Level::Info,
+                        "conn {} from {}: TLS handshake failed ({}): {why}",
+                        c.id,
+                        c.peer,
+                        e.kind()
+                    );
                     self.close(key, "");
                 }
             },
@@ -640,12 +704,18 @@ impl Server {
         if let Some(up) = &c.upstream {
             let _ = up.set_nodelay(true);
         }
-        let dirs = Direction::new(pipe_size).and_then(|a| Ok((a, Direction::new(pipe_size)?)));
+        // With TLS nothing is spliced: no pipes.
+        let dirs = if c.tls.is_some() {
+            Ok(None)
+        } else {
+            Direction::new(pipe_size).and_then(|a| Ok(Some((a, Direction::new(pipe_size)?))))
+        };
         match dirs {
-            Ok((a, b)) => {
+            Ok(Some((a, b))) => {
                 c.c2u = Some(a);
                 c.u2c = Some(b);
             }
+            Ok(None) => {}
             Err(e) => {
                 log!(
                     Level::Warn,
@@ -737,6 +807,13 @@ impl Server {
         }
     }
 
+    /// With TLS: close_notify to `key`'s client, best effort.
+    fn close_notify(&mut self, key: usize) {
+        if let Some(c) = self.conns.get_mut(key) {
+            c.close_notify();
+        }
+    }
+
     fn close(&mut self, key: usize, why: &str) {
         if !self.conns.contains(key) {
             return;
@@ -772,6 +849,7 @@ impl Server {
                 );
                 let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
                 for k in keys {
+                    self.close_notify(k);
                     self.close(k, "drain timeout");
                 }
                 self.http_close_all("drain timeout");
@@ -813,8 +891,23 @@ impl Server {
                     }
                     self.close(k, "");
                 }
+                Phase::Handshake => {
+                    if let Some(c) = self.conns.get(k) {
+                        log!(
+                            Level::Warn,
+                            "conn {} from {}: TLS handshake not finished within --tls-handshake-timeout {}; closing",
+                            c.id,
+                            c.peer,
+                            humantime::format_duration(self.cfg.tls_handshake_timeout)
+                        );
+                    }
+                    self.close(k, "");
+                }
                 Phase::Connecting => self.connect_failed(k, "timed out".into()),
-                Phase::Relay => self.close(k, "idle timeout"),
+                Phase::Relay => {
+                    self.close_notify(k);
+                    self.close(k, "idle timeout");
+                }
             }
         }
         for k in late_probes {

@@ -1,6 +1,6 @@
 //! TCP mode: one client connection relayed to one upstream server.
 //!
-//! A connection goes through three phases; the event loop
+//! A connection goes through up to four phases; the event loop
 //! ([`crate::server`]) drives it on every readiness event of either socket
 //! and owns the decisions that need pool state (which server, health):
 //!
@@ -8,12 +8,26 @@
 //!    read with `MSG_PEEK` until [`baton_sdk::proxy_protocol::parse`] says
 //!    complete, then exactly its length is consumed, so not one byte of
 //!    the client's own data is read into user space. A malformed header, or
-//!    none, closes the connection (never guessed).
-//! 2. [`Phase::Connecting`]: a non-blocking connect to the chosen server,
+//!    none, closes the connection (never guessed). It is plaintext, before
+//!    any TLS.
+//! 2. [`Phase::Handshake`] (only when the pool has `--tls-cert`): the TLS
+//!    handshake, bounded by `--tls-handshake-timeout` (a stalled one is
+//!    closed and logged). The upstream is connected only once it has
+//!    finished: a port scanner, a client that does not trust the
+//!    certificate or one that speaks plaintext never costs an upstream
+//!    connection (nor, with `--send-proxy`, a PROXY header to it); the
+//!    price is one connect round trip after the handshake instead of
+//!    during it. Plaintext on the port (HTTP or anything else) is closed
+//!    and logged without an answer: the service behind a TCP relay need
+//!    not speak HTTP, so the HTTP mode's plain `400 use https` would be a
+//!    guess.
+//! 3. [`Phase::Connecting`]: a non-blocking connect to the chosen server,
 //!    bounded by `--connect-timeout`; on failure the loop picks another.
-//! 3. [`Phase::Relay`]: the optional PROXY header to the upstream first
+//! 4. [`Phase::Relay`]: the optional PROXY header to the upstream first
 //!    (a few dozen bytes, written before any client byte), then both
-//!    directions with `splice(2)` through a pipe each ([`crate::relay`]).
+//!    directions with `splice(2)` through a pipe each ([`crate::relay`]);
+//!    with TLS, copied through rustls and bounded buffers instead
+//!    ([`crate::tls_relay`]).
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,11 +37,13 @@ use std::time::Instant;
 use baton_sdk::proxy_protocol::{self, Parsed, V2_MAX};
 
 use crate::relay::{retry_eintr, Direction, End};
+use crate::tls_relay::{HandshakeStep, TlsClient};
 
 /// Where a connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     Header,
+    Handshake,
     Connecting,
     Relay,
 }
@@ -52,6 +68,9 @@ pub struct Conn {
     pub deadline: Instant,
     pub c2u: Option<Direction>,
     pub u2c: Option<Direction>,
+    /// The client's TLS session and relay state, when the pool terminates
+    /// TLS (then `c2u` and `u2c` stay None: nothing is spliced).
+    pub tls: Option<Box<TlsClient>>,
     /// Bytes to write to the upstream before relaying (a PROXY header).
     pub preamble: Vec<u8>,
     pub started: Instant,
@@ -188,6 +207,7 @@ impl Conn {
             deadline: now,
             c2u: None,
             u2c: None,
+            tls: None,
             preamble: Vec::new(),
             started: now,
         }
@@ -197,6 +217,22 @@ impl Conn {
     /// the header once it is whole ([`read_proxy_header`]).
     pub fn read_header(&mut self) -> HeaderStep {
         read_proxy_header(&self.client)
+    }
+
+    /// Goes on with the TLS handshake (`Done` at once without TLS).
+    pub fn handshake(&mut self) -> HandshakeStep {
+        match self.tls.as_mut() {
+            Some(t) => t.handshake(),
+            None => HandshakeStep::Done,
+        }
+    }
+
+    /// With TLS: queues close_notify and writes it as far as the socket
+    /// takes it (best effort, before a close by a timeout).
+    pub fn close_notify(&mut self) {
+        if let Some(t) = self.tls.as_mut() {
+            t.close_notify();
+        }
     }
 
     /// Whether the pending connect finished, and how.
@@ -209,8 +245,7 @@ impl Conn {
 
     /// Moves bytes both ways, at most `budget` per direction.
     pub fn relay(&mut self, budget: usize) -> RelayStep {
-        let (Some(up), Some(c2u), Some(u2c)) = (&self.upstream, &mut self.c2u, &mut self.u2c)
-        else {
+        let Some(up) = &self.upstream else {
             return RelayStep::Failed(Side::Upstream, io::Error::other("relay without upstream"));
         };
         while !self.preamble.is_empty() {
@@ -228,6 +263,19 @@ impl Conn {
             }
         }
         let (cfd, ufd) = (self.client.as_raw_fd(), up.as_raw_fd());
+        if let Some(t) = self.tls.as_mut() {
+            return match t.pump(cfd, ufd, budget) {
+                Ok(_) if t.finished() => RelayStep::Finished,
+                Ok(p) => RelayStep::Open {
+                    moved: p.moved,
+                    more: p.more,
+                },
+                Err((side, e)) => RelayStep::Failed(side, e),
+            };
+        }
+        let (Some(c2u), Some(u2c)) = (&mut self.c2u, &mut self.u2c) else {
+            return RelayStep::Failed(Side::Upstream, io::Error::other("relay without pipes"));
+        };
         let mut moved = 0;
         let mut more = false;
         // Each way, with which side its source and destination are.
@@ -255,6 +303,9 @@ impl Conn {
 
     /// Bytes delivered to the upstream and to the client.
     pub fn totals(&self) -> (u64, u64) {
+        if let Some(t) = &self.tls {
+            return (t.up_total, t.down_total);
+        }
         (
             self.c2u.as_ref().map_or(0, |d| d.total),
             self.u2c.as_ref().map_or(0, |d| d.total),
