@@ -99,6 +99,8 @@ use baton_http::write::{self as w, DateCache, ErrorPage};
 use baton_http::{BodyDecoder, ChunkLimits, Framing, Limits, Version, EMPTY_FIELD};
 use baton_sdk::log::Level;
 use baton_tls::{FdIo, TlsConn};
+
+use crate::tls_relay::tls_io;
 use mio::{Interest, Token};
 use slab::Slab;
 
@@ -278,12 +280,6 @@ impl Sink<'_> {
         }
         self.emit(&[])
     }
-}
-
-/// A TLS error as the `io::Error` the state machine handles, its kind
-/// named for the log.
-fn tls_io(e: baton_tls::TlsError) -> io::Error {
-    io::Error::other(format!("TLS ({}): {e}", e.kind()))
 }
 
 /// [`Sink::emit`] through a TLS session: what waits, then `parts`, is
