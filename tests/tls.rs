@@ -33,6 +33,23 @@ fn curl(dir: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
 }
 
 /// The key process's pid, from its "ready" line.
+/// After the key process was killed: baton says so, restarts it, and has
+/// replaced the pool's workers with ones that have a channel to the new one.
+fn wait_key_process_back(b: &mut Baton) {
+    b.wait_for(
+        "key process exited: TLS full handshakes fail until it is back; restarting it",
+        Duration::from_secs(10),
+    );
+    b.wait_for(
+        "key process back: replacing the pool's workers",
+        Duration::from_secs(10),
+    );
+    b.wait_for(
+        "rolling restart finished: every worker replaced",
+        Duration::from_secs(30),
+    );
+}
+
 fn keyd_pid(b: &Baton) -> i32 {
     b.seen
         .iter()
@@ -117,19 +134,8 @@ fn a_killed_key_process_fails_handshakes_cleanly_and_comes_back() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the key process");
-    b.wait_for(
-        "key process exited: TLS full handshakes fail until it is back; restarting it",
-        Duration::from_secs(10),
-    );
     // It comes back, and the worker is replaced by one with a channel to it.
-    b.wait_for(
-        "key process back: replacing the pool's workers",
-        Duration::from_secs(10),
-    );
-    b.wait_for(
-        "rolling restart finished: every worker replaced",
-        Duration::from_secs(30),
-    );
+    wait_key_process_back(&mut b);
     let started = Instant::now();
     assert_eq!(
         curl(&dir, "localhost", b.addr()),
@@ -814,18 +820,7 @@ fn the_key_process_killed_under_load_fails_only_full_handshakes_and_nothing_hang
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("kill the key process");
-    b.wait_for(
-        "key process exited: TLS full handshakes fail until it is back; restarting it",
-        Duration::from_secs(10),
-    );
-    b.wait_for(
-        "key process back: replacing the pool's workers",
-        Duration::from_secs(10),
-    );
-    b.wait_for(
-        "rolling restart finished: every worker replaced",
-        Duration::from_secs(30),
-    );
+    wait_key_process_back(&mut b);
     let recovered_at = Instant::now();
     // Load again, after the recovery, with full handshakes signed by the
     // new key process.
