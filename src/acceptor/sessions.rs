@@ -185,7 +185,7 @@ impl Acceptor {
                 // decode() refuses versions it does not know; belt and braces.
                 Err(Gone::Protocol(format!("HELLO of version {}", r.version)))
             }
-            (State::Starting, Msg::Hello { pid, capacity }) => {
+            (State::Starting, Msg::Hello { pid, capacity, .. }) => {
                 // Checked from outside before its first connection: the
                 // process (as spawned, or as SO_PEERCRED saw it) must be
                 // confined as the pool's profile says.
