@@ -156,6 +156,6 @@ pub enum Error {
     FdLimit { limit: usize, needed: usize },
     #[error("TLS: {0}")]
     Tls(String),
-    #[error("no worker left: every spawned worker crash-looped or could not apply its sandbox, and none will be restarted (see the log above)")]
+    #[error("no worker left: every spawned worker crash-looped, could not apply its sandbox or was refused (a pool with TLS and a worker that does not terminate it), and none will be restarted (see the log above)")]
     NoWorkers,
 }

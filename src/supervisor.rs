@@ -424,6 +424,8 @@ pub fn spawn(
         .args(&cmd.args)
         .env(CHANNEL_FD_ENV, raw.to_string())
         .env(WORKER_ID_ENV, worker_id.to_string())
+        // This acceptor reads HELLO's flags (TLS).
+        .env(baton_sdk::worker::HELLO_FLAGS_ENV, "1")
         .env_remove(SANDBOX_ENV)
         .env_remove(SHARED_FD_ENV)
         .env_remove(baton_tls::bundle::KEY_FD_ENV)

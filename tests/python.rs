@@ -105,7 +105,10 @@ fn unhex(s: &str) -> Vec<u8> {
 /// A message as JSON; the Python side (below) describes its own the same way.
 fn describe(m: &Msg) -> Value {
     match m {
-        Msg::Hello { pid, capacity } => json!({"kind": "HELLO", "pid": pid, "capacity": capacity}),
+        // The Python worker never sets a flag (it does not terminate TLS).
+        Msg::Hello { pid, capacity, .. } => {
+            json!({"kind": "HELLO", "pid": pid, "capacity": capacity})
+        }
         Msg::Welcome { worker_id } => json!({"kind": "WELCOME", "worker_id": worker_id}),
         Msg::Conn(c) => json!({
             "kind": "CONN",
@@ -296,10 +299,12 @@ fn the_python_codec_and_proto_rs_agree_byte_for_byte() {
         Msg::Hello {
             pid: u32::MAX,
             capacity: 1,
+            flags: proto::HelloFlags::NONE,
         },
         Msg::Hello {
             pid: 1,
             capacity: 0,
+            flags: proto::HelloFlags::NONE,
         },
         Msg::Welcome {
             worker_id: u32::MAX,

@@ -708,7 +708,7 @@ impl Acceptor {
     fn spawn_slot(&mut self, p: usize, key: usize) -> io::Result<()> {
         let id = self.next_worker_id;
         self.next_worker_id += 1;
-        let key_channel = self.tls_channel(p);
+        let key_channel = self.tls_channel(p)?;
         let ps = &self.pools[p];
         let mut extra = Vec::new();
         if let Some(fd) = &ps.shared {

@@ -11,7 +11,7 @@ use baton_sdk::{Msg, RecvError};
 use mio::unix::SourceFd;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::parked::parked_fd_is;
 use super::*;
@@ -40,6 +40,9 @@ pub(super) enum Gone {
     Sandbox(String),
     /// Its sandbox could not be checked for want of fds on our side.
     Unverifiable(String),
+    /// Its pool has TLS and its HELLO did not say it terminates TLS: it
+    /// would answer TLS clients in plaintext.
+    NoTls,
     /// The shutdown timeout passed (its process was killed already).
     ShutdownTimeout,
 }
@@ -71,6 +74,9 @@ impl std::fmt::Display for Gone {
             Gone::StoppedBeforeHello => f.write_str("stopped before its HELLO"),
             Gone::Sandbox(why) => write!(f, "sandbox check failed: {why}"),
             Gone::Unverifiable(why) => write!(f, "sandbox check impossible: {why}"),
+            Gone::NoTls => f.write_str(
+                "refused: the pool has TLS and the worker did not say it terminates TLS",
+            ),
             Gone::ShutdownTimeout => f.write_str("shutdown timeout"),
         }
     }
@@ -185,7 +191,49 @@ impl Acceptor {
                 // decode() refuses versions it does not know; belt and braces.
                 Err(Gone::Protocol(format!("HELLO of version {}", r.version)))
             }
-            (State::Starting, Msg::Hello { pid, capacity }) => {
+            (
+                State::Starting,
+                Msg::Hello {
+                    pid,
+                    capacity,
+                    flags,
+                },
+            ) => {
+                // A pool with TLS takes only workers that say they
+                // terminate it: any other would answer TLS clients in
+                // plaintext on a port the operator believes is TLS.
+                let tls_pool = ps.tls.is_some() || ps.cfg.tls.is_some();
+                if tls_pool && !flags.tls() {
+                    let real = w.pid().unwrap_or(pid as i32);
+                    let spawned = match w.slot().and_then(|k| ps.slots.get_mut(k)) {
+                        // The same command would say the same HELLO: no
+                        // restart (like a sandbox that does not check out).
+                        Some(slot) => {
+                            slot.give_up();
+                            "; not restarting it"
+                        }
+                        None => "",
+                    };
+                    error!(
+                        worker = w.id(),
+                        pid = real,
+                        pool = %ps.cfg.name,
+                        "worker {} (pid {real}) of pool `{}` did not say it terminates TLS, but the pool has --tls-cert: it would answer TLS clients in plaintext; refused{spawned}. Use a worker that terminates TLS (baton-static, baton-proxy) or remove --tls-cert (tls-cert in a [[pool]])",
+                        w.id(),
+                        ps.cfg.name,
+                    );
+                    return Err(Gone::NoTls);
+                }
+                if !tls_pool && flags.tls() {
+                    // Harmless: it was given no bundle, so whatever it
+                    // does, the pool is plaintext as configured.
+                    warn!(
+                        worker = w.id(),
+                        pid = w.pid().unwrap_or(pid as i32),
+                        pool = %ps.cfg.name,
+                        "worker says it terminates TLS, but its pool has no --tls-cert and gave it no TLS bundle; accepted"
+                    );
+                }
                 // Checked from outside before its first connection: the
                 // process (as spawned, or as SO_PEERCRED saw it) must be
                 // confined as the pool's profile says.
@@ -237,6 +285,7 @@ impl Acceptor {
                     pool = %ps.cfg.name,
                     capacity = w.capacity(),
                     protocol = w.chan().version(),
+                    tls = flags.tls(),
                     "worker ready"
                 );
                 if drain_now {

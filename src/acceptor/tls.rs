@@ -190,18 +190,18 @@ impl Acceptor {
         Ok(())
     }
 
-    /// The fds a worker of pool `p` inherits for TLS: its key channel and
-    /// the pool's bundle (empty for a pool without TLS).
-    pub(super) fn tls_channel(&mut self, p: usize) -> Option<OwnedFd> {
+    /// The key channel a new worker of pool `p` inherits (None for a pool
+    /// without TLS). An error (out of fds...) fails the spawn, which is
+    /// retried later: a worker spawned without its TLS would be refused.
+    pub(super) fn tls_channel(&mut self, p: usize) -> io::Result<Option<OwnedFd>> {
         let ps = &self.pools[p];
-        let tls = ps.tls.as_ref()?;
-        let (worker_end, keyd_end) = match baton_tls::key_channel_pair() {
-            Ok(x) => x,
-            Err(e) => {
-                warn!(pool = %ps.cfg.name, error = %e, "cannot make a key channel: the worker's TLS handshakes will fail");
-                return None;
-            }
+        let Some(tls) = ps.tls.as_ref() else {
+            return Ok(None);
         };
+        let (worker_end, keyd_end) = baton_tls::key_channel_pair().map_err(|e| {
+            warn!(pool = %ps.cfg.name, error = %e, "cannot make a key channel for a new TLS worker; the spawn is retried");
+            e
+        })?;
         match &self.keyd {
             Some(k) if k.restart_at.is_none() => {
                 if let Err(e) = baton_tls::add_peer(
@@ -217,7 +217,7 @@ impl Acceptor {
                 warn!(pool = %ps.cfg.name, "the key process is restarting: this worker's full handshakes fail until it is replaced")
             }
         }
-        Some(worker_end)
+        Ok(Some(worker_end))
     }
 
     /// The key process exited (`pid` was reaped): schedule its restart.

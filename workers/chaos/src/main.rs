@@ -133,6 +133,7 @@ fn hello(chan: &Channel) -> io::Result<()> {
         &Msg::Hello {
             pid: std::process::id(),
             capacity: 0,
+            flags: baton_sdk::HelloFlags::NONE,
         },
         None,
     )?;

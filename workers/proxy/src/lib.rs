@@ -176,10 +176,14 @@ where
             );
         }
     }
-    let fds = mode.fds_per_conn();
+    // HELLO says whether this worker terminates TLS: a TLS pool refuses
+    // one that does not.
+    let join = baton_sdk::Worker::join(cfg.capacity)
+        .fds_per_conn(mode.fds_per_conn())
+        .terminates_tls(tls.is_some());
     let worker = match &cfg.register {
-        Some(path) => baton_sdk::Worker::register_per_conn(path, cfg.capacity, fds),
-        None => baton_sdk::Worker::from_env_per_conn(cfg.capacity, fds),
+        Some(path) => join.register(path),
+        None => join.from_env(),
     };
     let worker = match worker {
         Ok(w) => w,

@@ -51,5 +51,5 @@ pub mod shared;
 pub mod worker;
 
 pub use channel::{Channel, Received, RecvError};
-pub use proto::{ConnInfo, Msg, ProtoError};
-pub use worker::{Connection, DoneSender, Error, Event, Worker, EXIT_SANDBOX};
+pub use proto::{ConnInfo, HelloFlags, Msg, ProtoError};
+pub use worker::{Connection, DoneSender, Error, Event, Join, Worker, EXIT_SANDBOX};

@@ -22,7 +22,7 @@
 //!
 //! | kind | name    | since | direction         | length      | fds | body (offsets from 0)                                   |
 //! |-----:|---------|------:|-------------------|-------------|----:|---------------------------------------------------------|
-//! | 1    | HELLO   | 1     | worker → acceptor | 16          | 0   | pid u32 @4, capacity u32 @8 (0: no limit of its own), flags u32 @12 (0) |
+//! | 1    | HELLO   | 1     | worker → acceptor | 16          | 0   | pid u32 @4, capacity u32 @8 (0: no limit of its own), flags u32 @12 (HELLO flags, below) |
 //! | 2    | WELCOME | 1     | acceptor → worker | 8           | 0   | worker id u32 @4                                        |
 //! | 3    | CONN    | 1     | acceptor → worker | 64          | 1   | conn record (60 bytes, below) @4                        |
 //! | 4    | ACK     | 1     | worker → acceptor | 8 + 8·n     | 0   | n u16 @4 (1..=64), reserved u16 @6, n × conn id u64 @8  |
@@ -30,6 +30,24 @@
 //! | 6    | DRAIN   | 1     | acceptor → worker | 4           | 0   | none                                                    |
 //! | 7    | CONNS   | 2     | acceptor → worker | 8 + 60·n    | n   | n u16 @4 (1..=64), reserved u16 @6, n × conn record @8; the i-th fd is the i-th connection's |
 //! | 8    | PARK    | 2     | worker → acceptor | 8 + 64·n    | n   | n u16 @4 (1..=64), reserved u16 @6, n × (conn record, idle ms u32) @8 |
+//!
+//! HELLO flags (u32 @12), what the worker declares about itself:
+//!
+//! | bit | name                 | meaning                                                                 |
+//! |----:|----------------------|-------------------------------------------------------------------------|
+//! | 0   | TLS ([`FLAG_TLS`])   | it terminates TLS with the bundle it was given (`BATON_TLS_*`) on every connection of a TLS pool |
+//! | 1–31 | —                   | reserved, must be 0: a HELLO with an unknown bit set is refused         |
+//!
+//! A worker that does not set TLS (any worker written before the flag: it
+//! sent 0) works in a pool without TLS as before; in a pool with TLS
+//! (`--tls-cert`) the acceptor refuses it (closes its channel before
+//! WELCOME, gives it no connection, and does not restart a spawned one),
+//! because it would answer TLS clients in plaintext. A worker that sets TLS
+//! in a pool without TLS is accepted (the acceptor logs a warning: it was
+//! given no bundle, so it serves plaintext there, as the pool says).
+//! Unknown bits are refused rather than ignored, as every reserved field
+//! is: a bit is a promise about what the worker does to its clients, and
+//! an acceptor that cannot read it must not guess.
 //!
 //! A conn record is 60 bytes: conn id u64 @0, listener index u16 @8,
 //! reserved u16 @10 (0), peer addr @12, local addr @36.
@@ -102,6 +120,48 @@ pub const WORKER_ID_ENV: &str = "BATON_WORKER_ID";
 pub const MAX_IDS: usize = 64;
 /// The largest valid message, in bytes (a full PARK).
 pub const MAX_MSG: usize = 8 + PARK_RECORD * MAX_BATCH;
+
+/// HELLO flag bit 0: the worker terminates TLS with the bundle it was
+/// given. See [`HelloFlags`].
+pub const FLAG_TLS: u32 = 1 << 0;
+/// Every HELLO flag bit this library knows; any other set bit is refused.
+pub const HELLO_FLAGS_KNOWN: u32 = FLAG_TLS;
+
+/// What a worker declares about itself in HELLO (flags u32 @12). Only known
+/// bits can be held, so an encoded HELLO always decodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct HelloFlags(u32);
+
+impl HelloFlags {
+    /// No flag: what every worker written before the flags sends.
+    pub const NONE: HelloFlags = HelloFlags(0);
+    /// It terminates TLS with the bundle it was given ([`FLAG_TLS`]).
+    pub const TLS: HelloFlags = HelloFlags(FLAG_TLS);
+
+    /// The flags of these bits, or None if an unknown bit is set.
+    pub fn from_bits(bits: u32) -> Option<HelloFlags> {
+        (bits & !HELLO_FLAGS_KNOWN == 0).then_some(HelloFlags(bits))
+    }
+
+    /// The bits, as on the wire.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
+
+    /// Whether the worker says it terminates TLS ([`FLAG_TLS`]).
+    pub fn tls(self) -> bool {
+        self.0 & FLAG_TLS != 0
+    }
+
+    /// These flags with [`FLAG_TLS`] set or cleared.
+    pub fn with_tls(self, on: bool) -> HelloFlags {
+        if on {
+            HelloFlags(self.0 | FLAG_TLS)
+        } else {
+            HelloFlags(self.0 & !FLAG_TLS)
+        }
+    }
+}
 
 const HDR: usize = 4;
 const ADDR_LEN: usize = 24;
@@ -189,6 +249,8 @@ pub enum Msg {
     Hello {
         pid: u32,
         capacity: u32,
+        /// What the worker declares about itself (see [`HelloFlags`]).
+        flags: HelloFlags,
     },
     Welcome {
         worker_id: u32,
@@ -249,6 +311,8 @@ pub enum ProtoError {
     },
     #[error("{kind:?} message has a non-zero reserved field")]
     Reserved { kind: Kind },
+    #[error("HELLO sets flag bits {0:#x} that this side does not know (it knows {HELLO_FLAGS_KNOWN:#x})")]
+    UnknownFlags(u32),
     #[error("{kind:?} message carries {count} ids (allowed 1..={MAX_IDS})")]
     Count { kind: Kind, count: usize },
     #[error("bad socket address family {0}")]
@@ -385,10 +449,14 @@ pub fn encode_v(msg: &Msg, version: u8, buf: &mut [u8; MAX_MSG]) -> usize {
     buf[2] = 0;
     buf[3] = 0;
     match msg {
-        Msg::Hello { pid, capacity } => {
+        Msg::Hello {
+            pid,
+            capacity,
+            flags,
+        } => {
             put_u32(buf, 4, *pid);
             put_u32(buf, 8, *capacity);
-            put_u32(buf, 12, 0);
+            put_u32(buf, 12, flags.bits());
             HELLO_LEN
         }
         Msg::Welcome { worker_id } => {
@@ -539,12 +607,13 @@ pub fn decode(b: &[u8], fds: usize) -> Result<Msg, ProtoError> {
     match kind {
         Kind::Hello => {
             expect_len(kind, b.len(), HELLO_LEN)?;
-            if get_u32(b, 12) != 0 {
-                return Err(ProtoError::Reserved { kind });
-            }
+            let bits = get_u32(b, 12);
+            let flags = HelloFlags::from_bits(bits)
+                .ok_or(ProtoError::UnknownFlags(bits & !HELLO_FLAGS_KNOWN))?;
             Ok(Msg::Hello {
                 pid: get_u32(b, 4),
                 capacity: get_u32(b, 8),
+                flags,
             })
         }
         Kind::Welcome => {
@@ -696,6 +765,12 @@ mod tests {
         roundtrip(Msg::Hello {
             pid: 4242,
             capacity: 7,
+            flags: HelloFlags::NONE,
+        });
+        roundtrip(Msg::Hello {
+            pid: 4242,
+            capacity: 0,
+            flags: HelloFlags::TLS,
         });
         roundtrip(Msg::Welcome { worker_id: 9 });
         roundtrip(Msg::Conn(ConnInfo {
@@ -772,6 +847,52 @@ mod tests {
             decode(&buf[..n], 0),
             Err(ProtoError::FdCount { .. })
         ));
+    }
+
+    #[test]
+    fn hello_flags_roundtrip_and_unknown_bits_are_refused() {
+        let mut buf = [0u8; MAX_MSG];
+        for (flags, bits) in [(HelloFlags::NONE, 0u32), (HelloFlags::TLS, 1)] {
+            let m = Msg::Hello {
+                pid: 7,
+                capacity: 3,
+                flags,
+            };
+            for version in [1, 2] {
+                let n = encode_v(&m, version, &mut buf);
+                assert_eq!(n, HELLO_LEN);
+                assert_eq!(buf[12..16], bits.to_le_bytes(), "flags u32 @12");
+                assert_eq!(decode(&buf[..n], 0), Ok(m.clone()));
+            }
+        }
+        // What a worker written before the flags sends: 0, no TLS.
+        let n = encode(
+            &Msg::Hello {
+                pid: 1,
+                capacity: 0,
+                flags: HelloFlags::default(),
+            },
+            &mut buf,
+        );
+        assert_eq!(buf[12..16], [0, 0, 0, 0]);
+        match decode(&buf[..n], 0) {
+            Ok(Msg::Hello { flags, .. }) => assert!(!flags.tls()),
+            other => panic!("{other:?}"),
+        }
+        // Unknown bits, alone or with TLS, end the channel.
+        for bits in [2u32, 1 << 31, 3, u32::MAX] {
+            buf[12..16].copy_from_slice(&bits.to_le_bytes());
+            assert_eq!(
+                decode(&buf[..n], 0),
+                Err(ProtoError::UnknownFlags(bits & !1)),
+                "{bits:#x}"
+            );
+        }
+        assert_eq!(HelloFlags::from_bits(2), None);
+        assert_eq!(HelloFlags::from_bits(1), Some(HelloFlags::TLS));
+        assert!(HelloFlags::TLS.tls() && !HelloFlags::NONE.tls());
+        assert_eq!(HelloFlags::NONE.with_tls(true), HelloFlags::TLS);
+        assert_eq!(HelloFlags::TLS.with_tls(false), HelloFlags::NONE);
     }
 
     #[test]

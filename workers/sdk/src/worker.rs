@@ -22,7 +22,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::channel::{Channel, RecvError};
-use crate::proto::{ConnInfo, Msg, Parked, ProtoError, CHANNEL_FD_ENV, MAX_BATCH};
+use crate::proto::{ConnInfo, HelloFlags, Msg, Parked, ProtoError, CHANNEL_FD_ENV, MAX_BATCH};
 
 /// Errors of the worker library.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +45,11 @@ pub enum Error {
     NoWelcome(Box<Msg>),
     #[error("the acceptor closed the channel")]
     Closed,
+    /// The acceptor closed the channel instead of answering HELLO: it
+    /// refused this worker (its log says why: in a pool with TLS, a worker
+    /// that did not say it terminates TLS is refused) or is stopping.
+    #[error("the acceptor closed the channel before WELCOME: it refused this worker (its log says why; a pool with TLS takes only workers that say they terminate TLS) or is stopping")]
+    Refused,
     /// The sandbox the acceptor asked for could not be applied: the worker
     /// must not start (exit with [`Error::exit_code`]).
     #[error("{0}")]
@@ -160,23 +165,66 @@ pub struct Worker {
     dropped: Vec<u64>,
 }
 
-impl Worker {
-    /// Takes the channel a spawning acceptor passed in [`CHANNEL_FD_ENV`],
-    /// says HELLO with `capacity` (0: the acceptor's `--worker-connections`
-    /// alone limits it) and waits for WELCOME.
-    ///
-    /// First of all it applies the sandbox the acceptor passed in
-    /// `BATON_SANDBOX` ([`crate::sandbox::apply_from_env`]), so call it
-    /// before the worker starts a thread or opens a file. What the sandbox
-    /// skipped is reported on stderr.
-    pub fn from_env(capacity: u32) -> Result<Worker, Error> {
-        Worker::from_env_per_conn(capacity, 1)
+/// How a worker joins its pool: what its HELLO says. Made by
+/// [`Worker::join`]; ends with [`Join::from_env`] (spawned by baton) or
+/// [`Join::register`] (`--worker-socket`).
+///
+/// ```no_run
+/// # fn tls_bundle_given() -> bool { true }
+/// // A worker that terminates TLS with the bundle baton gave it.
+/// let w = baton_sdk::Worker::join(0)
+///     .fds_per_conn(2)
+///     .terminates_tls(tls_bundle_given())
+///     .from_env()?;
+/// # Ok::<(), baton_sdk::Error>(())
+/// ```
+/// Set (to `1`) by an acceptor that reads the HELLO flags, in the
+/// environment of the workers it spawns. [`Join::from_env`] sends flags
+/// only when it is there: an older acceptor refuses any set bit, and a
+/// worker of a TLS pool it spawned must still join it.
+pub const HELLO_FLAGS_ENV: &str = "BATON_HELLO_FLAGS";
+
+#[derive(Debug, Clone)]
+#[must_use = "a Join does nothing until from_env() or register()"]
+pub struct Join {
+    capacity: u32,
+    fds_per_conn: u32,
+    flags: HelloFlags,
+}
+
+impl Join {
+    /// The fds it needs per connection (1 unless set): the capacity it
+    /// announces fits its fd limit at that rate (see [`fd_capacity`]).
+    pub fn fds_per_conn(mut self, n: u32) -> Join {
+        self.fds_per_conn = n;
+        self
     }
 
-    /// Like [`Worker::from_env`], for a worker that needs `fds_per_conn`
-    /// fds per connection (2 for one that opens a file per request): the
-    /// capacity it announces fits its fd limit at that rate.
-    pub fn from_env_per_conn(capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
+    /// Says in HELLO ([`crate::proto::FLAG_TLS`]) that this worker
+    /// terminates TLS, with the bundle the acceptor gave it
+    /// (`baton_tls::bundle::from_env()` returned `Some`), on every
+    /// connection. A pool with TLS refuses a worker that does not say so;
+    /// pass `true` only when the bundle was taken and is used.
+    pub fn terminates_tls(mut self, yes: bool) -> Join {
+        self.flags = self.flags.with_tls(yes);
+        self
+    }
+
+    /// The flags its HELLO will carry.
+    pub fn flags(&self) -> HelloFlags {
+        self.flags
+    }
+
+    /// Joins through the channel a spawning acceptor passed in
+    /// [`CHANNEL_FD_ENV`]; see [`Worker::from_env`] (the sandbox is applied
+    /// first).
+    pub fn from_env(mut self) -> Result<Worker, Error> {
+        // An acceptor built before the HELLO flags refuses any set bit:
+        // the flags go out only to one that says it reads them.
+        if std::env::var_os(HELLO_FLAGS_ENV).is_none() {
+            self.flags = HelloFlags::NONE;
+        }
+        std::env::remove_var(HELLO_FLAGS_ENV);
         if let Some(applied) = crate::sandbox::apply_from_env()? {
             for note in &applied.notes {
                 crate::log::line(
@@ -201,13 +249,59 @@ impl Worker {
             nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
         let chan = Channel::from_fd(owned).map_err(|source| Error::BadChannelFd { fd, source })?;
-        Worker::handshake(chan, capacity, fds_per_conn)
+        Worker::handshake(chan, &self)
+    }
+
+    /// Connects to an acceptor's worker socket (`--worker-socket`) and
+    /// joins its pool; see [`Worker::register`].
+    pub fn register(self, path: &Path) -> Result<Worker, Error> {
+        let chan = Channel::connect(path).map_err(|source| Error::Register {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Worker::handshake(chan, &self)
+    }
+}
+
+impl Worker {
+    /// How this worker joins, for what the shortcuts below do not say
+    /// (the HELLO flags): `Worker::join(capacity).terminates_tls(true)
+    /// .from_env()`.
+    pub fn join(capacity: u32) -> Join {
+        Join {
+            capacity,
+            fds_per_conn: 1,
+            flags: HelloFlags::NONE,
+        }
+    }
+
+    /// Takes the channel a spawning acceptor passed in [`CHANNEL_FD_ENV`],
+    /// says HELLO with `capacity` (0: the acceptor's `--worker-connections`
+    /// alone limits it) and waits for WELCOME.
+    ///
+    /// First of all it applies the sandbox the acceptor passed in
+    /// `BATON_SANDBOX` ([`crate::sandbox::apply_from_env`]), so call it
+    /// before the worker starts a thread or opens a file. What the sandbox
+    /// skipped is reported on stderr.
+    ///
+    /// Its HELLO does not say the worker terminates TLS, so a pool with
+    /// TLS refuses it ([`Error::Refused`]); a worker that does uses
+    /// [`Worker::join`] and [`Join::terminates_tls`].
+    pub fn from_env(capacity: u32) -> Result<Worker, Error> {
+        Worker::join(capacity).from_env()
+    }
+
+    /// Like [`Worker::from_env`], for a worker that needs `fds_per_conn`
+    /// fds per connection (2 for one that opens a file per request): the
+    /// capacity it announces fits its fd limit at that rate.
+    pub fn from_env_per_conn(capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
+        Worker::join(capacity).fds_per_conn(fds_per_conn).from_env()
     }
 
     /// Connects to an acceptor's worker socket (`--worker-socket`) and joins
     /// its pool; the acceptor never restarts a worker that registered itself.
     pub fn register(path: &Path, capacity: u32) -> Result<Worker, Error> {
-        Worker::register_per_conn(path, capacity, 1)
+        Worker::join(capacity).register(path)
     }
 
     /// Like [`Worker::register`], with `fds_per_conn` as in
@@ -217,24 +311,32 @@ impl Worker {
         capacity: u32,
         fds_per_conn: u32,
     ) -> Result<Worker, Error> {
-        let chan = Channel::connect(path).map_err(|source| Error::Register {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Worker::handshake(chan, capacity, fds_per_conn)
+        Worker::join(capacity)
+            .fds_per_conn(fds_per_conn)
+            .register(path)
     }
 
-    fn handshake(chan: Channel, capacity: u32, fds_per_conn: u32) -> Result<Worker, Error> {
+    fn handshake(chan: Channel, j: &Join) -> Result<Worker, Error> {
         chan.set_nonblocking(false)?;
-        let capacity = fit_capacity(capacity, fd_capacity(fds_per_conn));
+        let capacity = fit_capacity(j.capacity, fd_capacity(j.fds_per_conn));
         chan.send(
             &Msg::Hello {
                 pid: std::process::id(),
                 capacity,
+                flags: j.flags,
             },
             None,
         )?;
-        let r = chan.recv()?.ok_or(Error::Closed)?;
+        // EOF (or a reset) instead of WELCOME: the acceptor refused the
+        // HELLO.
+        let r = match chan.recv() {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(Error::Refused),
+            Err(RecvError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
+                return Err(Error::Refused)
+            }
+            Err(e) => return Err(e.into()),
+        };
         let id = match r.msg {
             Msg::Welcome { worker_id } => worker_id,
             other => return Err(Error::NoWelcome(Box::new(other))),

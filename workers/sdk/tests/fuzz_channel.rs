@@ -50,6 +50,7 @@ fn seeds() -> Vec<Vec<u8>> {
         Msg::Hello {
             pid: 1,
             capacity: 0,
+            flags: baton_sdk::HelloFlags::NONE,
         },
         Msg::Welcome { worker_id: 3 },
         Msg::Conn(ConnInfo {

@@ -19,7 +19,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use baton_sdk::proto::{
-    self, ConnInfo, Kind, Msg, Parked, ProtoError, MAX_BATCH, MAX_IDS, MAX_MSG,
+    self, ConnInfo, HelloFlags, Kind, Msg, Parked, ProtoError, MAX_BATCH, MAX_IDS, MAX_MSG,
 };
 use proptest::prelude::*;
 
@@ -40,7 +40,11 @@ fn ids() -> impl Strategy<Value = Vec<u64>> {
 
 fn msg() -> impl Strategy<Value = Msg> {
     prop_oneof![
-        (any::<u32>(), any::<u32>()).prop_map(|(pid, capacity)| Msg::Hello { pid, capacity }),
+        (any::<u32>(), any::<u32>(), any::<bool>()).prop_map(|(pid, capacity, tls)| Msg::Hello {
+            pid,
+            capacity,
+            flags: HelloFlags::NONE.with_tls(tls),
+        }),
         any::<u32>().prop_map(|worker_id| Msg::Welcome { worker_id }),
         (any::<u64>(), any::<u16>(), addr(), addr()).prop_map(|(id, listener, peer, local)| {
             Msg::Conn(ConnInfo {
@@ -251,6 +255,7 @@ fn mutated_encodings_never_panic_and_ok_reencodes() {
         Msg::Hello {
             pid: 4242,
             capacity: 7,
+            flags: HelloFlags::TLS,
         },
         Msg::Welcome { worker_id: 9 },
         Msg::Conn(ConnInfo {

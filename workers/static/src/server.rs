@@ -118,19 +118,24 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             None
         }
     };
+    // TLS, when the acceptor set it up for this pool: the certificate
+    // chains and ticket keys from the pool's bundle, a channel to the key
+    // process for signatures; never a private key. Taken before HELLO,
+    // which says whether this worker terminates TLS: a TLS pool refuses a
+    // worker that does not.
+    let tls = baton_tls::bundle::from_env_for(true)?;
+    // A socket and, while a body goes out, its file: two fds each.
+    let join = Worker::join(cfg.capacity)
+        .fds_per_conn(2)
+        .terminates_tls(tls.is_some());
     let worker = match &cfg.register {
-        // A socket and, while a body goes out, its file: two fds each.
-        Some(path) => Worker::register_per_conn(path, cfg.capacity, 2),
-        None => Worker::from_env_per_conn(cfg.capacity, 2),
+        Some(path) => join.register(path),
+        None => join.from_env(),
     }
     .map_err(Error::Join)?;
     // Blocking with a send timeout (see baton_sdk::event).
     baton_sdk::event::bound_channel_sends(&worker, CHANNEL_SEND_TIMEOUT)
         .map_err(|e| Error::Channel(e.into()))?;
-    // TLS, when the acceptor set it up for this pool: the certificate
-    // chains and ticket keys from the pool's bundle, a channel to the key
-    // process for signatures; never a private key.
-    let tls = baton_tls::bundle::from_env_for(true)?;
     if let Some(t) = &tls {
         tracing::info!(
             worker = worker.id(),
