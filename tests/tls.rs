@@ -13,24 +13,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pki::{client_config, have_openssl, openssl, pki};
+use common::pki::{client_config, curl, have_openssl, openssl, pki};
 use common::{bin, is_root, Baton};
-
-fn curl(dir: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(dir.join("ca.crt"))
-        .arg("--resolve")
-        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
-        .arg(format!("https://{name}:{}/", addr.port()))
-        .output()
-        .expect("run curl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 /// The key process's pid, from its "ready" line.
 /// After the key process was killed: baton says so, restarts it, and has

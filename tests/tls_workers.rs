@@ -16,72 +16,12 @@ mod common;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use common::pki::{curl, have_openssl, pki};
 use common::{bin, Baton, LogLine};
-
-fn have_openssl(test: &str) -> bool {
-    let ok = Command::new("openssl")
-        .arg("version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIPPED {test}: no openssl command (scripts/install-deps installs it)");
-    }
-    ok
-}
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .expect("run openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A self-signed P-256 certificate for `localhost` (`localhost.crt`,
-/// `localhost.key`, the certificate its own CA) and a site to serve.
-fn pki() -> PathBuf {
-    let dir = common::tempdir("baton-tls-workers");
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "localhost.key",
-            "-out",
-            "localhost.crt",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost",
-        ],
-    );
-    let public = dir.join("public");
-    std::fs::create_dir_all(&public).expect("mkdir");
-    std::fs::write(public.join("index.html"), "hello over tls\n").expect("write");
-    use std::os::unix::fs::PermissionsExt;
-    for d in [dir.as_path(), public.as_path()] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    }
-    dir
-}
 
 fn tls_args(dir: &Path) -> Vec<String> {
     vec![
@@ -90,24 +30,6 @@ fn tls_args(dir: &Path) -> Vec<String> {
         "--tls-key".into(),
         dir.join("localhost.key").display().to_string(),
     ]
-}
-
-/// `curl --cacert localhost.crt https://localhost:PORT/`: the body, or
-/// curl's error.
-fn curl(dir: &Path, addr: SocketAddr) -> Result<String, String> {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(dir.join("localhost.crt"))
-        .arg("--resolve")
-        .arg(format!("localhost:{}:127.0.0.1", addr.port()))
-        .arg(format!("https://localhost:{}/", addr.port()))
-        .output()
-        .expect("run curl");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
 }
 
 /// The start of a TLS ClientHello record (what a TLS client sends first),
@@ -156,7 +78,7 @@ fn a_spawned_worker_that_does_not_terminate_tls_is_refused_and_not_restarted() {
     if !have_openssl(test) {
         return;
     }
-    let dir = pki();
+    let dir = pki(&["localhost"]);
     let echo = bin("baton-echo").display().to_string();
     let mut args = vec![
         "--listen".to_string(),
@@ -247,7 +169,7 @@ fn baton_static_says_it_terminates_tls_and_serves_over_tls() {
     if !have_openssl(test) {
         return;
     }
-    let dir = pki();
+    let dir = pki(&["localhost"]);
     let mut args = vec![
         "--listen".to_string(),
         "127.0.0.1:0".into(),
@@ -268,7 +190,10 @@ fn baton_static_says_it_terminates_tls_and_serves_over_tls() {
         assert_eq!(l.field("tls").as_deref(), Some("true"), "{}", l.raw);
     }
     for _ in 0..4 {
-        assert_eq!(curl(&dir, b.addr()), Ok("hello over tls\n".into()));
+        assert_eq!(
+            curl(&dir, "localhost", b.addr()),
+            Ok("hello over tls\n".into())
+        );
     }
     assert!(!b.seen.iter().any(is_refusal));
     b.stop();
@@ -281,7 +206,7 @@ fn a_registered_worker_without_the_flag_is_refused_from_a_tls_pool() {
     if !have_openssl(test) {
         return;
     }
-    let dir = pki();
+    let dir = pki(&["localhost"]);
     let sock = dir.join("workers.sock");
     let sock_s = sock.display().to_string();
     let mut args = vec![
@@ -336,7 +261,10 @@ fn a_registered_worker_without_the_flag_is_refused_from_a_tls_pool() {
     // Only the spawned baton-static was ever ready, and it serves TLS.
     assert_eq!(b.count("worker ready"), 1);
     for _ in 0..4 {
-        assert_eq!(curl(&dir, b.addr()), Ok("hello over tls\n".into()));
+        assert_eq!(
+            curl(&dir, "localhost", b.addr()),
+            Ok("hello over tls\n".into())
+        );
     }
     let rows = b.ctl_json(&["workers"]);
     let rows = rows.as_array().expect("workers is a list");

@@ -2,6 +2,7 @@
 //! CA and, per name, an ECDSA P-256 certificate it signed (SAN = the
 //! name), in a temporary directory with a `public/` site beside them.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -124,4 +125,22 @@ pub fn client_config(
         c.resumption = rustls::client::Resumption::disabled();
     }
     std::sync::Arc::new(c)
+}
+
+/// `curl --cacert ca.crt https://NAME:PORT/` with NAME resolved to `addr`:
+/// the body, or curl's error.
+pub fn curl(dir: &Path, name: &str, addr: SocketAddr) -> Result<String, String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(dir.join("ca.crt"))
+        .arg("--resolve")
+        .arg(format!("{name}:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://{name}:{}/", addr.port()))
+        .output()
+        .expect("run curl");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
