@@ -1189,3 +1189,36 @@ fn tcp_mode_terminates_tls_and_relays_the_bytes_untouched() {
     assert_eq!(c.alpn(), None);
     assert_eq!(c.get("/again").status, 200, "the same TLS connection");
 }
+
+#[test]
+fn a_tls_client_that_half_closes_after_its_request_gets_the_whole_response() {
+    if !have_openssl("a_tls_client_that_half_closes_after_its_request_gets_the_whole_response") {
+        return;
+    }
+    let dir = pki(&["localhost"]);
+    let up = Upstream::start(Kind::Echo);
+    let mut b = start_tls(&dir, 1, &["--upstream", &up.arg()]);
+    // Sizes around what the kernel's socket buffers hold: the proxy is done
+    // with the upstream while the end of the response still waits in the
+    // worker (rustls's buffer, `out`) for a client that reads later.
+    for n in [1usize << 20, 3 << 20, 4 << 20, 4_200_000, 5 << 20] {
+        let mut c = TlsClient::new(&dir, b.addr());
+        c.r.get_mut()
+            .write_all(format!("GET /length/{n} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .unwrap();
+        c.r.get_mut().flush().unwrap();
+        c.r.get_ref().sock.shutdown(Shutdown::Write).unwrap();
+        // The proxy has the whole response from the upstream (logged) before
+        // the client reads a byte, when the buffers hold enough of it.
+        let line = format!("\"GET /length/{n} HTTP/1.1\"");
+        let _ = b.find(Duration::from_secs(5), |l| l.message().contains(&line));
+        let r = read_response(&mut c.r).expect("the response");
+        assert_eq!((r.status, r.body.len()), (200, n), "{n}-byte body");
+        let mut expect = vec![0u8; n];
+        let mut seed = 7u32;
+        for part in expect.chunks_mut(65536) {
+            seed = pattern(seed, part);
+        }
+        assert!(r.body == expect, "{n}-byte body intact");
+    }
+}

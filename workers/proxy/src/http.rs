@@ -283,7 +283,8 @@ impl Sink<'_> {
 }
 
 /// [`Sink::emit`] through a TLS session: what waits, then `parts`, is
-/// encrypted into rustls's buffer (bounded: rustls takes no more than its
+/// encrypted into rustls's buffer in one vectored write (so a head and a
+/// small body make one record, not one each; rustls takes no more than its
 /// limit) and written as far as the socket takes it; the rest waits in
 /// `out`. Returns the plaintext bytes rustls took.
 fn emit_tls(
@@ -292,50 +293,50 @@ fn emit_tls(
     out: &mut Buf,
     parts: &[&[u8]],
 ) -> io::Result<usize> {
-    use std::io::Write;
-    // Writes as much of `b` as rustls takes, flushing it to the socket
-    // when its buffer is full; 0 once the socket would block.
-    fn put(t: &mut TlsConn<FdIo>, ready: &mut bool, b: &[u8]) -> io::Result<usize> {
-        let n = t.connection_mut().writer().write(b)?;
-        if n > 0 || b.is_empty() {
-            return Ok(n);
-        }
-        if !t.flush_tls().map_err(tls_io)? {
-            *ready = false;
-            return Ok(0);
-        }
-        // Still 0 after a flush: rustls holds plaintext until the
-        // handshake ends, and its buffer for that is full.
-        t.connection_mut().writer().write(b)
-    }
-    let mut taken = 0;
-    if *ready {
-        if !t.flush_tls().map_err(tls_io)? {
-            *ready = false;
-        }
-        while *ready && !out.is_empty() {
-            let n = put(t, ready, out.pending())?;
-            if n == 0 {
-                break;
-            }
-            out.consume(n);
-            taken += n;
-        }
-    }
-    for p in parts {
-        let mut p: &[u8] = p;
-        while *ready && out.is_empty() && !p.is_empty() {
-            let n = put(t, ready, p)?;
-            if n == 0 {
-                break;
-            }
-            p = &p[n..];
-            taken += n;
-        }
-        out.extend(p);
-    }
+    use std::io::{IoSlice, Write};
     if *ready && !t.flush_tls().map_err(tls_io)? {
         *ready = false;
+    }
+    let mut taken = 0;
+    while *ready {
+        let mut iov = [IoSlice::new(&[]); 5];
+        let mut k = 0;
+        let mut skip = taken;
+        for b in std::iter::once(out.pending()).chain(parts.iter().copied()) {
+            if skip >= b.len() {
+                skip -= b.len();
+                continue;
+            }
+            if k < iov.len() {
+                iov[k] = IoSlice::new(&b[skip..]);
+                k += 1;
+            }
+            skip = 0;
+        }
+        if k == 0 {
+            break;
+        }
+        let n = t.connection_mut().writer().write_vectored(&iov[..k])?;
+        taken += n;
+        if !t.flush_tls().map_err(tls_io)? {
+            *ready = false;
+        }
+        if n == 0 {
+            // rustls's buffer is full (or, in the handshake, holds
+            // plaintext until it ends): the rest waits.
+            break;
+        }
+    }
+    let from_out = taken.min(out.len());
+    out.consume(from_out);
+    let mut rest = taken - from_out;
+    for p in parts {
+        if rest >= p.len() {
+            rest -= p.len();
+        } else {
+            out.extend(&p[rest..]);
+            rest = 0;
+        }
     }
     Ok(taken)
 }
@@ -371,6 +372,9 @@ fn read_client(
     loop {
         let from_socket = match t.on_readable() {
             Ok(n) => n,
+            // Connected and gone before a handshake (health checks, port
+            // scans): an end of stream, not worth a log line.
+            Err(e) if e.kind() == "eof-in-handshake" => return Ok(0),
             Err(e) => {
                 if e.kind() == "plaintext-http" {
                     // Plain HTTP to the TLS port: say so in plain HTTP.
@@ -870,6 +874,12 @@ impl Server {
                 if !c.rd || c.eof {
                     if c.eof {
                         return if c.inb.is_empty() {
+                            if !c.out_done() {
+                                // A client that half-closed after its
+                                // request still reads the response: the
+                                // rest goes out first (wr's edge).
+                                return Act::Wait;
+                            }
                             Act::Close(String::new())
                         } else {
                             Act::Error(400, "client closed in the middle of a request head".into())
@@ -1386,8 +1396,12 @@ impl Server {
         let Some(mut c) = self.http.clients.try_remove(key) else {
             return;
         };
-        // Best effort: a client that sees close_notify knows nothing was cut.
-        c.close_notify();
+        // close_notify says "nothing was cut": only on an orderly end (no
+        // reason to log), never after an error or a timeout in the middle
+        // of a response. Best effort.
+        if why.is_empty() {
+            c.close_notify();
+        }
         if let Some(req) = &c.req {
             if let Some(i) = req.server {
                 self.outstanding[i] = self.outstanding[i].saturating_sub(1);

@@ -293,6 +293,26 @@ impl Write for FdIo {
         }
     }
 
+    /// One `sendmsg(2)` of every slice: rustls hands all its queued TLS
+    /// records at once, and the default (the first slice only) would cost
+    /// a system call per record.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        use nix::sys::socket::MsgFlags;
+        loop {
+            match nix::sys::socket::sendmsg::<()>(
+                self.0,
+                bufs,
+                &[],
+                MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
+                Ok(n) => return Ok(n),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
