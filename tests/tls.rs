@@ -13,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::pki::{client_config, curl, have_openssl, openssl, pki};
+use common::pki::{client_config, curl, have_openssl, issue, openssl, pki};
 use common::{bin, is_root, Baton};
 
 /// The key process's pid, from its "ready" line.
@@ -568,43 +568,7 @@ fn certificates_reload_under_load_without_a_failed_request() {
     let before = served_serial(&dir, b.addr());
 
     // A second certificate for the same name, with a new key.
-    openssl(
-        &dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "renewed.key",
-            "-out",
-            "renewed.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    openssl(
-        &dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "renewed.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "renewed.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "localhost.ext",
-        ],
-    );
+    issue(&dir, "localhost", "renewed");
 
     // A mistake first: a key that is not the certificate's changes nothing.
     std::fs::write(&file, config("renewed.crt", "other.test.key")).expect("write");

@@ -33,19 +33,58 @@ pub fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// A new P-256 key, as `openssl req` is told to make it.
+const EC: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+];
+
+/// In a [`pki`] directory: a new key and a certificate for `name` signed by
+/// its CA, as STEM.key and STEM.crt.
+pub fn issue(dir: &Path, name: &str, stem: &str) {
+    let (key, csr, crt, ext) = (
+        format!("{stem}.key"),
+        format!("{stem}.csr"),
+        format!("{stem}.crt"),
+        format!("{stem}.ext"),
+    );
+    std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}\n")).expect("ext");
+    let subj = format!("/CN={name}");
+    let mut req = vec!["req"];
+    req.extend(EC);
+    req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+    openssl(dir, &req);
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    );
+}
+
 /// A CA and, signed by it, a P-256 certificate for each of `names` (files
 /// NAME.crt / NAME.key), plus a site to serve.
 pub fn pki(names: &[&str]) -> PathBuf {
     let dir = super::tempdir("baton-tls");
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
     let mut ca = vec!["req", "-x509"];
-    ca.extend(ec);
+    ca.extend(EC);
     ca.extend([
         "-keyout",
         "ca.key",
@@ -58,38 +97,7 @@ pub fn pki(names: &[&str]) -> PathBuf {
     ]);
     openssl(&dir, &ca);
     for name in names {
-        let (key, csr, crt, ext) = (
-            format!("{name}.key"),
-            format!("{name}.csr"),
-            format!("{name}.crt"),
-            format!("{name}.ext"),
-        );
-        std::fs::write(dir.join(&ext), format!("subjectAltName=DNS:{name}\n")).expect("ext");
-        let subj = format!("/CN={name}");
-        let mut req = vec!["req"];
-        req.extend(ec);
-        req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
-        openssl(&dir, &req);
-        openssl(
-            &dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &crt,
-                "-days",
-                "2",
-                "-extfile",
-                &ext,
-            ],
-        );
+        issue(&dir, name, name);
     }
     let public = dir.join("public");
     std::fs::create_dir_all(&public).expect("mkdir");
