@@ -647,20 +647,10 @@ impl Server {
         } else {
             St::Head
         };
-        let tls = match self.tls.as_ref() {
-            None => None,
-            Some(t) => match TlsConn::new(t.tls.config.clone(), FdIo(c.stream.as_raw_fd())) {
-                Ok(t) => Some(Box::new(t)),
-                Err(e) => {
-                    log!(
-                        Level::Warn,
-                        "conn {id}: cannot start a TLS session: {e}; closing the connection"
-                    );
-                    self.done.push(id);
-                    return;
-                }
-            },
+        let Ok(tls) = self.tls_session(&c) else {
+            return;
         };
+        let tls = tls.map(Box::new);
         let client = Client {
             id,
             sock: mio::net::TcpStream::from_std(c.stream),

@@ -81,9 +81,6 @@ pub struct Prepared {
     pub tls: Option<baton_tls::bundle::FromEnv>,
 }
 
-/// How often the pool's TLS bundle is looked at for new ticket keys.
-const TLS_BUNDLE_CHECK: Duration = Duration::from_secs(5);
-
 /// Joins the acceptor and serves until drained, in `mode`.
 pub fn run(cfg: Config, mode: Mode, prep: Prepared, worker: Worker) -> Result<(), Error> {
     event::bound_channel_sends(&worker, CHANNEL_SEND_TIMEOUT)
@@ -190,7 +187,6 @@ pub fn run(cfg: Config, mode: Mode, prep: Prepared, worker: Worker) -> Result<()
         again: Vec::new(),
         served: 0,
         tls: prep.tls,
-        tls_check: now + TLS_BUNDLE_CHECK,
     };
     s.run()
 }
@@ -226,8 +222,6 @@ pub(crate) struct Server {
     pub(crate) again: Vec<usize>,
     pub(crate) served: u64,
     pub(crate) tls: Option<baton_tls::bundle::FromEnv>,
-    /// When to look at the TLS bundle next.
-    tls_check: Instant,
 }
 
 /// How an option value is spelled on the command line.
@@ -254,7 +248,7 @@ impl Server {
             if self.draining && self.conns.is_empty() && self.http.clients.is_empty() {
                 break;
             }
-            let tls_check = self.tls.as_ref().map(|_| self.tls_check);
+            let tls_check = self.tls.as_ref().map(|t| t.watch.next_check());
             let timeout = if self.again.is_empty() {
                 earliest(
                     earliest(self.next_check, self.next_probe),
@@ -309,22 +303,18 @@ impl Server {
         }
     }
 
-    /// Every [`TLS_BUNDLE_CHECK`]: new session-ticket keys from the pool's
-    /// bundle, if the acceptor rotated them.
+    /// Every [`baton_tls::bundle::CHECK_EVERY`]: new session-ticket keys
+    /// from the pool's bundle, if the acceptor rotated them.
     fn watch_tls(&mut self) {
         let Some(t) = self.tls.as_mut() else { return };
-        if self.now < self.tls_check {
-            return;
-        }
-        self.tls_check = self.now + TLS_BUNDLE_CHECK;
-        match t.watch.poll(&t.tls) {
-            Ok(true) => log!(
+        match t.watch.poll_due(self.now, &t.tls) {
+            Some(Ok(true)) => log!(
                 Level::Info,
                 "worker {}: TLS session-ticket keys rotated",
                 self.worker.id()
             ),
-            Ok(false) => {}
-            Err(e) => log!(Level::Warn, "TLS: cannot read the pool's bundle: {e}"),
+            Some(Err(e)) => log!(Level::Warn, "TLS: cannot read the pool's bundle: {e}"),
+            Some(Ok(false)) | None => {}
         }
     }
 
@@ -418,20 +408,10 @@ impl Server {
         let _ = c.stream.set_nodelay(true);
         // With TLS, a session per connection over the raw fd (the socket
         // stays in `Conn`, which outlives the session).
-        let tls = match self.tls.as_ref() {
-            None => None,
-            Some(t) => match TlsConn::new(t.tls.config.clone(), FdIo(c.stream.as_raw_fd())) {
-                Ok(t) => Some(Box::new(TlsClient::new(t))),
-                Err(e) => {
-                    log!(
-                        Level::Warn,
-                        "conn {id}: cannot start a TLS session: {e}; closing the connection"
-                    );
-                    self.done.push(id);
-                    return;
-                }
-            },
+        let Ok(tls) = self.tls_session(&c) else {
+            return;
         };
+        let tls = tls.map(|t| Box::new(TlsClient::new(t)));
         let phase = if self.cfg.accept_proxy {
             Phase::Header
         } else if tls.is_some() {
@@ -478,6 +458,27 @@ impl Server {
         c.deadline = self.now + self.cfg.tls_handshake_timeout;
         self.schedule(key);
         self.drive(key);
+    }
+
+    /// A TLS session for connection `c` when the pool terminates TLS
+    /// (`Ok(None)` when it does not). `Err`: none could be made; logged,
+    /// and the connection reported done (dropping it closes it).
+    pub(crate) fn tls_session(&mut self, c: &Connection) -> Result<Option<TlsConn<FdIo>>, ()> {
+        let Some(t) = self.tls.as_ref() else {
+            return Ok(None);
+        };
+        match TlsConn::new(t.tls.config.clone(), FdIo(c.stream.as_raw_fd())) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) => {
+                log!(
+                    Level::Warn,
+                    "conn {}: cannot start a TLS session: {e}; closing the connection",
+                    c.id
+                );
+                self.done.push(c.id);
+                Err(())
+            }
+        }
     }
 
     /// Registers one of `key`'s sockets with the poller, or closes the

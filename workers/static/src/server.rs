@@ -187,7 +187,6 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         served: 0,
         parked: 0,
         tls,
-        tls_check: Instant::now() + TLS_BUNDLE_CHECK,
     };
     server.run()
 }
@@ -216,12 +215,7 @@ struct Server<'a> {
     parked: u64,
     /// The pool's TLS, if it terminates TLS.
     tls: Option<baton_tls::bundle::FromEnv>,
-    /// When to look at the bundle for new ticket keys next.
-    tls_check: Instant,
 }
-
-/// How often a TLS worker looks for rotated ticket keys.
-const TLS_BUNDLE_CHECK: Duration = Duration::from_secs(1);
 
 impl Server<'_> {
     fn run(&mut self) -> Result<(), Error> {
@@ -530,23 +524,19 @@ impl Server<'_> {
     }
 
     /// Closes every connection whose deadline passed.
-    /// Every [`TLS_BUNDLE_CHECK`]: new session-ticket keys from the pool's
-    /// bundle, if the acceptor rotated them.
+    /// Every [`baton_tls::bundle::CHECK_EVERY`]: new session-ticket keys
+    /// from the pool's bundle, if the acceptor rotated them.
     fn watch_tls(&mut self) {
-        let now = self.io.now;
         let Some(t) = self.tls.as_mut() else { return };
-        if now >= self.tls_check {
-            self.tls_check = now + TLS_BUNDLE_CHECK;
-            match t.watch.poll(&t.tls) {
-                Ok(true) => tracing::info!(
-                    worker = self.worker.id(),
-                    "TLS: session-ticket keys rotated"
-                ),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "TLS: cannot read the pool's bundle"),
-            }
+        match t.watch.poll_due(self.io.now, &t.tls) {
+            Some(Ok(true)) => tracing::info!(
+                worker = self.worker.id(),
+                "TLS: session-ticket keys rotated"
+            ),
+            Some(Err(e)) => tracing::warn!(error = %e, "TLS: cannot read the pool's bundle"),
+            Some(Ok(false)) | None => {}
         }
-        let at = self.tls_check;
+        let at = t.watch.next_check();
         self.next_check = Some(self.next_check.map_or(at, |n| n.min(at)));
     }
 

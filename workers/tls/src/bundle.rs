@@ -304,13 +304,39 @@ pub struct FromEnv {
     pub watch: Watch,
 }
 
+/// How often a worker looks at its pool's bundle for rotated ticket keys
+/// ([`Watch::poll_due`]): rotations are hours apart, a look is one read of
+/// a memory file.
+pub const CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Follows the pool's bundle for ticket-key rotations.
 pub struct Watch {
     fd: OwnedFd,
     generation: u64,
+    /// When [`Watch::poll_due`] looks next.
+    next: std::time::Instant,
 }
 
 impl Watch {
+    /// When the next look is due, for the worker's poll timeout.
+    pub fn next_check(&self) -> std::time::Instant {
+        self.next
+    }
+
+    /// [`Watch::poll`] once [`CHECK_EVERY`] has passed since the last look
+    /// (`None` before that).
+    pub fn poll_due(
+        &mut self,
+        now: std::time::Instant,
+        tls: &crate::BuiltTls,
+    ) -> Option<Result<bool, BundleError>> {
+        if now < self.next {
+            return None;
+        }
+        self.next = now + CHECK_EVERY;
+        Some(self.poll(tls))
+    }
+
     /// Gives `tls`'s ticketer the new keys if the bundle changed; returns
     /// whether it did. A bundle caught mid-rewrite is tried next time.
     pub fn poll(&mut self, tls: &crate::BuiltTls) -> Result<bool, BundleError> {
@@ -363,6 +389,7 @@ pub fn from_env_for(handoff: bool) -> Result<Option<FromEnv>, BundleError> {
         watch: Watch {
             fd: bundle_fd,
             generation: b.generation,
+            next: std::time::Instant::now() + CHECK_EVERY,
         },
     }))
 }
